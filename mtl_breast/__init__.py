@@ -1,0 +1,3 @@
+"""mtl-breast: foundation models for breast DCE-MRI."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,101 @@
+"""The `mtl-breast` console script: one program, one subcommand per job.
+
+`pretrain` and `finetune` hand their arguments to LightningCLI (fit / validate / test, --config,
+--print_config). The other subcommands are thin wrappers that parse flags and call one library
+function, so everything they do is also reachable from Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+Command = Callable[[argparse.Namespace], int]
+_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Command]] = {}
+
+
+def command(name: str, help: str, configure: Callable[[argparse.ArgumentParser], None]):
+    """Register `fn(args) -> exit code` as subcommand `name`; `configure` adds its flags."""
+
+    def register(fn: Command) -> Command:
+        _COMMANDS[name] = (help, configure, fn)
+        return fn
+
+    return register
+
+
+# ---------------------------------------------------------------------------------------------- synth
+def _synth_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, required=True, help="output root (MAMA-MIA layout)")
+    p.add_argument("--cases", type=int, default=40, help="number of cases")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=48, help="voxels per side of the phantom volume")
+    p.add_argument("--difficulty-shift", type=float, default=0.0,
+                   help="how much harder segmentation/pCR is for the dense / young subgroups (0 = none, 1 = strong)")
+    p.add_argument("--test-fraction", type=float, default=0.25, help="share of cases in the test split")
+
+
+@command("synth", "write a synthetic DCE-MRI dataset in the MAMA-MIA layout", _synth_flags)
+def _synth(args: argparse.Namespace) -> int:
+    from mtl_breast.data.synthetic import generate_dataset
+
+    summary = generate_dataset(args.out, num_cases=args.cases, seed=args.seed, size=args.size,
+                               difficulty_shift=args.difficulty_shift, test_fraction=args.test_fraction)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- preprocess
+def _preprocess_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, required=True, help="dataset root (MAMA-MIA layout or folder of cases)")
+    p.add_argument("--cache", type=Path, required=True, help="cache root")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="target spacing in mm (default 1 1 1)")
+    p.add_argument("--margin", type=float, default=None, help="breast box margin in mm")
+    p.add_argument("--clip", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="percentile clip before normalisation, e.g. 0.5 99.5")
+    p.add_argument("--no-crop", action="store_true", help="do not crop to the breast box")
+
+
+@command("preprocess", "resample, crop and normalise cases into the training cache", _preprocess_flags)
+def _preprocess(args: argparse.Namespace) -> int:
+    from mtl_breast.data.preprocess import PreprocessConfig, preprocess_dataset
+
+    overrides = {}
+    if args.spacing is not None:
+        overrides["spacing"] = tuple(args.spacing)
+    if args.margin is not None:
+        overrides["margin_mm"] = args.margin
+    if args.clip is not None:
+        overrides["clip_percentiles"] = tuple(args.clip)
+    if args.no_crop:
+        overrides["crop_to_breast"] = False
+    report = preprocess_dataset(args.data, args.cache, PreprocessConfig(**overrides), workers=args.workers)
+    print(f"done {len(report['done'])}, skipped {len(report['skipped'])}; report: {report['report_path']}")
+    for item in report["skipped"]:
+        print(f"  skipped {item['patient_id']}: {item['reason']}", file=sys.stderr)
+    return 1 if report["skipped"] else 0
+
+
+# ---------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtl-breast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, configure, _) in _COMMANDS.items():
+        configure(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return _COMMANDS[args.command][2](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""The record every reader produces and every later stage consumes.
+
+A `Case` names files; it holds no voxels. Readers (`mamamia.py`, `folder.py`) build them from a
+dataset root, `preprocess.py` turns them into arrays on one grid, `cache.py` stores those.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class CaseError(ValueError):
+    """Bad input for one case. The message always names the case and the offending file."""
+
+    def __init__(self, patient_id: str, path: str | Path | None, reason: str):
+        self.patient_id = patient_id
+        self.path = None if path is None else str(path)
+        self.reason = reason
+        where = f" ({self.path})" if self.path else ""
+        super().__init__(f"case {patient_id}{where}: {reason}")
+
+
+@dataclass
+class Case:
+    """One patient's DCE-MRI series and whatever labels and metadata are known.
+
+    Attributes:
+        patient_id: identifier as written in the split file / spreadsheet (e.g. "DUKE_001").
+        image_paths: phase files in acquisition order; index 0 is pre-contrast.
+        mask_path: expert tumour mask (drawn on the first post-contrast phase), or None.
+        info_path: MAMA-MIA patient_info JSON, or None.
+        pcr: 1.0 / 0.0, NaN when unknown (never relabelled as 0 for training).
+        acquisition_times: seconds after the pre-contrast acquisition, one per phase, or None.
+        breast_box: (x_min, x_max, y_min, y_max, z_min, z_max) indexing the SimpleITK array of the
+            reference phase (x = array axis 0); maxima are exclusive. None when unknown.
+        meta: subgroup and acquisition metadata: dataset, site, age, menopause, density,
+            tumor_subtype, field_strength, manufacturer ... Missing values are absent or None.
+    """
+
+    patient_id: str
+    image_paths: list[Path]
+    mask_path: Path | None = None
+    info_path: Path | None = None
+    pcr: float = math.nan
+    acquisition_times: list[float] | None = None
+    breast_box: tuple[int, int, int, int, int, int] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_phases(self) -> int:
+        return len(self.image_paths)
+
+    @property
+    def has_pcr(self) -> bool:
+        return not math.isnan(self.pcr)
