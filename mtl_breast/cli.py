@@ -81,17 +81,65 @@ def _preprocess(args: argparse.Namespace) -> int:
     return 1 if report["skipped"] else 0
 
 
+# ---------------------------------------------------------------------------------------------- Lightning
+def _lightning_cli(task: str, args: list[str]) -> int:
+    """`mtl-breast pretrain|finetune <fit|validate|test> --config X.yaml ...` through LightningCLI."""
+    import torch
+    from lightning.pytorch.cli import LightningCLI
+
+    if task == "pretrain":
+        from mtl_breast.data.datamodule import PretrainDataModule as data_cls
+        from mtl_breast.tasks.pretrain import MAEPretrainModule as model_cls
+    else:
+        from mtl_breast.data.datamodule import FinetuneDataModule as data_cls
+        from mtl_breast.tasks.finetune import MTLFinetuneModule as model_cls
+
+    class TaskCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            from lightning.pytorch.callbacks import ModelCheckpoint
+
+            # One value, typed once: the crop the data module cuts is the size the model is built for.
+            parser.link_arguments("data.crop_size", "model.img_size")
+            # Checkpoints live at a fixed place under the run folder, so `--ckpt_path last` finds them
+            # again after a restart (the logger's version folder changes on every start).
+            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.set_defaults({"checkpoint.save_last": True, "checkpoint.monitor": model_cls.monitor,
+                                 "checkpoint.mode": model_cls.monitor_mode,
+                                 "checkpoint.filename": "best-{epoch:03d}", "checkpoint.save_top_k": 1})
+            parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath",
+                                  compute_fn=lambda root: str(Path(root or ".") / "checkpoints"))
+
+    gpu = torch.cuda.is_available()
+    TaskCLI(
+        model_cls, data_cls, args=args, subclass_mode_model=False, subclass_mode_data=False,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "accelerator": "auto",
+            # bf16 autocast on GPUs that support it; plain float32 on CPU, where bf16 is slow.
+            "precision": "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true",
+            "gradient_clip_val": 1.0,
+            "log_every_n_steps": 10,
+        },
+    )
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtl-breast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, configure, _) in _COMMANDS.items():
         configure(sub.add_parser(name, help=help_text, description=help_text))
+    for name in ("pretrain", "finetune"):
+        sub.add_parser(name, help=f"{name} through LightningCLI: `mtl-breast {name} fit --config X.yaml` "
+                                  f"(`mtl-breast {name} --help` for all options)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("pretrain", "finetune"):
+        return _lightning_cli(argv[0], argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     return _COMMANDS[args.command][2](args)

@@ -1,0 +1,216 @@
+"""Lightning DataModules: unlabeled volumes for MAE pretraining, labeled cases for joint fine-tuning.
+
+Both preprocess their roots into a `CaseCache` once (`prepare_data`, rank 0 only) and then read
+only the cache. Under DDP, Lightning shards the map-style datasets with a DistributedSampler, so
+each rank sees a different part of every epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+from monai.transforms import CenterSpatialCropd, Compose, SpatialPadd
+from torch.utils.data import DataLoader
+
+from mtl_breast.data.cache import CaseCache
+from mtl_breast.data.dataset import CachedCaseDataset, collate_cases
+from mtl_breast.data.folder import read_dataset
+from mtl_breast.data.mamamia import is_mamamia_root, read_splits
+from mtl_breast.data.preprocess import PreprocessConfig, preprocess_dataset
+from mtl_breast.data.transforms import _as_size, finetune_transforms, pretrain_transforms
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir(root: str | Path) -> Path:
+    """`./cache/<root folder name>`: outside the dataset, which may be read-only."""
+    return Path("cache") / Path(root).resolve().name
+
+
+class _CachedDataModule(L.LightningDataModule):
+    """Shared part: preprocessing config, cache, loader settings."""
+
+    def __init__(self, roots: Sequence[str], cache_dir: str | None, spacing: Sequence[float], margin_mm: float,
+                 crop_to_breast: bool, clip_percentiles: Sequence[float] | None, batch_size: int, num_workers: int,
+                 preprocess_workers: int):
+        super().__init__()
+        if not roots:
+            raise ValueError("no data root given (--data.root DIR)")
+        self.roots = [Path(r) for r in roots]
+        for r in self.roots:
+            if not r.is_dir():
+                raise FileNotFoundError(f"data root {r} does not exist or is not a folder")
+        self.preprocess_config = PreprocessConfig(
+            spacing=tuple(float(s) for s in spacing), margin_mm=float(margin_mm), crop_to_breast=crop_to_breast,
+            clip_percentiles=None if clip_percentiles is None else tuple(float(c) for c in clip_percentiles),
+        )
+        self.cache_root = Path(cache_dir) if cache_dir else default_cache_dir(self.roots[0])
+        self.cache = CaseCache(self.cache_root, self.preprocess_config)
+        self.batch_size, self.num_workers, self.preprocess_workers = batch_size, num_workers, preprocess_workers
+
+    def cases(self) -> list:
+        """All cases of all roots (ids made unique across roots by the reader)."""
+        return read_dataset(self.roots if len(self.roots) > 1 else self.roots[0])
+
+    def prepare_data(self) -> None:
+        report = preprocess_dataset(self.roots[0], self.cache_root, self.preprocess_config,
+                                    workers=self.preprocess_workers, cases=self.cases(), progress=False)
+        for item in report["skipped"]:
+            log.warning("skipped %s: %s", item["patient_id"], item["reason"])
+
+    def _cached(self, patient_ids: Sequence[str]) -> list[str]:
+        # Cases that failed preprocessing are absent from the cache; they were reported in prepare_data.
+        return [pid for pid in patient_ids if self.cache.has(pid)]
+
+    def _loader(self, dataset: CachedCaseDataset, shuffle: bool, batch_size: int | None = None) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=shuffle,
+                          num_workers=self.num_workers, collate_fn=collate_cases,
+                          persistent_workers=self.num_workers > 0, pin_memory=False)
+
+
+def split_train_val(patient_ids: Sequence[str], labels: Sequence[float], val_fraction: float,
+                    seed: int) -> tuple[list[str], list[str]]:
+    """Random split stratified by pCR (1 / 0 / unknown), at least one validation case per stratum with 2+ cases."""
+    rng = random.Random(seed)
+    strata: dict[str, list[str]] = {}
+    for pid, y in zip(patient_ids, labels, strict=True):
+        strata.setdefault("nan" if math.isnan(y) else str(int(y)), []).append(pid)
+    train, val = [], []
+    for key in sorted(strata):
+        ids = sorted(strata[key])
+        rng.shuffle(ids)
+        n_val = 0 if len(ids) < 2 or val_fraction <= 0 else max(1, round(len(ids) * val_fraction))
+        val += ids[:n_val]
+        train += ids[n_val:]
+    return sorted(train), sorted(val)
+
+
+class FinetuneDataModule(_CachedDataModule):
+    """Labeled cases (MAMA-MIA layout) for joint segmentation + pCR training.
+
+    The `train_split` of `train_test_splits.csv` is divided into training and validation
+    (stratified by pCR); the `test_split` is the held-out test set. Without a split file all cases
+    are used for training/validation.
+
+    Args:
+        root: MAMA-MIA dataset root.
+        cache_dir: preprocessed-case cache (default ./cache/<root name>).
+        spacing: target voxel spacing in mm.
+        margin_mm: margin around the breast box.
+        crop_to_breast: crop to the breast box when the case has one.
+        clip_percentiles: optional (low, high) intensity percentile clip.
+        crop_size: training crop (D, H, W); must be divisible by the model's patch size.
+        batch_size: training batch size (validation and test run one full case at a time).
+        num_workers: DataLoader worker processes.
+        val_fraction: share of the training split held out for validation.
+        split_seed: seed of the train/validation split.
+        pos_fraction: share of crops centred on tumour.
+        intensity_jitter: per-phase scale/shift augmentation range.
+        phase_dropout: probability of hiding one post-contrast phase in a training sample.
+        repeats: crops drawn per training case per epoch.
+        preprocess_workers: processes for the one-off preprocessing.
+    """
+
+    def __init__(self, root: str, cache_dir: str | None = None, spacing: Sequence[float] = (1.0, 1.0, 1.0),
+                 margin_mm: float = 10.0, crop_to_breast: bool = True, clip_percentiles: Sequence[float] | None = None,
+                 crop_size: int | Sequence[int] = 64, batch_size: int = 2, num_workers: int = 0,
+                 val_fraction: float = 0.2, split_seed: int = 0, pos_fraction: float = 0.67,
+                 intensity_jitter: float = 0.1, phase_dropout: float = 0.0, repeats: int = 1,
+                 preprocess_workers: int = 1):
+        super().__init__([root], cache_dir, spacing, margin_mm, crop_to_breast, clip_percentiles, batch_size,
+                         num_workers, preprocess_workers)
+        self.root = Path(root)
+        self.crop_size = _as_size(crop_size)
+        self.val_fraction, self.split_seed, self.repeats = val_fraction, split_seed, repeats
+        self.train_transform = finetune_transforms(self.crop_size, pos_fraction=pos_fraction,
+                                                   intensity_jitter=intensity_jitter, phase_dropout=phase_dropout)
+        self.train_ids: list[str] = []
+        self.val_ids: list[str] = []
+        self.test_ids: list[str] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        cached = self.cache.patient_ids()
+        by_lower = {pid.lower(): pid for pid in cached}
+        if is_mamamia_root(self.root) and (self.root / "train_test_splits.csv").exists():
+            splits = read_splits(self.root)
+            train_pool = [by_lower[p.lower()] for p in splits["train"] if p.lower() in by_lower]
+            self.test_ids = [by_lower[p.lower()] for p in splits["test"] if p.lower() in by_lower]
+        else:
+            train_pool, self.test_ids = sorted(cached), []
+        labels = [self._pcr(pid) for pid in train_pool]
+        self.train_ids, self.val_ids = split_train_val(train_pool, labels, self.val_fraction, self.split_seed)
+        if not self.train_ids:
+            raise RuntimeError(f"no training cases found in {self.root} (cache {self.cache.dir})")
+
+    def _pcr(self, pid: str) -> float:
+        pcr = self.cache.read_info(pid).get("pcr")
+        return math.nan if pcr is None else float(pcr)
+
+    def train_pcr_counts(self) -> tuple[int, int]:
+        """(positives, negatives) among labeled training cases, for class-balanced pCR loss."""
+        labels = [self._pcr(pid) for pid in self.train_ids]
+        return sum(y == 1 for y in labels), sum(y == 0 for y in labels)
+
+    def train_dataloader(self) -> DataLoader:
+        ds = CachedCaseDataset(self.cache, self.train_ids, self.train_transform, with_label=True, repeats=self.repeats)
+        return self._loader(ds, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        # Whole cases, one at a time: the module runs sliding-window inference over them.
+        return self._loader(CachedCaseDataset(self.cache, self.val_ids, with_label=True), shuffle=False, batch_size=1)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(CachedCaseDataset(self.cache, self.test_ids, with_label=True), shuffle=False, batch_size=1)
+
+
+class PretrainDataModule(_CachedDataModule):
+    """Unlabeled DCE-MRI series for MAE pretraining: one or more roots (MAMA-MIA or case folders).
+
+    Args:
+        root: a dataset root, or a list of roots combined into one pool.
+        cache_dir: preprocessed-case cache (default ./cache/<first root name>).
+        spacing, margin_mm, crop_to_breast, clip_percentiles: preprocessing (see FinetuneDataModule).
+        crop_size: random crop (D, H, W), divisible by the patch size.
+        batch_size: volumes per step.
+        num_workers: DataLoader worker processes.
+        val_fraction: share of cases held out for the validation loss and reconstruction images.
+        split_seed: seed of that split.
+        intensity_jitter: per-phase scale/shift augmentation range.
+        repeats: crops drawn per case per epoch.
+        preprocess_workers: processes for the one-off preprocessing.
+    """
+
+    def __init__(self, root: str | list[str], cache_dir: str | None = None,
+                 spacing: Sequence[float] = (1.0, 1.0, 1.0), margin_mm: float = 10.0, crop_to_breast: bool = True,
+                 clip_percentiles: Sequence[float] | None = None, crop_size: int | Sequence[int] = 64,
+                 batch_size: int = 2, num_workers: int = 0, val_fraction: float = 0.1, split_seed: int = 0,
+                 intensity_jitter: float = 0.1, repeats: int = 1, preprocess_workers: int = 1):
+        roots = [root] if isinstance(root, str | Path) else list(root)
+        super().__init__(roots, cache_dir, spacing, margin_mm, crop_to_breast, clip_percentiles, batch_size,
+                         num_workers, preprocess_workers)
+        self.crop_size = _as_size(crop_size)
+        self.val_fraction, self.split_seed, self.repeats = val_fraction, split_seed, repeats
+        self.train_transform = pretrain_transforms(self.crop_size, intensity_jitter=intensity_jitter)
+        # Validation uses the central crop so the loss and the images are comparable across epochs.
+        self.val_transform = Compose([SpatialPadd(keys="image", spatial_size=self.crop_size),
+                                      CenterSpatialCropd(keys="image", roi_size=self.crop_size)])
+        self.train_ids: list[str] = []
+        self.val_ids: list[str] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        ids = self._cached(sorted({c.patient_id for c in self.cases()}))
+        if not ids:
+            raise RuntimeError(f"no cases found in {[str(r) for r in self.roots]} (cache {self.cache.dir})")
+        self.train_ids, self.val_ids = split_train_val(ids, [math.nan] * len(ids), self.val_fraction, self.split_seed)
+
+    def train_dataloader(self) -> DataLoader:
+        ds = CachedCaseDataset(self.cache, self.train_ids, self.train_transform, repeats=self.repeats)
+        return self._loader(ds, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(CachedCaseDataset(self.cache, self.val_ids, self.val_transform), shuffle=False)

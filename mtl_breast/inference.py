@@ -1,0 +1,243 @@
+"""Prediction on new cases: tumour masks in the original image space and pCR probabilities.
+
+Per case: the same preprocessing as training (`preprocess_case`), sliding-window segmentation over
+the whole preprocessed volume (MONAI) with optional flip test-time augmentation, probabilities
+mapped back onto the original grid of the first post-contrast phase, thresholded, clipped to the
+breast box when known, optionally reduced to the largest connected component. pCR is predicted on
+one window centred on the predicted tumour (training crops are tumour-centred too) and calibrated
+with the temperature and threshold chosen on validation data, which travel in `config.json`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.inferers import sliding_window_inference
+from scipy import ndimage
+
+from mtl_breast.data.case import Case, CaseError
+from mtl_breast.data.preprocess import PreprocessConfig, original_image_reference, preprocess_case, to_original_space
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InferenceSettings:
+    """How to run the joint model on a whole case. Defaults come from the weights' config.json.
+
+    Attributes:
+        roi_size: sliding-window size (D, H, W), the training crop size.
+        overlap: sliding-window overlap fraction.
+        tta_flips: average over flips of each spatial axis (4 passes instead of 1).
+        largest_component: keep only the largest connected tumour component.
+        seg_threshold: tumour probability above which a voxel is tumour.
+        pcr_threshold: probability above which pCR is predicted 1 (chosen on validation).
+        pcr_temperature: logit temperature (temperature scaling fitted on validation).
+        preprocess: the preprocessing the model was trained with.
+    """
+
+    roi_size: tuple[int, int, int] = (64, 64, 64)
+    overlap: float = 0.5
+    tta_flips: bool = False
+    largest_component: bool = False
+    seg_threshold: float = 0.5
+    pcr_threshold: float = 0.5
+    pcr_temperature: float = 1.0
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+    @classmethod
+    def from_config(cls, config: dict, **overrides) -> InferenceSettings:
+        inf = dict(config.get("inference", {}))
+        pre = config.get("preprocess", {})
+        if "spacing" in pre:
+            pre = {**pre, "spacing": tuple(pre["spacing"])}
+        if pre.get("clip_percentiles") is not None:
+            pre["clip_percentiles"] = tuple(pre["clip_percentiles"])
+        values = {k: v for k, v in inf.items() if k in cls.__dataclass_fields__ and k != "preprocess"}
+        if "roi_size" in values:
+            values["roi_size"] = tuple(values["roi_size"])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(preprocess=PreprocessConfig(**pre), **values)
+
+
+def _flip_passes(tta: bool) -> list[tuple[int, ...]]:
+    # Spatial dims of [B, T, D, H, W] are 2, 3, 4.
+    return [(), (2,), (3,), (4,)] if tta else [()]
+
+
+@torch.no_grad()
+def predict_volume(model: torch.nn.Module, image: torch.Tensor, phase_time: torch.Tensor,
+                   settings: InferenceSettings, phase_mask: torch.Tensor | None = None) -> tuple[np.ndarray, float]:
+    """Segment one preprocessed case and predict its pCR logit.
+
+    Args:
+        model: an `MTLModel` in eval mode.
+        image: [T, D, H, W] preprocessed phases.
+        phase_time: [T] seconds after pre-contrast (NaN unknown).
+        settings: window size, overlap, TTA.
+        phase_mask: [T] bool, default all True.
+
+    Returns:
+        (tumour probability [D, H, W] float32 on the preprocessed grid, calibrated pCR logit).
+    """
+    device = next(model.parameters()).device
+    x = image.unsqueeze(0).to(device, torch.float32)  # [1, T, D, H, W]
+    t = phase_time.unsqueeze(0).to(device)
+    m = (torch.ones(image.shape[0], dtype=torch.bool) if phase_mask is None else phase_mask).unsqueeze(0).to(device)
+
+    def seg_only(window: torch.Tensor) -> torch.Tensor:
+        # MONAI slides over dims 2.. and calls with [n, T, d, h, w]; phases travel as channels.
+        n = window.shape[0]
+        return model(window, phase_mask=m.expand(n, -1), phase_time=t.expand(n, -1))["seg_logits"].softmax(1)
+
+    roi = settings.roi_size
+    prob = torch.zeros((1, 1, *x.shape[2:]), device=device)
+    for dims in _flip_passes(settings.tta_flips):
+        xi = x.flip(dims) if dims else x
+        p = sliding_window_inference(xi, roi, sw_batch_size=2, predictor=seg_only, overlap=settings.overlap,
+                                     mode="gaussian", padding_mode="constant")
+        p = p[:, 1:].sum(1, keepdim=True)
+        prob += p.flip(dims) if dims else p
+    prob /= len(_flip_passes(settings.tta_flips))
+
+    window = _tumour_window(x, prob[0, 0], roi)
+    logits = []
+    for dims in _flip_passes(settings.tta_flips):
+        w = window.flip(dims) if dims else window
+        logits.append(model(w, phase_mask=m, phase_time=t)["pcr_logits"].float())
+    pcr_logit = float(torch.stack(logits).mean()) / settings.pcr_temperature
+    return prob[0, 0].float().cpu().numpy(), pcr_logit
+
+
+def _tumour_window(x: torch.Tensor, prob: torch.Tensor, roi: tuple[int, int, int]) -> torch.Tensor:
+    """The roi-sized window of x [1, T, D, H, W] centred on the tumour probability mass (volume centre if none)."""
+    spatial = x.shape[2:]
+    pad = [max(0, r - s) for r, s in zip(roi, spatial, strict=True)]
+    if any(pad):
+        # F.pad takes (last dim first) pairs; pad at the end keeps voxel indices of prob valid.
+        x = torch.nn.functional.pad(x, [p for d in reversed(pad) for p in (0, d)])
+        prob = torch.nn.functional.pad(prob, [p for d in reversed(pad) for p in (0, d)])
+        spatial = x.shape[2:]
+    mass = prob.sum()
+    if mass > 1e-3:
+        grids = torch.meshgrid(*[torch.arange(s, device=prob.device, dtype=torch.float32) for s in spatial],
+                               indexing="ij")
+        centre = [float((g * prob).sum() / mass) for g in grids]
+    else:
+        centre = [s / 2 for s in spatial]
+    start = [int(min(max(0, round(c - r / 2)), s - r)) for c, r, s in zip(centre, roi, spatial, strict=True)]
+    return x[:, :, start[0]:start[0] + roi[0], start[1]:start[1] + roi[1], start[2]:start[2] + roi[2]]
+
+
+def postprocess_mask(prob: np.ndarray, case: Case, settings: InferenceSettings) -> np.ndarray:
+    """Threshold, clip to the breast box, optionally keep the largest component. prob [D, H, W] original grid."""
+    mask = (prob >= settings.seg_threshold).astype(np.uint8)
+    if case.breast_box is not None:
+        x0, x1, y0, y1, z0, z1 = case.breast_box
+        box = np.zeros_like(mask)
+        box[x0:x1, y0:y1, z0:z1] = 1
+        mask *= box
+    if settings.largest_component and mask.any():
+        labels, n = ndimage.label(mask)
+        if n > 1:
+            sizes = ndimage.sum(mask, labels, index=range(1, n + 1))
+            mask = (labels == int(np.argmax(sizes)) + 1).astype(np.uint8)
+    return mask
+
+
+def write_mask(mask: np.ndarray, geometry: dict, path: Path) -> Path:
+    """Write a uint8 mask [D, H, W] (SimpleITK array order) with the original image's geometry, atomically."""
+    ref = original_image_reference(geometry)
+    img = sitk.GetImageFromArray(mask.astype(np.uint8))
+    img.CopyInformation(ref)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name.split('.')[0]}.tmp{os.getpid()}.nii.gz")
+    sitk.WriteImage(img, str(tmp), useCompression=True)
+    os.replace(tmp, path)
+    return path
+
+
+def predict_case(model: torch.nn.Module, case: Case, settings: InferenceSettings) -> tuple[np.ndarray, dict, float]:
+    """Preprocess, predict and map back one case. Returns (mask on the original grid, geometry, pCR probability)."""
+    pre = preprocess_case(case, settings.preprocess)
+    prob, logit = predict_volume(model, torch.from_numpy(pre.image), torch.from_numpy(pre.phase_time), settings)
+    geometry = pre.info["geometry"]
+    prob_orig = to_original_space(prob, geometry, interpolator="linear", default=0.0)
+    return postprocess_mask(prob_orig, case, settings), geometry, 1.0 / (1.0 + math.exp(-logit))
+
+
+def write_predictions_csv(rows: list[dict], path: Path) -> Path:
+    """`patient_id,pcr,score` as the challenge expects, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["patient_id", "pcr", "score"])
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return path
+
+
+def run_predictions(model: torch.nn.Module, cases: list[Case], out_dir: Path, settings: InferenceSettings,
+                    write_masks: bool = True) -> dict:
+    """Predict every case; a failing case is reported and the others still run.
+
+    Writes `out_dir/pred_segmentations/<pid>.nii.gz` and `out_dir/predictions.csv`; returns
+    {"done": [...], "skipped": [{"patient_id", "reason"}], "rows": [...]}.
+    """
+    out_dir = Path(out_dir)
+    model.eval()
+    rows, skipped, done = [], [], []
+    for case in cases:
+        try:
+            mask, geometry, score = predict_case(model, case, settings)
+            if write_masks:
+                write_mask(mask, geometry, out_dir / "pred_segmentations" / f"{case.patient_id}.nii.gz")
+        except (CaseError, RuntimeError, ValueError, OSError) as err:
+            reason = str(err) if isinstance(err, CaseError) else f"case {case.patient_id}: {err}"
+            log.error("skipped %s", reason)
+            skipped.append({"patient_id": case.patient_id, "reason": reason})
+            continue
+        rows.append({"patient_id": case.patient_id, "pcr": int(score >= settings.pcr_threshold),
+                     "score": round(score, 6)})
+        done.append(case.patient_id)
+    write_predictions_csv(rows, out_dir / "predictions.csv")
+    return {"done": done, "skipped": skipped, "rows": rows}
+
+
+def predict_dataset(weights: Path | str, data: Path | str, out: Path | str, *, device: str | None = None,
+                    split: str | None = "test", **overrides) -> dict:
+    """`mtl-breast predict`: load exported weights, predict the cases of a dataset root.
+
+    Args:
+        weights: exported weights folder (model.safetensors + config.json).
+        data: MAMA-MIA root or folder of cases.
+        out: output folder.
+        device: torch device; default CUDA when available.
+        split: for a MAMA-MIA root with a split file, which split to predict ("test", "train" or None = all).
+        overrides: InferenceSettings fields (tta_flips, overlap, largest_component ...).
+    """
+    from mtl_breast.data.folder import read_dataset
+    from mtl_breast.data.mamamia import is_mamamia_root, read_splits
+    from mtl_breast.hub import load_pretrained
+
+    weights, data, out = Path(weights), Path(data), Path(out)
+    config = json.loads((weights / "config.json").read_text())
+    settings = InferenceSettings.from_config(config, **overrides)
+    model = load_pretrained(weights).to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cases = read_dataset(data)
+    if split and is_mamamia_root(data) and (data / "train_test_splits.csv").exists():
+        wanted = {p.lower() for p in read_splits(data)[split]}
+        cases = [c for c in cases if c.patient_id.lower() in wanted]
+    report = run_predictions(model, cases, out, settings)
+    report["out"] = str(out)
+    return report

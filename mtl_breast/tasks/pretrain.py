@@ -1,0 +1,138 @@
+"""MAE pretraining as a LightningModule.
+
+Lightning owns devices, precision (bf16-mixed on GPU, 32-bit on CPU), DDP/FSDP, gradient clipping
+and checkpointing; this module owns the model, the optimizer/schedule and what gets logged. Once per
+validation epoch it writes a PNG (rows = phases; columns = input, masked input, reconstruction) so a
+person can see what the encoder has learned.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from mtl_breast.models.registry import create_model
+from mtl_breast.tasks.optim import build_optimizer, build_scheduler, effective_batch_size
+
+log = logging.getLogger(__name__)
+
+
+class MAEPretrainModule(L.LightningModule):
+    """Masked-autoencoder pretraining of the 3D DCE-MRI encoder.
+
+    Args:
+        arch: registry name of the MAE model (e.g. "mae_vit_test", "mae_vit_base").
+        model_args: keyword overrides for the registry factory (mask_ratio, drop_path_rate, ...).
+        img_size: training crop (D, H, W); linked from the data module's crop_size.
+        grad_checkpointing: recompute block activations in backward (saves memory, costs ~30% time).
+        lr: peak learning rate (before batch scaling).
+        lr_reference_batch: if set, lr is multiplied by effective_batch / lr_reference_batch
+            (linear scaling rule; MAE uses 256).
+        weight_decay: AdamW weight decay (not applied to biases, norms, embeddings).
+        betas: AdamW betas.
+        warmup_fraction: share of the optimizer steps spent in linear warmup.
+        min_lr_ratio: final lr as a fraction of the peak (cosine schedule).
+        recon_images: write a reconstruction PNG each validation epoch.
+    """
+
+    # What the checkpoint callback keeps as "best".
+    monitor = "val/loss"
+    monitor_mode = "min"
+
+    def __init__(
+        self,
+        arch: str = "mae_vit_test",
+        model_args: dict[str, Any] | None = None,
+        img_size: int | list[int] | tuple[int, int, int] = 64,
+        grad_checkpointing: bool = False,
+        lr: float = 1.5e-4,
+        lr_reference_batch: int | None = None,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_fraction: float = 0.05,
+        min_lr_ratio: float = 0.01,
+        recon_images: bool = True,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        size = (img_size,) * 3 if isinstance(img_size, int) else tuple(img_size)
+        self.model = create_model(arch, img_size=size, **(model_args or {}))
+        if grad_checkpointing:
+            self.model.encoder.set_grad_checkpointing(True)
+        self._val_example: dict[str, torch.Tensor] | None = None
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return self.model(batch["image"], phase_mask=batch["phase_mask"], phase_time=batch["phase_time"])
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        out = self(batch)
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=batch["image"].shape[0], sync_dist=True)
+        return out["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        out = self(batch)
+        self.log("val/loss", out["loss"], prog_bar=True, batch_size=batch["image"].shape[0], sync_dist=True)
+        if batch_idx == 0:
+            self._val_example = {"image": batch["image"][:1], "pred": out["pred"][:1], "mask": out["mask"][:1],
+                                 "phase_mask": batch["phase_mask"][:1]}
+
+    def on_validation_epoch_end(self) -> None:
+        if not (self.hparams.recon_images and self._val_example and self.trainer.is_global_zero):
+            return
+        if self.trainer.sanity_checking:
+            return
+        ex = self._val_example
+        masked, recon = self.model.reconstruct(ex["pred"].float(), ex["mask"], ex["image"].float())
+        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "reconstructions"
+        path = out_dir / f"epoch_{self.current_epoch:04d}.png"
+        save_reconstruction_png(ex["image"][0], masked[0], recon[0], ex["phase_mask"][0], path)
+        self._val_example = None
+
+    def configure_optimizers(self):
+        lr = self.hparams.lr
+        if self.hparams.lr_reference_batch:
+            batch = self.trainer.datamodule.batch_size if self.trainer.datamodule else 1
+            lr = lr * effective_batch_size(self.trainer, batch) / self.hparams.lr_reference_batch
+        opt = build_optimizer(self.model, lr=lr, weight_decay=self.hparams.weight_decay,
+                              betas=tuple(self.hparams.betas),
+                              no_weight_decay=tuple(getattr(self.model, "no_weight_decay", lambda: ())()))
+        total = int(self.trainer.estimated_stepping_batches)
+        sched = build_scheduler(opt, warmup_steps=int(self.hparams.warmup_fraction * total), total_steps=total,
+                                min_lr_ratio=self.hparams.min_lr_ratio)
+        return {"optimizer": opt, "lr_scheduler": sched}
+
+
+def save_reconstruction_png(image: torch.Tensor, masked: torch.Tensor, recon: torch.Tensor,
+                            phase_mask: torch.Tensor, path: Path) -> Path:
+    """Central axial slice of each real phase: input | masked input | reconstruction. Tensors [T, D, H, W]."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = [t for t in range(image.shape[0]) if bool(phase_mask[t])]
+    z = image.shape[1] // 2
+    fig, axes = plt.subplots(len(phases), 3, figsize=(6, 2 * len(phases)), squeeze=False)
+    lo, hi = float(image.min()), float(image.max())
+    for row, t in enumerate(phases):
+        for col, (vol, title) in enumerate([(image, "input"), (masked, "masked"), (recon, "reconstruction")]):
+            ax = axes[row][col]
+            ax.imshow(vol[t, z].detach().cpu().float().numpy(), cmap="gray", vmin=lo, vmax=hi)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(title, fontsize=9)
+            if col == 0:
+                ax.set_ylabel(f"phase {t}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
