@@ -81,6 +81,104 @@ def _preprocess(args: argparse.Namespace) -> int:
     return 1 if report["skipped"] else 0
 
 
+# ---------------------------------------------------------------------------------------------- export
+def _export_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", type=Path, required=True, help="Lightning checkpoint (.ckpt) of pretrain or finetune")
+    p.add_argument("--out", type=Path, required=True, help="output folder for model.safetensors + config.json")
+
+
+@command("export", "turn a training checkpoint into released weights", _export_flags)
+def _export(args: argparse.Namespace) -> int:
+    from mtl_breast.tasks.export import export_checkpoint
+
+    print(f"weights written to {export_checkpoint(args.ckpt, args.out)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- predict
+def _predict_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", type=Path, required=True, help="exported joint-model weights folder")
+    p.add_argument("--data", type=Path, required=True, help="MAMA-MIA root or folder of cases")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--split", default="test", help="split of a MAMA-MIA root to predict: test, train or all")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    p.add_argument("--largest-component", action="store_true", help="keep the largest tumour component only")
+    p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default 0.5)")
+    p.add_argument("--device", default=None)
+
+
+@command("predict", "predict tumour masks (NIfTI) and pCR (CSV) for new cases", _predict_flags)
+def _predict(args: argparse.Namespace) -> int:
+    from mtl_breast.inference import predict_dataset
+
+    report = predict_dataset(args.weights, args.data, args.out, device=args.device,
+                             split=None if args.split == "all" else args.split, tta_flips=args.tta or None,
+                             largest_component=args.largest_component or None, overlap=args.overlap)
+    print(f"predicted {len(report['done'])} cases into {args.out}; skipped {len(report['skipped'])}")
+    for item in report["skipped"]:
+        print(f"  skipped {item['patient_id']}: {item['reason']}", file=sys.stderr)
+    return 1 if report["skipped"] else 0
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+def _evaluate_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pred", type=Path, required=True, help="folder with pred_segmentations/ and/or predictions.csv")
+    p.add_argument("--data", type=Path, required=True, help="MAMA-MIA root with expert masks and clinical data")
+    p.add_argument("--out", type=Path, required=True, help="where scores.json and report.md go")
+    p.add_argument("--spacing-aware", action="store_true", help="HD95 in mm instead of voxel indices")
+
+
+@command("evaluate", "score predictions exactly as the MAMA-MIA challenge does", _evaluate_flags)
+def _evaluate(args: argparse.Namespace) -> int:
+    from mtl_breast.metrics.mamamia import evaluate
+
+    scores = evaluate(args.pred, args.data, args.out, spacing_aware=args.spacing_aware)
+    print(json.dumps(headline(scores), indent=2))
+    print(f"scores: {args.out / 'scores.json'}  report: {args.out / 'report.md'}")
+    return 0
+
+
+def headline(scores: dict) -> dict:
+    """The summary numbers of a scores.json (no per-case or per-group tables)."""
+    return {part: {k: v for k, v in values.items() if not isinstance(v, dict)}
+            for part, values in scores.items() if isinstance(values, dict)}
+
+
+# ---------------------------------------------------------------------------------------------- extract
+def _extract_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", type=Path, required=True, help="exported encoder / MAE / joint weights folder")
+    p.add_argument("--data", type=Path, required=True, help="dataset root")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", default=None)
+
+
+@command("extract", "write encoder features of every case (per token, per phase, pooled)", _extract_flags)
+def _extract(args: argparse.Namespace) -> int:
+    from mtl_breast.features import extract_dataset
+
+    report = extract_dataset(args.weights, args.data, args.out, device=args.device)
+    print(f"features of {len(report['done'])} cases in {args.out}; table {report['table']}")
+    for item in report["skipped"]:
+        print(f"  skipped {item['patient_id']}: {item['reason']}", file=sys.stderr)
+    return 1 if report["skipped"] else 0
+
+
+# ---------------------------------------------------------------------------------------------- demo
+def _demo_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
+    p.add_argument("--cases", type=int, default=96)
+    p.add_argument("--size", type=int, default=48)
+    p.add_argument("--seed", type=int, default=0)
+
+
+@command("demo", "synthesise phantoms, pretrain, fine-tune, predict and evaluate end to end", _demo_flags)
+def _demo(args: argparse.Namespace) -> int:
+    from mtl_breast.demo import run_demo
+
+    run_demo(args.workdir, cases=args.cases, size=args.size, seed=args.seed)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- Lightning
 def _lightning_cli(task: str, args: list[str]) -> int:
     """`mtl-breast pretrain|finetune <fit|validate|test> --config X.yaml ...` through LightningCLI."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,11 @@ class MAEPretrainModule(L.LightningModule):
         path = out_dir / f"epoch_{self.current_epoch:04d}.png"
         save_reconstruction_png(ex["image"][0], masked[0], recon[0], ex["phase_mask"][0], path)
         self._val_example = None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Feature extraction must preprocess new cases exactly as the encoder saw them.
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        checkpoint["mtl_breast"] = {"preprocess": asdict(dm.preprocess_config) if dm is not None else None}
 
     def configure_optimizers(self):
         lr = self.hparams.lr

@@ -1,0 +1,225 @@
+"""Joint segmentation + pCR fine-tuning as a LightningModule.
+
+Training: Dice+CE on random crops (tumour-oversampled) and class-balanced BCE / focal loss on pCR,
+combined with fixed or learned (uncertainty) task weights. pCR is supervised only on crops that
+contain tumour, since a crop of background tissue says nothing about response; unknown pCR (NaN) is
+masked out, never relabelled 0.
+
+Validation: each case whole, through the same sliding-window routine as `mtl-breast predict`, scored
+with the MAMA-MIA formulas (DSC, NormHD, subgroup fairness, balanced accuracy, equalised odds). The
+pCR threshold (and optionally a temperature) is chosen on these validation predictions and stored
+as buffers, so it is in every checkpoint and in the exported config.json. "val/ranking" (the mean
+of the segmentation and pCR challenge ranking scores) selects the best checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+
+from mtl_breast.inference import InferenceSettings, predict_volume
+from mtl_breast.losses.classification import PCRLoss
+from mtl_breast.losses.fairness import SubgroupReweighter
+from mtl_breast.losses.multitask import MultiTaskLoss
+from mtl_breast.losses.segmentation import DiceCELoss
+from mtl_breast.metrics.classification import choose_threshold, roc_auc, temperature_scale
+from mtl_breast.metrics.mamamia import score_classification, score_segmentation
+from mtl_breast.metrics.segmentation import dice, hd95, norm_hd
+from mtl_breast.metrics.subgroups import age_group, density_group, menopause_group
+from mtl_breast.models.registry import create_model
+from mtl_breast.tasks.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+def meta_groups(meta: dict) -> dict[str, str | None]:
+    """Subgroup labels of one case's metadata, for fairness weights and subgroup scores."""
+    return {"age": age_group(meta.get("age")), "menopausal_status": menopause_group(meta.get("menopause")),
+            "breast_density": density_group(meta.get("density"))}
+
+
+class MTLFinetuneModule(L.LightningModule):
+    """Fine-tune the joint segmentation + pCR model.
+
+    Args:
+        arch: registry name of the joint model (e.g. "mtl_vit_test", "mtl_vit_base").
+        model_args: keyword overrides for the registry factory.
+        img_size: training crop (D, H, W); linked from the data module's crop_size.
+        pretrained: exported MAE/encoder weights folder to initialise the encoder from (None = scratch).
+        grad_checkpointing: recompute encoder blocks in backward to save memory.
+        freeze_encoder: train only the decoder and head.
+        lora_rank: if set, train low-rank adapters in the encoder attention instead of its weights.
+        lr: peak learning rate; weight_decay, warmup_fraction, min_lr_ratio: AdamW and schedule.
+        layer_decay: layer-wise LR decay for encoder blocks (e.g. 0.75), None = off.
+        pcr_loss: "bce" or "focal"; pcr_pos_weight: "balanced" (from training counts), a number, or None.
+        task_weighting: "fixed" or "uncertainty"; task_weights: fixed weights {"seg": 1, "pcr": 1}.
+        fairness: raise the loss weight of subgroups that score worse on validation.
+        fairness_temperature: sharpness of those weights.
+        threshold_objective: "balanced_accuracy" or "ranking" (BA and equalised odds) for the pCR threshold.
+        calibrate: fit a temperature for the pCR logits on validation.
+        val_overlap: sliding-window overlap during validation.
+    """
+
+    monitor = "val/ranking"
+    monitor_mode = "max"
+
+    def __init__(
+        self,
+        arch: str = "mtl_vit_test",
+        model_args: dict[str, Any] | None = None,
+        img_size: int | list[int] | tuple[int, int, int] = 64,
+        pretrained: str | None = None,
+        grad_checkpointing: bool = False,
+        freeze_encoder: bool = False,
+        lora_rank: int | None = None,
+        lr: float = 3e-4,
+        weight_decay: float = 0.05,
+        warmup_fraction: float = 0.05,
+        min_lr_ratio: float = 0.01,
+        layer_decay: float | None = None,
+        pcr_loss: str = "bce",
+        pcr_pos_weight: str | float | None = "balanced",
+        task_weighting: str = "fixed",
+        task_weights: dict[str, float] | None = None,
+        fairness: bool = False,
+        fairness_temperature: float = 0.1,
+        threshold_objective: str = "balanced_accuracy",
+        calibrate: bool = False,
+        val_overlap: float = 0.25,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        size = (img_size,) * 3 if isinstance(img_size, int) else tuple(int(s) for s in img_size)
+        self.img_size = size
+        self.model = create_model(arch, img_size=size, **(model_args or {}))
+        if pretrained:
+            from mtl_breast.hub import load_encoder_into
+
+            load_encoder_into(self.model, pretrained)
+        if grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        if freeze_encoder:
+            self.model.encoder.requires_grad_(False)
+        if lora_rank:
+            from mtl_breast.models.lora import apply_lora
+
+            apply_lora(self.model.encoder, rank=lora_rank, alpha=2 * lora_rank)
+        self.seg_loss = DiceCELoss()
+        pos_weight = pcr_pos_weight if pcr_pos_weight in (None, "balanced") else float(pcr_pos_weight)
+        self.pcr_loss = PCRLoss(kind=pcr_loss, pos_weight=pos_weight)
+        self.task_loss = MultiTaskLoss(tasks=("seg", "pcr"), weighting=task_weighting, weights=task_weights)
+        self.reweighter = SubgroupReweighter(temperature=fairness_temperature) if fairness else None
+        # Chosen on validation, saved with the weights.
+        self.register_buffer("pcr_threshold", torch.tensor(0.5))
+        self.register_buffer("pcr_temperature", torch.tensor(1.0))
+        self._val_rows: list[dict] = []
+
+    # ------------------------------------------------------------------ training
+    def on_fit_start(self) -> None:
+        dm = self.trainer.datamodule
+        if self.hparams.pcr_pos_weight == "balanced" and dm is not None and hasattr(dm, "train_pcr_counts"):
+            n_pos, n_neg = dm.train_pcr_counts()
+            self.pcr_loss.set_class_counts(n_pos, n_neg)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return self.model(batch["image"], phase_mask=batch["phase_mask"], phase_time=batch["phase_time"])
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        out = self(batch)
+        label = batch["label"]
+        weights = None
+        if self.reweighter is not None:
+            weights = self.reweighter.weights([meta_groups(m) for m in batch["meta"]]).to(self.device)
+        # pCR is learned only from crops that contain tumour.
+        has_tumour = label.flatten(1).any(dim=1)
+        pcr_target = torch.where(has_tumour, batch["pcr"], torch.full_like(batch["pcr"], math.nan))
+        losses = {"seg": self.seg_loss(out["seg_logits"].float(), label, sample_weight=weights),
+                  "pcr": self.pcr_loss(out["pcr_logits"].float(), pcr_target, sample_weight=weights)}
+        total, logs = self.task_loss(losses)
+        bs = label.shape[0]
+        self.log("train/loss", total, prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log_dict({f"train/{k}": float(v) for k, v in logs.items()}, batch_size=bs, sync_dist=True)
+        return total
+
+    # ------------------------------------------------------------------ validation
+    def _settings(self) -> InferenceSettings:
+        return InferenceSettings(roi_size=self.img_size, overlap=self.hparams.val_overlap)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        for i in range(batch["image"].shape[0]):
+            prob, logit = predict_volume(self.model, batch["image"][i], batch["phase_time"][i], self._settings(),
+                                         phase_mask=batch["phase_mask"][i])
+            pred = prob >= 0.5
+            gt = batch["label"][i, 0].cpu().numpy().astype(bool)
+            hd = hd95(pred, gt)
+            self._val_rows.append({"patient_id": batch["patient_id"][i], "dsc": dice(pred, gt), "hd95": hd,
+                                   "norm_hd": norm_hd(hd), "logit": logit, "pcr": float(batch["pcr"][i]),
+                                   **meta_groups(batch["meta"][i])})
+
+    def on_validation_epoch_end(self) -> None:
+        rows = self._gather_rows()
+        self._val_rows = []
+        if not rows:
+            return
+        table = pd.DataFrame(rows).drop_duplicates("patient_id").set_index("patient_id")
+        groups = table[["age", "menopausal_status", "breast_density"]]
+        seg = score_segmentation(table[["dsc", "norm_hd"]], groups)
+        metrics = {"val/dsc": seg["dsc"], "val/norm_hd": seg["norm_hd"], "val/seg_ranking": seg["ranking"]}
+        rankings = [seg["ranking"]]
+        labeled = table[~table["pcr"].isna()]
+        if labeled["pcr"].nunique() == 2:
+            y, logits = labeled["pcr"].to_numpy(), labeled["logit"].to_numpy()
+            temperature = temperature_scale(logits, y) if self.hparams.calibrate else 1.0
+            prob = 1.0 / (1.0 + np.exp(-logits / temperature))
+            threshold = choose_threshold(y, prob, objective=self.hparams.threshold_objective,
+                                         groups=groups.loc[labeled.index])
+            self.pcr_threshold.fill_(float(threshold))
+            self.pcr_temperature.fill_(float(temperature))
+            cls = score_classification(pd.Series(y, index=labeled.index),
+                                       pd.Series((prob >= threshold).astype(int), index=labeled.index),
+                                       pd.Series(prob, index=labeled.index), groups.loc[labeled.index])
+            metrics.update({"val/pcr_ba": cls["balanced_accuracy"], "val/pcr_auc": roc_auc(y, prob),
+                            "val/pcr_ranking": cls["ranking"], "val/pcr_threshold": float(threshold)})
+            rankings.append(cls["ranking"])
+        metrics["val/ranking"] = float(np.mean(rankings))
+        self.log_dict({k: float(v) for k, v in metrics.items()}, prog_bar=False, sync_dist=False)
+        self.log("val/ranking", metrics["val/ranking"], prog_bar=True)
+        if self.reweighter is not None:
+            self.reweighter.update({var: {g: float(s) for g, s in table.groupby(var)["dsc"].mean().items()}
+                                    for var in ("age", "menopausal_status", "breast_density")})
+
+    def _gather_rows(self) -> list[dict]:
+        # Under DDP each rank validated a shard; every rank needs all rows to log the same numbers.
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            gathered: list[list[dict]] = [[] for _ in range(self.trainer.world_size)]
+            torch.distributed.all_gather_object(gathered, self._val_rows)
+            return [r for part in gathered for r in part]
+        return list(self._val_rows)
+
+    # ------------------------------------------------------------------ optimisation and export
+    def configure_optimizers(self):
+        opt = build_optimizer(self.model, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
+                              layer_decay=self.hparams.layer_decay)
+        extra = [p for p in self.task_loss.parameters() if p.requires_grad]
+        if extra:
+            opt.add_param_group({"params": extra, "lr": self.hparams.lr, "weight_decay": 0.0, "lr_scale": 1.0})
+        total = int(self.trainer.estimated_stepping_batches)
+        sched = build_scheduler(opt, warmup_steps=int(self.hparams.warmup_fraction * total), total_steps=total,
+                                min_lr_ratio=self.hparams.min_lr_ratio)
+        return {"optimizer": opt, "lr_scheduler": sched}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # What inference needs beyond the weights: the preprocessing and the validation-chosen pCR calibration.
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        checkpoint["mtl_breast"] = {
+            "preprocess": asdict(dm.preprocess_config) if dm is not None else None,
+            "inference": {"roi_size": list(self.img_size), "pcr_threshold": float(self.pcr_threshold),
+                          "pcr_temperature": float(self.pcr_temperature)},
+        }
