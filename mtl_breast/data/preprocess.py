@@ -1,0 +1,440 @@
+"""One preprocessing function for training and inference, its inverse, and the batch driver.
+
+`preprocess_case` turns a `Case` into arrays on one grid:
+
+1. read the phases as float32 (geometry by SimpleITK; see `_read_volume` for NIfTI voxels); the
+   reference grid is phase 1, the first post-contrast, where the expert mask is drawn (phase 0 when
+   there is only one); a phase covering less than half of its field of view is refused;
+2. crop the reference grid to the breast box plus a margin (box in reference array indices, x = array
+   axis 0, exclusive maxima; clipped to the image);
+3. reorient the cropped grid with the axis permutation/flips of `sitk.DICOMOrient` and give it the
+   target spacing; its physical extent is kept (first and last voxel edges stay put);
+4. resample every phase straight from its file onto that output grid (linear) -- one interpolation,
+   so phases on a slightly different grid are aligned to phase 1 on the way -- and the mask (nearest);
+5. optionally clip intensities to percentiles, then z-score ALL phases with ONE mean/std computed over
+   every voxel of every phase (air included: it is a stable reference, and a per-phase or
+   foreground-only statistic would change with enhancement), so relative enhancement survives.
+
+`info["geometry"]` records the reference grid, the crop and the output grid; `to_original_space`
+maps predictions back onto the reference grid so masks are written with the original affine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import time
+import zlib
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+from rich.progress import MofNCompleteColumn, Progress
+
+from mtl_breast.data.cache import CaseCache, write_atomic
+from mtl_breast.data.case import Case, CaseError
+from mtl_breast.data.folder import read_dataset
+
+FORMAT_VERSION = 1  # bump when the output of preprocess_case changes for the same config
+_INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}
+_AXIS_PAIRS = ("RL", "AP", "SI")
+_CLIP_SAMPLES = 2_000_000  # percentiles are estimated on at most this many evenly strided voxels
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Preprocessing parameters; `key()` names the cache folder they produce.
+
+    Attributes:
+        spacing: target spacing in mm along the output image axes (x, y, z in SimpleITK order).
+        orientation: `sitk.DICOMOrient` code: each letter names where an increasing image axis points
+            (DICOM/nibabel convention, so ITK's identity direction is "LPS"; "RAS" = nibabel's RAS+).
+        crop_to_breast: crop to `Case.breast_box` when the case has one.
+        margin_mm: margin added around the breast box on every side.
+        clip_percentiles: (low, high) percentiles clipped before normalisation, over all phases; None = off.
+    """
+
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    orientation: str = "RAS"
+    crop_to_breast: bool = True
+    margin_mm: float = 10.0
+    clip_percentiles: tuple[float, float] | None = None
+
+    def __post_init__(self):
+        spacing = tuple(float(s) for s in self.spacing)
+        if len(spacing) != 3 or min(spacing) <= 0:
+            raise ValueError(f"spacing must be 3 positive numbers, got {self.spacing}")
+        code = str(self.orientation).upper()
+        if sorted(next((i for i, pair in enumerate(_AXIS_PAIRS) if c in pair), -1) for c in code) != [0, 1, 2]:
+            raise ValueError(f"orientation must take one letter from each of R/L, A/P, S/I, got {self.orientation!r}")
+        if self.margin_mm < 0:
+            raise ValueError(f"margin_mm must be >= 0, got {self.margin_mm}")
+        clip = self.clip_percentiles
+        if clip is not None:
+            clip = tuple(float(c) for c in clip)
+            if len(clip) != 2 or not 0.0 <= clip[0] < clip[1] <= 100.0:
+                raise ValueError(f"clip_percentiles must be (low, high) with 0 <= low < high <= 100, got {clip}")
+        object.__setattr__(self, "spacing", spacing)
+        object.__setattr__(self, "orientation", code)
+        object.__setattr__(self, "margin_mm", float(self.margin_mm))
+        object.__setattr__(self, "crop_to_breast", bool(self.crop_to_breast))
+        object.__setattr__(self, "clip_percentiles", clip)
+
+    def key(self) -> str:
+        """Short stable hash of the fields and `FORMAT_VERSION` (12 hex digits)."""
+        text = json.dumps({**asdict(self), "format_version": FORMAT_VERSION}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@dataclass
+class PreprocessedCase:
+    """A case on its output grid.
+
+    Attributes:
+        image: float32 [T, D, H, W] normalised phases (D H W = SimpleITK array axes of the output grid).
+        label: uint8 [D, H, W] expert mask, or None.
+        phase_time: float32 [T] seconds after the pre-contrast acquisition, NaN when unknown.
+        info: JSON-serialisable: patient_id, pcr (None if unknown), meta, num_phases, has_label,
+            source, geometry, normalization.
+    """
+
+    image: np.ndarray
+    label: np.ndarray | None
+    phase_time: np.ndarray
+    info: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------- grids
+def _grid(image: sitk.Image) -> dict[str, list]:
+    return {"size": list(image.GetSize()), "spacing": list(image.GetSpacing()), "origin": list(image.GetOrigin()),
+            "direction": list(image.GetDirection())}
+
+
+def _resample(image: sitk.Image, grid: dict, interpolator: int, default: float = 0.0,
+              pixel: int = sitk.sitkUnknown) -> sitk.Image:
+    """Resample `image` onto `grid` (physical space, identity transform) without allocating a reference image."""
+    f = sitk.ResampleImageFilter()
+    f.SetSize([int(s) for s in grid["size"]])
+    f.SetOutputSpacing(grid["spacing"])
+    f.SetOutputOrigin(grid["origin"])
+    f.SetOutputDirection(grid["direction"])
+    f.SetInterpolator(interpolator)
+    f.SetDefaultPixelValue(float(default))
+    f.SetOutputPixelType(pixel)
+    return f.Execute(image)
+
+
+def _corners(grid: dict) -> np.ndarray:
+    """Physical positions [8, 3] of the outer voxel edges (continuous index -0.5 and size - 0.5)."""
+    d = np.reshape(grid["direction"], (3, 3))
+    edges = np.array([[-0.5, s - 0.5] for s in grid["size"]])
+    idx = np.array(np.meshgrid(*edges, indexing="ij")).reshape(3, -1)
+    return (np.asarray(grid["origin"])[:, None] + d @ (np.asarray(grid["spacing"])[:, None] * idx)).T
+
+
+def _overlap(moving: dict, reference: dict) -> float:
+    """Fraction of the reference's bounding box covered by the moving grid's bounding box."""
+    a, b = _corners(moving), _corners(reference)
+    inter = np.clip(np.minimum(a.max(0), b.max(0)) - np.maximum(a.min(0), b.min(0)), 0, None).prod()
+    return float(inter / max((b.max(0) - b.min(0)).prod(), 1e-12))
+
+
+def _crop(reference: dict, box: tuple[int, ...], margin_mm: float) -> tuple[list[int], list[int]]:
+    """(index, size) of the breast box + margin in reference image index order (x, y, z), clipped."""
+    index, size = [], []
+    for axis in range(3):  # image axis i is array axis 2 - i; the box is in array order
+        lo, hi = box[2 * (2 - axis)], box[2 * (2 - axis) + 1]
+        margin = int(round(margin_mm / reference["spacing"][axis]))
+        lo, hi = max(0, lo - margin), min(reference["size"][axis], hi + margin)
+        index.append(lo)
+        size.append(hi - lo)
+    return index, size
+
+
+def _oriented(grid: dict, code: str) -> dict:
+    """The grid as `sitk.DICOMOrient(image, code)` would return it: axes permuted and flipped, voxels unmoved."""
+    d = np.reshape(grid["direction"], (3, 3))
+    current = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(grid["direction"])
+    size, spacing, cols, far = [], [], [], np.zeros(3)
+    for letter in code:
+        pair = next(p for p in _AXIS_PAIRS if letter in p)
+        axis = next(i for i, c in enumerate(current) if c in pair)
+        flip = current[axis] != letter
+        size.append(grid["size"][axis])
+        spacing.append(grid["spacing"][axis])
+        cols.append(-d[:, axis] if flip else d[:, axis])
+        far[axis] = grid["size"][axis] - 1 if flip else 0
+    origin = np.asarray(grid["origin"]) + d @ (np.asarray(grid["spacing"]) * far)
+    direction = np.stack(cols, axis=1).ravel().tolist()  # columns are the new axes
+    return {"size": size, "spacing": spacing, "origin": origin.tolist(), "direction": direction}
+
+
+def _respaced(grid: dict, spacing: tuple[float, float, float]) -> dict:
+    """Same physical extent, new spacing: the outer voxel edges stay where they were."""
+    old = np.asarray(grid["spacing"])
+    new = np.asarray(spacing)
+    size = [max(1, int(round(n))) for n in np.asarray(grid["size"]) * old / new]
+    origin = np.asarray(grid["origin"]) + np.reshape(grid["direction"], (3, 3)) @ ((new - old) / 2)
+    return {"size": size, "spacing": new.tolist(), "origin": origin.tolist(), "direction": list(grid["direction"])}
+
+
+# ---------------------------------------------------------------------------------------------- one case
+def _read_volume(path: Path, patient_id: str, what: str = "image") -> sitk.Image:
+    """Read a 3-D volume as float32, refusing unreadable, truncated, non-3-D and NaN/Inf files.
+
+    NIfTI voxels are decoded with nibabel and the geometry taken from SimpleITK's reading of the header:
+    SimpleITK's NIfTI reader silently zero-fills a truncated .nii.gz and replaces NaN/Inf by 0, so neither
+    defect would be visible in its array. Other formats (.mha, .nrrd) go through SimpleITK, which reports both.
+    """
+    try:
+        if path.name.lower().endswith((".nii", ".nii.gz")):
+            header = sitk.ImageFileReader()
+            header.SetFileName(str(path))
+            header.SetImageIO("NiftiImageIO")
+            header.ReadImageInformation()
+            # Raw (scaled) voxels; raises on truncated data. Fortran order, so `.T` below is a free C-order view.
+            voxels = np.asarray(nib.load(path).dataobj).astype(np.float32, copy=False)
+            voxels = voxels[..., 0] if voxels.ndim == 4 and voxels.shape[3] == 1 else voxels
+            if voxels.ndim != 3:
+                raise CaseError(patient_id, path, f"expected a 3-D {what}, got shape {voxels.shape}")
+            n = header.GetDimension()
+            image = sitk.GetImageFromArray(np.ascontiguousarray(voxels.T))  # nibabel (i, j, k) -> SimpleITK (k, j, i)
+            image.SetSpacing(header.GetSpacing()[:3])
+            image.SetOrigin(header.GetOrigin()[:3])
+            image.SetDirection(np.reshape(header.GetDirection(), (n, n))[:3, :3].ravel().tolist())
+        else:
+            image = sitk.ReadImage(str(path), sitk.sitkFloat32)
+            image = image[:, :, :, 0] if image.GetDimension() == 4 and image.GetSize()[3] == 1 else image
+            if image.GetDimension() != 3:
+                raise CaseError(patient_id, path, f"expected a 3-D {what}, got size {image.GetSize()}")
+    except (RuntimeError, OSError, EOFError, ValueError, zlib.error) as err:
+        if isinstance(err, CaseError):
+            raise
+        raise CaseError(patient_id, path, f"cannot read {what} ({str(err).strip().splitlines()[-1]})") from err
+    array = sitk.GetArrayViewFromImage(image)
+    if not np.isfinite(array).all():
+        raise CaseError(patient_id, path, f"{int((~np.isfinite(array)).sum())} NaN/Inf voxels")
+    return image
+
+
+def _read_phase(path: Path, patient_id: str) -> sitk.Image:
+    image = _read_volume(path, patient_id)
+    array = sitk.GetArrayViewFromImage(image)
+    if array.min() == array.max():
+        raise CaseError(patient_id, path, f"image is empty (every voxel is {array.min()})")
+    return image
+
+
+def _read_mask(path: Path, reference: sitk.Image, patient_id: str) -> sitk.Image:
+    mask = _read_volume(path, patient_id, what="mask")
+    if mask.GetSize() != reference.GetSize():
+        raise CaseError(patient_id, path, f"mask size {mask.GetSize()} differs from the reference phase "
+                                          f"{reference.GetSize()}")
+    spacing = np.asarray(reference.GetSpacing())
+    # Same voxels under float noise of the header: spacing and direction to 1e-3, origin within half a voxel.
+    if (np.abs(np.subtract(mask.GetSpacing(), spacing)) > 1e-3 * spacing).any() \
+            or np.abs(np.subtract(mask.GetDirection(), reference.GetDirection())).max() > 1e-3 \
+            or np.abs(np.subtract(mask.GetOrigin(), reference.GetOrigin())).max() > 0.5 * spacing.min():
+        raise CaseError(patient_id, path, "mask geometry (spacing/origin/direction) differs from the reference phase")
+    labels = sitk.GetImageFromArray(np.rint(np.clip(sitk.GetArrayViewFromImage(mask), 0, 255)).astype(np.uint8))
+    labels.CopyInformation(reference)
+    return labels
+
+
+def preprocess_case(case: Case, config: PreprocessConfig) -> PreprocessedCase:
+    """Read, align, crop, reorient, resample and normalise one case (module docstring, steps 1-5).
+
+    Raises:
+        CaseError: naming the case and file, for unreadable/non-3-D/NaN/empty images, phases that do not
+            overlap the reference phase, a mask that does not match its image, or a box outside the image.
+    """
+    pid, paths = case.patient_id, [Path(p) for p in case.image_paths]
+    if not paths:
+        raise CaseError(pid, None, "no phase images")
+    ref_index = 1 if len(paths) > 1 else 0
+    reference, ref_path = _read_phase(paths[ref_index], pid), paths[ref_index]
+    ref_grid = _grid(reference)
+    crop_index, crop_size = [0, 0, 0], list(ref_grid["size"])
+    if config.crop_to_breast and case.breast_box is not None:
+        crop_index, crop_size = _crop(ref_grid, case.breast_box, config.margin_mm)
+        if min(crop_size) <= 0:
+            raise CaseError(pid, case.info_path, f"breast box {case.breast_box} lies outside the image "
+                                                 f"(array shape {ref_grid['size'][::-1]})")
+    cropped = {**ref_grid, "size": crop_size, "origin": list(reference.TransformIndexToPhysicalPoint(crop_index))}
+    out_grid = _respaced(_oriented(cropped, config.orientation), config.spacing)
+
+    # One phase in memory at a time: read, check it overlaps phase 1, resample straight onto the output grid.
+    image = np.empty((len(paths), *reversed(out_grid["size"])), dtype=np.float32)
+    for k, path in enumerate(paths):
+        phase = reference if k == ref_index else _read_phase(path, pid)
+        covered = _overlap(_grid(phase), ref_grid)
+        if covered < 0.5:
+            raise CaseError(pid, path, f"covers {covered:.0%} of the reference phase's field of view ({ref_path}); "
+                                       "cannot resample it onto phase 1")
+        resampled = _resample(phase, out_grid, sitk.sitkLinear, pixel=sitk.sitkFloat32)
+        image[k] = sitk.GetArrayViewFromImage(resampled)  # a view does not keep its image alive: hold `resampled`
+    label = None
+    if case.mask_path is not None:
+        mask = _read_mask(Path(case.mask_path), reference, pid)
+        label = sitk.GetArrayFromImage(_resample(mask, out_grid, sitk.sitkNearestNeighbor, pixel=sitk.sitkUInt8))
+
+    clip = None
+    if config.clip_percentiles is not None:
+        sample = image.ravel()[:: max(1, image.size // _CLIP_SAMPLES)]
+        clip = [float(v) for v in np.percentile(sample, config.clip_percentiles)]
+        np.clip(image, clip[0], clip[1], out=image)
+    mean, std = float(image.mean(dtype=np.float64)), float(image.std(dtype=np.float64))
+    if not std > 0:
+        raise CaseError(pid, ref_path, "image is constant inside the cropped region")
+    image -= mean
+    image /= std
+
+    times = case.acquisition_times
+    phase_time = np.array(times if times is not None else [math.nan] * len(case.image_paths), dtype=np.float32)
+    info = {
+        "patient_id": pid,
+        "pcr": None if math.isnan(case.pcr) else float(case.pcr),
+        "meta": dict(case.meta),
+        "num_phases": len(case.image_paths),
+        "has_label": label is not None,
+        "source": {"images": [str(p) for p in case.image_paths],
+                   "mask": None if case.mask_path is None else str(case.mask_path)},
+        "geometry": {"reference": ref_grid, "reference_phase": ref_index, "crop_index": crop_index,
+                     "crop_size": crop_size, "orientation": config.orientation, "output": out_grid},
+        "normalization": {"mean": mean, "std": std, "clip": clip, "background": float(image.min())},
+    }
+    return PreprocessedCase(image=image, label=label, phase_time=phase_time, info=info)
+
+
+# ---------------------------------------------------------------------------------------------- inverse
+def original_image_reference(geometry: dict) -> sitk.Image:
+    """An empty uint8 image on the original (reference phase) grid, to copy the affine from when writing."""
+    ref = geometry["reference"]
+    image = sitk.Image([int(s) for s in ref["size"]], sitk.sitkUInt8)
+    image.SetSpacing(ref["spacing"])
+    image.SetOrigin(ref["origin"])
+    image.SetDirection(ref["direction"])
+    return image
+
+
+def to_original_space(volume: np.ndarray, geometry: dict, interpolator: str = "linear",
+                      default: float = 0.0) -> np.ndarray:
+    """Map an array on the cache grid back onto the original reference grid.
+
+    Args:
+        volume: [D, H, W] or [K, D, H, W] on the output grid of `geometry` (e.g. a label map or K
+            class probabilities).
+        geometry: `info["geometry"]` of the case.
+        interpolator: "linear" (probabilities, images), "nearest" (label maps) or "bspline".
+        default: value outside the cropped region.
+
+    Returns:
+        Array [D0, H0, W0] or [K, D0, H0, W0] in SimpleITK array order of the original reference
+        phase, same dtype as `volume` (bool included).
+    """
+    if interpolator not in _INTERPOLATORS:
+        raise ValueError(f"interpolator must be one of {sorted(_INTERPOLATORS)}, got {interpolator!r}")
+    array = np.asarray(volume)
+    expected = tuple(reversed(geometry["output"]["size"]))
+    if array.ndim not in (3, 4) or array.shape[-3:] != expected:
+        raise ValueError(f"volume shape {array.shape} does not end with the cache grid shape {expected}")
+    dtype = array.dtype
+    # SimpleITK has no bool or float16 pixels.
+    work = array.astype(np.uint8) if dtype == np.bool_ else array.astype(np.float32) if dtype == np.float16 else array
+    out = []
+    for channel in work.reshape(-1, *expected):
+        image = sitk.GetImageFromArray(np.ascontiguousarray(channel))
+        image.SetSpacing(geometry["output"]["spacing"])
+        image.SetOrigin(geometry["output"]["origin"])
+        image.SetDirection(geometry["output"]["direction"])
+        out.append(sitk.GetArrayFromImage(_resample(image, geometry["reference"], _INTERPOLATORS[interpolator],
+                                                    default)))
+    result = np.stack(out).astype(dtype, copy=False)
+    return result[0] if array.ndim == 3 else result
+
+
+# ---------------------------------------------------------------------------------------------- batch
+def _process(case: Case, cache_root: str, config: PreprocessConfig) -> tuple[str, str | None]:
+    """Preprocess and store one case; returns (patient_id, None) or (patient_id, reason it was skipped)."""
+    try:
+        CaseCache(cache_root, config).write(preprocess_case(case, config))
+        return case.patient_id, None
+    except CaseError as err:
+        return case.patient_id, str(err)
+    except Exception as err:  # one broken case (or a bug it triggers) must not stop a batch of a thousand
+        return case.patient_id, f"{type(err).__name__}: {err}"
+
+
+def _init_worker(threads: int) -> None:
+    # N processes x all-core ITK thread pools would oversubscribe the CPU.
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+
+def preprocess_dataset(data: Path, cache: Path, config: PreprocessConfig, workers: int = 1,
+                       cases: list[Case] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Preprocess every case of a dataset into the cache; bad cases are skipped and reported.
+
+    Args:
+        data: dataset root (read with `read_dataset` unless `cases` is given).
+        cache: cache root; files go to `cache / config.key()`.
+        config: preprocessing parameters.
+        workers: processes (`ProcessPoolExecutor`, spawn start method) when > 1.
+        cases: cases to process instead of reading `data`.
+        progress: show a progress bar.
+
+    Returns:
+        {"done": [ids], "skipped": [{"patient_id", "reason"}], "cached": [ids already in the cache],
+        "report_path": str}; the same lists are written atomically to `<cache>/<key>/report.json`.
+    """
+    started = time.perf_counter()
+    skipped: list[dict[str, str]] = []
+    if cases is None:
+        cases = read_dataset(data, skipped=skipped)
+    store = CaseCache(cache, config)
+    store.dir.mkdir(parents=True, exist_ok=True)
+    todo, cached, seen = [], [], set()
+    for case in cases:
+        if case.patient_id.lower() in seen:
+            skipped.append({"patient_id": case.patient_id, "reason": "duplicate patient id"})
+        elif store.has(case.patient_id):
+            cached.append(case.patient_id)
+        else:
+            todo.append(case)
+        seen.add(case.patient_id.lower())
+
+    done = []
+    pool = None
+    if workers > 1 and len(todo) > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(threads,))
+    try:
+        if pool is None:
+            results = (_process(case, str(cache), config) for case in todo)
+        else:
+            results = (f.result() for f in as_completed([pool.submit(_process, c, str(cache), config) for c in todo]))
+        with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), disable=not progress) as bar:
+            task = bar.add_task(f"preprocess -> {store.dir}", total=len(todo))
+            for pid, reason in results:
+                if reason is None:
+                    done.append(pid)
+                else:
+                    skipped.append({"patient_id": pid, "reason": reason})
+                bar.advance(task)
+    finally:
+        if pool is not None:  # on Ctrl-C, drop queued cases instead of waiting for all of them
+            pool.shutdown(cancel_futures=True)
+
+    report = {"data": str(data), "cache": str(store.dir), "config": asdict(config), "key": config.key(),
+              "done": sorted(done), "skipped": skipped, "cached": cached,
+              "seconds": round(time.perf_counter() - started, 2)}
+    report_path = store.dir / "report.json"
+    write_atomic(report_path, json.dumps(report, indent=2))
+    return {"done": report["done"], "skipped": skipped, "cached": cached, "report_path": str(report_path)}

@@ -1,0 +1,316 @@
+"""Released weights: a directory with ``model.safetensors`` + ``config.json``.
+
+``config.json`` = ``{"arch", "model_args", "format_version", "weights_sha256", ...extra keys}``; the model is
+rebuilt with ``create_model(arch, **model_args)`` and loaded strictly. Weights are only ever read as
+safetensors: a pickle (e.g. a ``torch.save`` file renamed ``model.safetensors``) is refused, never unpickled.
+"""
+# References:
+#   timm _hub.py (save_for_hf: safetensors + config.json) and checkpoint_filter_fn; MAE util/pos_embed.py
+#   (interpolate_pos_embed); nanoGPT (model_args stored with the weights).
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+from torch import Tensor, nn
+
+from mtl_breast.models.encoder import ViTEncoder3d
+from mtl_breast.models.layers import resample_pos_embed_3d, to_3tuple
+from mtl_breast.models.registry import create_model
+
+__all__ = [
+    "CONFIG_NAME",
+    "FORMAT_VERSION",
+    "WEIGHTS_NAME",
+    "WeightsError",
+    "checkpoint_filter_fn",
+    "clean_state_dict",
+    "load_encoder_into",
+    "load_pretrained",
+    "read_safetensors",
+    "save_pretrained",
+]
+
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+_RESERVED = ("arch", "model_args", "format_version", "weights_sha256")
+# Keys of an MAE export that are not the encoder: dropped when only the encoder is wanted.
+_MAE_DECODER_PATTERNS = ("decoder_*", "mask_token")
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be loaded: not safetensors, corrupted, or not matching the model/config."""
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write through a temp file in the same folder + ``os.replace``: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _sha256(path: Path | str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def clean_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module | None = None) -> dict[str, Tensor]:
+    """Plain module keys: drop ``_orig_mod.`` (torch.compile) anywhere, and a ``module.`` (DDP) or ``model.``
+    (LightningModule) prefix carried by every key (kept when ``model`` itself has a ``model`` submodule)."""
+    sd = {k.replace("_orig_mod.", ""): v for k, v in state_dict.items()}
+    own_model_prefix = model is not None and any(k.startswith("model.") for k in model.state_dict())
+    for prefix in ("module.", "model."):
+        if sd and all(k.startswith(prefix) for k in sd) and not (prefix == "model." and own_model_prefix):
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
+    return sd
+
+
+def _model_grid(model: nn.Module) -> tuple[int, int, int] | None:
+    return next((m.grid_size for m in model.modules() if isinstance(m, ViTEncoder3d)), None)
+
+
+def _grid_from_args(model_args: Mapping[str, Any] | None) -> tuple[int, int, int] | None:
+    if not model_args or "img_size" not in model_args or "patch_size" not in model_args:
+        return None
+    img, patch = to_3tuple(model_args["img_size"]), to_3tuple(model_args["patch_size"])
+    return tuple(i // p for i, p in zip(img, patch, strict=True))  # type: ignore[return-value]
+
+
+def checkpoint_filter_fn(
+    state_dict: Mapping[str, Tensor], model: nn.Module, *, src_grid: Sequence[int] | None = None
+) -> dict[str, Tensor]:
+    """Adapt a state dict to ``model``: plain keys, and position embeddings resampled to the model's token grid.
+
+    Args:
+        state_dict: weights, possibly with ``model.``/``module.``/``_orig_mod.`` prefixes.
+        model: the target module (an encoder, or a model holding a :class:`ViTEncoder3d`).
+        src_grid: token grid the stored position embeddings were made for; inferred as a cube when None.
+
+    Returns:
+        A new dict; keys ending in ``pos_embed`` whose token count differs from the model's are resampled
+        trilinearly (the stored ``[1, N, E]`` table of a learnable position embedding).
+    """
+    sd = clean_state_dict(state_dict, model)
+    target = model.state_dict()
+    grid = _model_grid(model)
+    for key, value in sd.items():
+        ref = target.get(key)
+        if not key.endswith("pos_embed") or ref is None or value.shape == ref.shape or grid is None:
+            continue
+        if value.ndim != 3 or ref.ndim != 3 or value.shape[-1] != ref.shape[-1]:
+            continue  # a width mismatch is reported by the shape check, not papered over
+        old = tuple(src_grid) if src_grid is not None else None
+        if old is None:
+            side = round(value.shape[1] ** (1 / 3))
+            if side**3 != value.shape[1]:
+                raise WeightsError(f"{key}: cannot infer the token grid of {value.shape[1]} tokens; pass src_grid")
+            old = (side, side, side)
+        sd[key] = resample_pos_embed_3d(value, old, grid)
+    return sd
+
+
+def read_safetensors(path: str | Path, *, expected_sha256: str | None = None) -> dict[str, Tensor]:
+    """Read a safetensors file on CPU, refusing anything else.
+
+    Raises:
+        FileNotFoundError: no such file.
+        WeightsError: a pickle/``torch.save`` file, not safetensors, corrupted/truncated, or a checksum mismatch.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file at {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        raise WeightsError(
+            f"{path} is a pickle / torch.save file, not safetensors; it was not loaded because unpickling can run "
+            "arbitrary code. Convert it where it is trusted: "
+            "safetensors.torch.save_file(torch.load(f, weights_only=True), 'model.safetensors')"
+        )
+    header_len = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+    if len(head) < 9 or head[8:9] != b"{" or header_len + 8 > size:
+        raise WeightsError(f"{path} is not a safetensors file, or is truncated ({size} bytes)")
+    if expected_sha256 is not None and _sha256(path) != expected_sha256:
+        raise WeightsError(f"{path} is corrupted or does not belong to its config.json: sha256 mismatch")
+    try:
+        return safetensors.torch.load_file(str(path), device="cpu")
+    except Exception as err:  # safetensors raises its own error types for bad headers and short files
+        raise WeightsError(f"{path} is a corrupted or truncated safetensors file: {err}") from err
+
+
+def _weights_and_config(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """``(weights file, config dict or {})`` for a weights directory or a ``.safetensors`` file."""
+    path = Path(path)
+    weights = path / WEIGHTS_NAME if path.is_dir() else path
+    config_path = weights.parent / CONFIG_NAME
+    if not config_path.is_file():
+        return weights, {}
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise WeightsError(f"{config_path} is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise WeightsError(f"{config_path} must hold a JSON object")
+    version = config.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise WeightsError(f"{config_path}: format_version {version!r} is newer than this package ({FORMAT_VERSION})")
+    return weights, config
+
+
+def _check_shapes(model: nn.Module, sd: Mapping[str, Tensor], source: Path | str) -> None:
+    target = model.state_dict()
+    bad = [
+        f"{k}: weights {tuple(v.shape)} vs model {tuple(target[k].shape)}"
+        for k, v in sd.items()
+        if k in target and v.shape != target[k].shape
+    ]
+    if bad:
+        raise WeightsError(f"{source}: tensors do not match the model built from the config:\n  " + "\n  ".join(bad))
+
+
+def save_pretrained(model: nn.Module, out_dir: str | Path, extra_config: dict[str, Any] | None = None) -> Path:
+    """Export ``model.safetensors`` + ``config.json`` to ``out_dir`` (created), each written atomically.
+
+    Args:
+        model: a module built by ``create_model`` (it carries ``arch`` and ``model_args``); a torch.compile
+            wrapper is unwrapped.
+        out_dir: target directory.
+        extra_config: more JSON keys (preprocessing, pCR threshold, ...); may not use the reserved keys.
+
+    Returns:
+        ``out_dir`` as a Path.
+    """
+    model = getattr(model, "_orig_mod", model)
+    arch, model_args = getattr(model, "arch", None), getattr(model, "model_args", None)
+    if not arch or not isinstance(model_args, dict):
+        raise ValueError("save_pretrained needs a model built by create_model (with .arch and .model_args)")
+    extra = dict(extra_config or {})
+    clash = sorted(set(extra) & set(_RESERVED))
+    if clash:
+        raise ValueError(f"extra_config may not set reserved key(s) {clash}")
+    config = {"arch": arch, "model_args": model_args, "format_version": FORMAT_VERSION, **extra}
+    json.dumps(config)  # fail before writing anything if a value is not JSON-serialisable
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in clean_state_dict(model.state_dict(), model).items()}
+
+    def write_weights(tmp: str) -> None:
+        safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt", "arch": arch})
+        config["weights_sha256"] = _sha256(tmp)
+
+    _atomic_write(out / WEIGHTS_NAME, write_weights)
+    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    return out
+
+
+def load_pretrained(path: str | Path, arch: str | None = None, strict: bool = True, **overrides: Any) -> nn.Module:
+    """Rebuild a model from ``config.json`` and load its weights.
+
+    Args:
+        path: weights directory, or a ``.safetensors`` file (its folder's ``config.json`` is used when present).
+        arch: registry name; defaults to the config's (required when there is no config).
+        strict: require the exact key set (shape mismatches always raise).
+        **overrides: ``model_args`` replacements (e.g. ``img_size``: learnable position embeddings are resampled,
+            ``grad_checkpointing``, ``drop_path_rate``).
+
+    Returns:
+        The model in eval mode, with the config dict at ``model.pretrained_config``.
+    """
+    weights, config = _weights_and_config(path)
+    arch = arch or config.get("arch")
+    if not arch:
+        raise ValueError(f"no {CONFIG_NAME} next to {weights}: pass arch=")
+    model = create_model(arch, **{**config.get("model_args", {}), **overrides})
+    sd = read_safetensors(weights, expected_sha256=config.get("weights_sha256"))
+    sd = checkpoint_filter_fn(sd, model, src_grid=_grid_from_args(config.get("model_args")))
+    _check_shapes(model, sd, weights)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if strict and (missing or unexpected):
+        raise WeightsError(f"{weights} does not fit {arch!r}: missing keys {missing}, unexpected keys {unexpected}")
+    model.pretrained_config = config
+    return model.eval()
+
+
+def _matches(key: str, patterns: Sequence[str]) -> bool:
+    # A pattern with a wildcard is an fnmatch pattern; otherwise a key prefix.
+    return any(fnmatchcase(key, p) if any(c in p for c in "*?[") else key.startswith(p) for p in patterns)
+
+
+def load_encoder_into(
+    model: nn.Module,
+    source: str | Path | Mapping[str, Tensor],
+    *,
+    expected_missing_prefixes: Sequence[str] | None = None,
+    expected_unexpected_prefixes: Sequence[str] = (),
+    encoder_attr: str = "encoder",
+    src_grid: Sequence[int] | None = None,
+) -> list[str]:
+    """Load encoder weights (an encoder export, or an MAE export's ``encoder.*``) into a larger model.
+
+    The key sets are asserted exactly: the keys left missing must be precisely the model keys matching
+    ``expected_missing_prefixes``, and the unused source keys precisely those matching
+    ``expected_unexpected_prefixes`` (an MAE export's decoder is always dropped).
+
+    Args:
+        model: the target; its encoder sits at attribute ``encoder_attr`` ("" = the model is the encoder).
+        source: weights directory / ``.safetensors`` file, or a state dict.
+        expected_missing_prefixes: key prefixes (or fnmatch patterns, e.g. ``"encoder.blocks.*.time_attn.*"``) of
+            model keys the source does not provide; None = every key outside the encoder.
+        expected_unexpected_prefixes: prefixes/patterns (in the model's key space, e.g. ``"encoder.pos_embed"``) of
+            source keys to ignore.
+        encoder_attr: attribute path of the encoder inside ``model``.
+        src_grid: token grid of the source's position embedding (read from its config when available).
+
+    Returns:
+        The sorted keys of ``model`` that were left at their current values.
+    """
+    if isinstance(source, Mapping):
+        sd, name = clean_state_dict(source), "state dict"
+    else:
+        weights, config = _weights_and_config(source)
+        sd, name = clean_state_dict(read_safetensors(weights, expected_sha256=config.get("weights_sha256"))), weights
+        src_grid = src_grid or _grid_from_args(config.get("model_args"))
+    if any(k.startswith("encoder.") for k in sd):
+        # A model holding the encoder (MAE export): keep the encoder; the MAE decoder is expected to be dropped.
+        sd = {k: v for k, v in sd.items() if not _matches(k, _MAE_DECODER_PATTERNS)}
+        sd = {k.removeprefix("encoder."): v for k, v in sd.items()}
+    prefix = f"{encoder_attr}." if encoder_attr else ""
+    sd = checkpoint_filter_fn({prefix + k: v for k, v in sd.items()}, model, src_grid=src_grid)
+    model_keys = set(model.state_dict())
+    if expected_missing_prefixes is None:
+        expected_missing = {k for k in model_keys if not k.startswith(prefix)}
+    else:
+        expected_missing = {k for k in model_keys if _matches(k, expected_missing_prefixes)}
+    missing = model_keys - set(sd)
+    unexpected = {k for k in set(sd) - model_keys}
+    ignored = {k for k in unexpected if _matches(k, expected_unexpected_prefixes)}
+    problems = {
+        "missing from the source": sorted(missing - expected_missing),
+        "expected missing but provided": sorted(expected_missing - missing),
+        "unexpected in the source": sorted(unexpected - ignored),
+    }
+    if any(problems.values()):
+        detail = "\n".join(f"  {what}: {keys}" for what, keys in problems.items() if keys)
+        raise WeightsError(f"encoder weights from {name} do not fit {type(model).__name__}:\n{detail}")
+    sd = {k: v for k, v in sd.items() if k not in ignored}
+    _check_shapes(model, sd, name)
+    model.load_state_dict(sd, strict=False)
+    return sorted(missing)

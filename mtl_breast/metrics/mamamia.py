@@ -1,0 +1,349 @@
+"""MAMA-MIA challenge scores (DESIGN.md section 7): segmentation and pCR, performance and fairness.
+
+`score_segmentation` and `score_classification` work on tables and return the challenge numbers;
+`evaluate` reads a prediction folder and a MAMA-MIA root, scores what was predicted, and writes
+`scores.json` and `report.md`.
+
+Choices where the official scripts are silent or broken (all deliberate, documented here):
+
+- Group means are computed over patients indexed by patient_id. (The official task-1 script writes the
+  per-case metrics into new rows keyed by patient_id next to a 0..N-1 index, so every group mean is NaN.)
+- Only groups that hold at least one case enter a max-min disparity (the official `groupby` on a
+  categorical age column also lists empty age bins). A variable with no labelled case at all is left out
+  of the fairness mean (the official scripts crash on it); fairness is NaN (null) when none is left.
+- Without `cases`, every dataset case that has a prediction is scored. A case named in `cases` whose
+  predicted mask is missing is scored as an empty prediction (DSC 0, NormHD 1) and listed in `notes` (the
+  official script stops with a file error); a task with no predictions at all is skipped, not scored as
+  empty. A missing pCR prediction counts as 0, as the official `fillna(0)` does; unknown pCR truth
+  counts as 0.
+- Non-finite numbers are written to JSON as null: `hd95` is null exactly when it is infinite (one mask
+  empty; `norm_hd` is then 1), `auc` is null when it is undefined (one class only).
+"""
+# References:
+#   LidiaGarrucho/MAMA-MIA, src/challenge/scoring_task1.py (segmentation performance, fairness, ranking)
+#   LidiaGarrucho/MAMA-MIA, src/challenge/scoring_task2.py (pCR balanced accuracy, equalized odds, ranking)
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from mtl_breast.data.case import Case, CaseError
+from mtl_breast.metrics.classification import balanced_accuracy, equalized_odds, reliability_curve, roc_auc
+from mtl_breast.metrics.segmentation import segmentation_case_metrics
+from mtl_breast.metrics.subgroups import FAIRNESS_VARIABLES, subgroup_table
+
+log = logging.getLogger(__name__)
+ALPHA = 0.5  # weight of fairness against performance in the ranking score
+
+
+def _aligned_groups(groups: pd.DataFrame, index: pd.Index) -> pd.DataFrame:
+    """Subgroup labels in the order of `index`; patients absent from `groups` have no label at all."""
+    missing = [v for v in FAIRNESS_VARIABLES if v not in groups.columns]
+    if missing:
+        raise ValueError(f"groups lacks columns {missing}; build it with subgroup_table()")
+    return groups.reindex(index)[list(FAIRNESS_VARIABLES)]
+
+
+def score_segmentation(per_case: pd.DataFrame, groups: pd.DataFrame) -> dict[str, Any]:
+    """Task-1 scores from per-case metrics.
+
+    Args:
+        per_case: indexed by patient_id, columns dsc and norm_hd (hd95 optional, copied to the output).
+        groups: `subgroup_table(...)` output, indexed by patient_id.
+
+    Returns:
+        {"dsc", "norm_hd", "performance", "fairness", "ranking", "per_case": {pid: {"dsc", "hd95",
+        "norm_hd"}}, "by_variable": {variable: {group: {"dsc", "norm_hd"}}}}, where
+        performance = 0.5 * (mean DSC + 1 - mean NormHD), fairness = mean over variables of
+        1 - 0.5 * (range of group-mean DSC + range of group-mean NormHD), ranking = 0.5 * (performance + fairness).
+    """
+    if per_case.empty:
+        raise ValueError("score_segmentation needs at least one case")
+    if per_case.index.has_duplicates:
+        raise ValueError(f"duplicate patient_id in per_case: {per_case.index[per_case.index.duplicated()].tolist()}")
+    dsc = per_case["dsc"].astype(float)
+    nhd = per_case["norm_hd"].astype(float)
+    performance = 0.5 * (dsc.mean() + (1.0 - nhd.mean()))
+    labels = _aligned_groups(groups, per_case.index)
+    by_variable: dict[str, dict[str, dict[str, float]]] = {}
+    fairness_v = []
+    for variable in FAIRNESS_VARIABLES:
+        table = pd.DataFrame({"dsc": dsc, "norm_hd": nhd, "group": labels[variable]}).dropna(subset=["group"])
+        means = table.groupby(table["group"].astype(str), sort=True)[["dsc", "norm_hd"]].mean()
+        by_variable[variable] = {g: {"dsc": float(r.dsc), "norm_hd": float(r.norm_hd)} for g, r in means.iterrows()}
+        if len(means):
+            spread = (means["dsc"].max() - means["dsc"].min()) + (means["norm_hd"].max() - means["norm_hd"].min())
+            fairness_v.append(1.0 - 0.5 * spread)
+    fairness = float(np.mean(fairness_v)) if fairness_v else math.nan
+    hd = per_case["hd95"].astype(float) if "hd95" in per_case else pd.Series(math.nan, index=per_case.index)
+    return {
+        "dsc": float(dsc.mean()),
+        "norm_hd": float(nhd.mean()),
+        "performance": float(performance),
+        "fairness": fairness,
+        "ranking": float((1 - ALPHA) * performance + ALPHA * fairness),
+        "per_case": {
+            str(pid): {"dsc": float(dsc[pid]), "hd95": float(hd[pid]), "norm_hd": float(nhd[pid])}
+            for pid in per_case.index
+        },
+        "by_variable": by_variable,
+    }
+
+
+def score_classification(
+    y_true: pd.Series, y_pred: pd.Series, score: pd.Series | None, groups: pd.DataFrame
+) -> dict[str, Any]:
+    """Task-2 scores of hard pCR predictions.
+
+    Args:
+        y_true: pCR truth indexed by patient_id (the cases scored); NaN (unknown) counts as 0.
+        y_pred: 0/1 predictions indexed by patient_id; a case without one counts as 0.
+        score: probabilities/logits for the AUC (not part of the ranking), or None.
+        groups: `subgroup_table(...)` output, indexed by patient_id.
+
+    Returns:
+        {"balanced_accuracy", "fairness", "ranking", "auc", "by_variable": {variable: {group: {"tpr", "fpr"}}}},
+        with fairness = 1 - clip(mean over variables of (TPR range + FPR range), 0, 1) and
+        ranking = 0.5 * (balanced accuracy + fairness).
+    """
+    if y_true.empty:
+        raise ValueError("score_classification needs at least one case")
+    index = y_true.index
+    yt = y_true.astype(float).fillna(0.0).to_numpy()
+    yp = y_pred.reindex(index).astype(float).fillna(0.0).to_numpy()
+    ba = balanced_accuracy(yt, yp)
+    labels = _aligned_groups(groups, index)
+    eo = equalized_odds(yt, yp, {v: labels[v].tolist() for v in FAIRNESS_VARIABLES})
+    auc = math.nan if score is None else roc_auc(yt, score.reindex(index).astype(float).to_numpy())
+    return {
+        "balanced_accuracy": ba,
+        "fairness": eo["fairness"],
+        "ranking": float((1 - ALPHA) * ba + ALPHA * eo["fairness"]),
+        "auc": auc,
+        "by_variable": eo["by_variable"],
+    }
+
+
+def json_safe(value: Any) -> Any:
+    """Nested dicts/lists with inf and NaN replaced by None (strict JSON has neither)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_mask(path: Path, patient_id: str) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Mask `[D, H, W]` as SimpleITK orders it, and its spacing in the same axis order."""
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        raise CaseError(patient_id, path, f"cannot read mask: {err}") from err
+    return sitk.GetArrayFromImage(image) > 0, tuple(image.GetSpacing())[::-1]
+
+
+def _nifti_files(folder: Path) -> dict[str, Path]:
+    """`<pid>.nii.gz` / `<pid>.nii` files keyed by lower-case patient id."""
+    files = {}
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        name = path.name.lower()
+        for suffix in (".nii.gz", ".nii"):
+            if name.endswith(suffix) and path.is_file():
+                files.setdefault(name[: -len(suffix)], path)
+                break
+    return files
+
+
+def _read_predictions(path: Path) -> pd.DataFrame:
+    """predictions.csv indexed by lower-case patient id, columns pcr (0/1) and score (NaN when absent)."""
+    table = pd.read_csv(path)
+    table.columns = [str(c).strip().lower() for c in table.columns]
+    if "patient_id" not in table or "pcr" not in table:
+        raise ValueError(f"{path}: needs columns patient_id, pcr[, score]; found {list(table.columns)}")
+    table["key"] = table["patient_id"].astype(str).str.strip().str.lower()
+    if table["key"].duplicated().any():
+        raise ValueError(f"{path}: patients listed twice: {table['patient_id'][table['key'].duplicated()].tolist()}")
+    pcr = pd.to_numeric(table["pcr"], errors="coerce")
+    bad = table["patient_id"][pcr.notna() & ~pcr.isin([0, 1])].tolist()
+    if bad:
+        raise ValueError(f"{path}: pcr must be 0 or 1 (hard predictions); bad rows for {bad[:5]}")
+    score = pd.to_numeric(table["score"], errors="coerce") if "score" in table else math.nan
+    return pd.DataFrame({"pcr": pcr, "score": score}).set_axis(table["key"])
+
+
+def _select(ids: Iterable[str] | None, by_key: dict[str, Case]) -> list[Case] | None:
+    if ids is None:
+        return None
+    unknown = [pid for pid in ids if pid.lower() not in by_key]
+    if unknown:
+        raise ValueError(f"cases not in the dataset: {unknown[:10]}")
+    return [by_key[pid.lower()] for pid in ids]
+
+
+def _score_masks(cases: list[Case], preds: dict[str, Path], spacing_aware: bool, notes: list[str]) -> pd.DataFrame:
+    """Per-case dsc, hd95, norm_hd (and expert_voxels, for picking overlays), indexed by patient_id."""
+    rows = {}
+    for case in cases:
+        expert, spacing = _read_mask(case.mask_path, case.patient_id)
+        pred_path = preds.get(case.patient_id.lower())
+        if pred_path is None:
+            notes.append(f"segmentation: no predicted mask for {case.patient_id}; scored as an empty prediction")
+            pred = np.zeros_like(expert)
+        else:
+            pred, _ = _read_mask(pred_path, case.patient_id)
+            if pred.shape != expert.shape:
+                raise CaseError(case.patient_id, pred_path, f"predicted mask shape {pred.shape} differs from the "
+                                f"expert mask {case.mask_path} shape {expert.shape}")
+        metrics = segmentation_case_metrics(pred, expert, spacing=spacing if spacing_aware else None)
+        rows[case.patient_id] = {**metrics, "expert_voxels": int(expert.sum())}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def _overlays(cases: list[Case], preds: dict[str, Path], per_case: pd.DataFrame) -> list:
+    """Overlays (first post-contrast phase when present) of the worst and best case by DSC with a tumour."""
+    from mtl_breast.report import make_overlay
+
+    with_tumour = per_case[per_case["expert_voxels"] > 0].sort_values("dsc", kind="stable")
+    if with_tumour.empty:
+        return []
+    picks = {"worst": with_tumour.index[0], "best": with_tumour.index[-1]}
+    by_id = {c.patient_id: c for c in cases}
+    out = []
+    for label, pid in picks.items() if len(with_tumour) > 1 else [("best", with_tumour.index[-1])]:
+        case = by_id[pid]
+        expert, _ = _read_mask(case.mask_path, pid)
+        pred_path = preds.get(pid.lower())
+        pred = _read_mask(pred_path, pid)[0] if pred_path is not None else np.zeros_like(expert)
+        image = None
+        phase = case.image_paths[1] if len(case.image_paths) > 1 else next(iter(case.image_paths), None)
+        if phase is not None and Path(phase).is_file():
+            try:
+                image = sitk.GetArrayFromImage(sitk.ReadImage(str(phase))).astype(np.float32)
+            except RuntimeError as err:  # the overlay is a courtesy: draw the masks alone rather than fail
+                log.warning("case %s (%s): cannot read image for the overlay: %s", pid, phase, err)
+            image = image if image is not None and image.shape == expert.shape else None  # mask grid = this grid
+        title = f"{label}: {pid} (DSC {per_case.loc[pid, 'dsc']:.3f})"
+        out.append(make_overlay(pid, expert, pred, image, title=title))
+    return out
+
+
+def _classification_inputs(
+    pool: list[Case], table: pd.DataFrame, notes: list[str]
+) -> tuple[pd.Series, pd.Series, pd.Series | None]:
+    """(truth, hard prediction, score) indexed by the dataset's patient ids, with notes on fallbacks."""
+    ids = pd.Index([c.patient_id for c in pool], name="patient_id")
+    rows = table.reindex([c.patient_id.lower() for c in pool]).set_axis(ids)
+    notes += [f"classification: no pCR prediction for {pid}; counted as 0" for pid in ids[rows["pcr"].isna()]]
+    y_true = pd.Series([c.pcr for c in pool], index=ids, dtype=float)
+    unknown = ids[y_true.isna()].tolist()
+    if unknown:
+        notes.append(f"classification: pCR truth unknown for {len(unknown)} case(s), counted as 0: {unknown[:10]}")
+    score = rows["score"] if rows["score"].notna().any() else None
+    return y_true, rows["pcr"], score
+
+
+def evaluate(
+    pred_dir: str | Path,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    spacing_aware: bool = False,
+    cases: Iterable[str] | None = None,
+) -> dict[str, Any]:
+    """Score a prediction folder against a MAMA-MIA root; write `scores.json` and `report.md`.
+
+    Args:
+        pred_dir: holds `pred_segmentations/<pid>.nii.gz` and/or `predictions.csv` (patient_id, pcr, score).
+        data_dir: MAMA-MIA root with expert masks and clinical metadata.
+        out_dir: where scores.json, report.md and the plots go (created).
+        spacing_aware: measure HD95 in mm (expert mask spacing) instead of voxel indices (official).
+        cases: patient ids to score; a selected case without a prediction is scored as empty (segmentation)
+            or 0 (pCR). None scores every dataset case that has a prediction.
+
+    Returns:
+        The dict written to scores.json: "segmentation" and/or "classification" (absent when their
+        predictions are absent), and "notes" (skipped inputs, fallbacks).
+    """
+    from mtl_breast.data.mamamia import read_mamamia
+    from mtl_breast.report import write_report
+
+    pred_dir, data_dir, out_dir = Path(pred_dir), Path(data_dir), Path(out_dir)
+    notes: list[str] = []
+    skipped: list[dict[str, str]] = []
+    dataset = read_mamamia(data_dir, require_images=False, skipped=skipped)
+    notes += [f"dataset: skipped {s['patient_id']}: {s['reason']}" for s in skipped]
+    by_key = {c.patient_id.lower(): c for c in dataset}
+    selected = _select(cases, by_key)
+    groups = subgroup_table(
+        [{"patient_id": c.patient_id, **{k: c.meta.get(k) for k in ("age", "menopause", "density")}} for c in dataset]
+    )
+    scores: dict[str, Any] = {}
+    overlays, reliability = [], None
+
+    seg_preds = _nifti_files(pred_dir / "pred_segmentations")
+    if not seg_preds:
+        notes.append(f"segmentation: no predicted masks in {pred_dir / 'pred_segmentations'}; not scored")
+    else:
+        notes += [f"segmentation: {p.name} matches no dataset case; ignored" for k, p in seg_preds.items()
+                  if k not in by_key]
+        pool = selected if selected is not None else [by_key[k] for k in seg_preds if k in by_key]
+        seg_cases = [c for c in pool if c.mask_path is not None]
+        notes += [f"segmentation: {c.patient_id} has no expert mask; not scored" for c in pool if c.mask_path is None]
+        if seg_cases:
+            per_case = _score_masks(seg_cases, seg_preds, spacing_aware, notes)
+            scores["segmentation"] = score_segmentation(per_case, groups)
+            overlays = _overlays(seg_cases, seg_preds, per_case)
+        else:
+            notes.append("segmentation: no case with both an expert mask and a prediction; not scored")
+
+    csv_path = pred_dir / "predictions.csv"
+    if not csv_path.is_file():
+        notes.append(f"classification: {csv_path} not found; not scored")
+    else:
+        table = _read_predictions(csv_path)
+        notes += [f"classification: {k} matches no dataset case; ignored" for k in table.index if k not in by_key]
+        pool = selected if selected is not None else [by_key[k] for k in table.index if k in by_key]
+        if pool:
+            y_true, y_pred, score = _classification_inputs(pool, table, notes)
+            scores["classification"] = score_classification(y_true, y_pred, score, groups)
+            if score is not None and score.dropna().between(0, 1).all():
+                reliability = reliability_curve(y_true.to_numpy(), score.to_numpy())
+            elif score is not None:
+                notes.append("classification: scores are not probabilities in [0, 1]; no reliability diagram")
+        else:
+            notes.append("classification: no dataset case among the predictions; not scored")
+
+    for note in notes:
+        log.warning(note)
+    scores["notes"] = notes
+    scores = json_safe(scores)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_text_atomic(out_dir / "scores.json", json.dumps(scores, indent=2) + "\n")
+    write_report(scores, out_dir, overlays=overlays, reliability=reliability)
+    return scores

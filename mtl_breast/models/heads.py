@@ -1,0 +1,126 @@
+# References:
+# Gated attention pooling: Ilse et al., "Attention-based Deep Multiple Instance Learning", ICML 2018.
+"""pCR head: attention pooling over phases and tokens, optionally steered by the predicted tumour, to one logit."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+__all__ = ["PCRHead"]
+
+
+class PCRHead(nn.Module):
+    """Attention-pool encoder tokens into one raw pCR logit per case.
+
+    Each token of each real phase gets a gated-attention score (Ilse et al. 2018); with ``prob_weighted`` the
+    score is biased by ``prior_scale * log(p + prob_eps)`` where p is the predicted tumour probability averaged
+    over the token's patch, so attention concentrates on the lesion (when the predicted mask is empty every
+    token gets the same bias and pooling falls back to plain attention). ``prior_scale`` is learned, starting at 1.
+    The softmax runs jointly over (T, N) with padded phases masked out; the pooled vector goes through
+    norm -> dropout -> linear.
+
+    Args:
+        embed_dim: token width E.
+        hidden_dim: width of the attention scorer; default ``embed_dim // 2``.
+        dropout: dropout on the pooled vector before the linear layer.
+        prob_weighted: bias attention by ``seg_prob`` when it is given (ignored when it is not).
+        detach_prob: stop the pCR loss from back-propagating into the segmentation through ``seg_prob``.
+        prob_eps: floor added to the probability before the log, bounding the bias at ``log(prob_eps)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        embed_dim: int,
+        hidden_dim: int | None = None,
+        dropout: float = 0.0,
+        prob_weighted: bool = True,
+        detach_prob: bool = True,
+        prob_eps: float = 1e-3,
+    ) -> None:
+        super().__init__()
+        hidden_dim = hidden_dim or max(embed_dim // 2, 1)
+        if embed_dim < 1 or hidden_dim < 1 or not 0.0 <= dropout < 1.0 or prob_eps <= 0.0:
+            raise ValueError(
+                f"PCRHead needs embed_dim, hidden_dim >= 1, 0 <= dropout < 1 and prob_eps > 0; got "
+                f"embed_dim={embed_dim}, hidden_dim={hidden_dim}, dropout={dropout}, prob_eps={prob_eps}"
+            )
+        self.embed_dim = embed_dim
+        self.prob_weighted = prob_weighted
+        self.detach_prob = detach_prob
+        self.prob_eps = prob_eps
+        self.attn_norm = nn.LayerNorm(embed_dim)
+        self.attn_v = nn.Linear(embed_dim, hidden_dim)  # tanh branch
+        self.attn_u = nn.Linear(embed_dim, hidden_dim)  # sigmoid gate
+        self.attn_w = nn.Linear(hidden_dim, 1, bias=False)  # a bias would cancel in the softmax
+        self.prior_scale = nn.Parameter(torch.ones(())) if prob_weighted else None
+        self.norm = nn.LayerNorm(embed_dim)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(embed_dim, 1)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        phase_mask: torch.Tensor | None = None,
+        seg_prob: torch.Tensor | None = None,
+        grid: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """Pool tokens into a pCR logit.
+
+        Args:
+            tokens: ``[B, T, N, E]`` (N = d*h*w on the patch grid, row-major).
+            phase_mask: bool ``[B, T]``, False = padded phase; None = all real.
+            seg_prob: predicted tumour probability ``[B, 1, D, H, W]`` (e.g. softmax channel 1 of the decoder).
+            grid: token grid ``(d, h, w)``; needed with ``seg_prob`` unless the patch is isotropic.
+
+        Returns:
+            Raw logits ``[B]`` (no sigmoid).
+        """
+        if tokens.ndim != 4 or tokens.shape[-1] != self.embed_dim:
+            raise ValueError(f"tokens must be [B, T, N, E={self.embed_dim}], got shape {tuple(tokens.shape)}")
+        b, t, n, _ = tokens.shape
+        h = self.attn_norm(tokens)
+        logits = self.attn_w(torch.tanh(self.attn_v(h)) * torch.sigmoid(self.attn_u(h))).squeeze(-1).float()
+        if self.prior_scale is not None and seg_prob is not None:
+            log_prior = torch.log(self._token_prior(seg_prob, grid, b, n) + self.prob_eps)  # [B, N]
+            # Shift so each sample's largest bias is 0 (softmax is shift-invariant): keeps fp32 logits near
+            # their unbiased scale, and an empty mask adds exactly nothing.
+            log_prior = log_prior - log_prior.amax(dim=1, keepdim=True)
+            logits = logits + self.prior_scale * log_prior[:, None, :]
+        if phase_mask is not None:
+            if phase_mask.dtype != torch.bool or tuple(phase_mask.shape) != (b, t):
+                raise ValueError(f"phase_mask must be bool [B, T] = {(b, t)}, got {tuple(phase_mask.shape)}")
+            keep = phase_mask[:, :, None]
+            # finfo.min, not -inf: a sample with no real phase pools to zeros instead of NaN.
+            logits = logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
+            tokens = tokens.masked_fill(~keep[..., None], 0.0)
+        # One softmax over all (phase, token) pairs, in fp32 because N*T can be large.
+        weights = rearrange(logits, "b t n -> b (t n)").softmax(dim=-1).to(tokens.dtype)
+        pooled = torch.einsum("bk,bke->be", weights, rearrange(tokens, "b t n e -> b (t n) e"))
+        return self.fc(self.drop(self.norm(pooled))).squeeze(-1)
+
+    def _token_prior(self, seg_prob: torch.Tensor, grid: Sequence[int] | None, b: int, n: int) -> torch.Tensor:
+        """Average ``seg_prob [B, 1, D, H, W]`` over each patch -> ``[B, N]``."""
+        if seg_prob.ndim != 5 or seg_prob.shape[:2] != (b, 1):
+            raise ValueError(f"seg_prob must be [B={b}, 1, D, H, W], got shape {tuple(seg_prob.shape)}")
+        spatial = tuple(seg_prob.shape[2:])
+        if grid is None:
+            # Isotropic patch assumed: p**3 = voxels per token.
+            p = round((math.prod(spatial) / n) ** (1 / 3))
+            grid = tuple(s // p for s in spatial) if p > 0 else (0, 0, 0)
+        grid = tuple(int(g) for g in grid)
+        if len(grid) != 3 or math.prod(grid) != n or any(g < 1 or s % g for s, g in zip(spatial, grid, strict=True)):
+            raise ValueError(
+                f"cannot map seg_prob of size {spatial} onto {n} tokens with grid {grid}; pass grid=(d, h, w)"
+            )
+        if self.detach_prob:
+            seg_prob = seg_prob.detach()
+        # Exact patch averages since the grid divides the volume; fp32 so log(p + eps) is accurate under bf16.
+        prior = F.adaptive_avg_pool3d(seg_prob.float(), grid)
+        return rearrange(prior, "b 1 d h w -> b (d h w)")

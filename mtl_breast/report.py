@@ -1,0 +1,304 @@
+"""The scored report: `report.md` with a headline table and plots read at a glance.
+
+Plots (PNG, next to report.md, each written atomically):
+    seg_subgroups.png   mean DSC and NormHD per group of each fairness variable
+    seg_per_case.png    distribution of per-case DSC and NormHD
+    pcr_subgroups.png   TPR and FPR per group of each fairness variable
+    reliability.png     reliability diagram of the pCR probabilities
+    overlays.png        expert (green) and predicted (red) contours on the first post-contrast phase, central
+                        slice through the expert mask, for the best and worst cases; full slice and zoom
+
+Figures are drawn on `matplotlib.figure.Figure` with the Agg canvas directly, so nothing here touches pyplot's
+global state or the process-wide backend.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from mtl_breast.metrics.subgroups import AGE_LABELS, DENSITY_LABELS, FAIRNESS_VARIABLES, MENOPAUSE_LABELS
+
+_ORDER = {"age": AGE_LABELS, "menopausal_status": MENOPAUSE_LABELS, "breast_density": DENSITY_LABELS}
+_NAMES = {"age": "Age", "menopausal_status": "Menopausal status", "breast_density": "Breast density"}
+
+
+@dataclass
+class Overlay:
+    """One 2-D slice to show: image (or None), expert and predicted masks, all `[H, W]`."""
+
+    patient_id: str
+    title: str
+    image: np.ndarray | None
+    expert: np.ndarray
+    pred: np.ndarray
+
+
+def make_overlay(
+    patient_id: str, expert: np.ndarray, pred: np.ndarray, image: np.ndarray | None = None, title: str = ""
+) -> Overlay:
+    """Cut the central slice through the expert mask.
+
+    Args:
+        patient_id: case shown.
+        expert: expert mask `[D, H, W]` (D = slice axis of the SimpleITK array).
+        pred: predicted mask `[D, H, W]`.
+        image: first post-contrast phase `[D, H, W]` on the same grid, or None (masks on black).
+        title: caption, e.g. "worst: DUKE_001 (DSC 0.12)".
+
+    Returns:
+        The median slice among those holding expert voxels (the predicted mask's when the expert one is empty).
+    """
+    expert, pred = np.asarray(expert) > 0, np.asarray(pred) > 0
+    if expert.shape != pred.shape or (image is not None and np.shape(image) != expert.shape):
+        raise ValueError(f"case {patient_id}: expert {expert.shape}, prediction {pred.shape} and image "
+                         f"{None if image is None else np.shape(image)} must share one grid")
+    reference = expert if expert.any() else pred
+    slices = np.flatnonzero(reference.reshape(reference.shape[0], -1).any(axis=1))
+    z = int(slices[len(slices) // 2]) if slices.size else reference.shape[0] // 2
+    plane = None if image is None else np.asarray(image, dtype=np.float32)[z]
+    return Overlay(patient_id, title or patient_id, plane, expert[z], pred[z])
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _num(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _ordered(variable: str, groups: dict) -> list[str]:
+    order = _ORDER.get(variable, ())
+    return sorted(groups, key=lambda g: (order.index(g) if g in order else len(order), g))
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    """Render to a temporary PNG in the target folder, then rename: never a half-written image."""
+    FigureCanvasAgg(fig)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _bars(ax, labels: list[str], series: dict[str, list[float]], title: str, ylim: tuple[float, float] | None) -> None:
+    """Grouped bars, one colour per series, each bar labelled with its value."""
+    x = np.arange(len(labels))
+    width = 0.8 / max(len(series), 1)
+    for i, (name, values) in enumerate(series.items()):
+        bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, np.nan_to_num(values), width, label=name)
+        ax.bar_label(bars, labels=[_fmt(v) for v in values], fontsize=7, padding=1)
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    if ylim is None:  # leave head room for the value labels
+        top = np.nanmax([v for values in series.values() for v in values] + [0.0])
+        ylim = (0.0, 1.15 * top if top > 0 else 1.0)
+    ax.set_ylim(*ylim)
+    if len(series) > 1:
+        ax.legend(fontsize=7, loc="upper right")
+
+
+def _seg_fairness(groups: dict) -> float:
+    if not groups:
+        return math.nan
+    dsc = [_num(g["dsc"]) for g in groups.values()]
+    nhd = [_num(g["norm_hd"]) for g in groups.values()]
+    return 1.0 - 0.5 * ((max(dsc) - min(dsc)) + (max(nhd) - min(nhd)))
+
+
+def _eo_disparity(groups: dict) -> float:
+    if not groups:
+        return math.nan
+    tpr = [_num(g["tpr"]) for g in groups.values()]
+    fpr = [_num(g["fpr"]) for g in groups.values()]
+    return (max(tpr) - min(tpr)) + (max(fpr) - min(fpr))
+
+
+def _plot_seg_subgroups(seg: dict, path: Path) -> Path:
+    fig = Figure(figsize=(9, 2.6 * len(FAIRNESS_VARIABLES)))
+    axes = fig.subplots(len(FAIRNESS_VARIABLES), 2, squeeze=False)
+    for row, variable in enumerate(FAIRNESS_VARIABLES):
+        groups = seg["by_variable"].get(variable, {})
+        labels = _ordered(variable, groups)
+        fair = _fmt(_seg_fairness(groups))
+        for col, (key, name) in enumerate((("dsc", "mean DSC"), ("norm_hd", "mean NormHD"))):
+            values = [_num(groups[g][key]) for g in labels]
+            _bars(axes[row][col], labels, {name: values}, f"{_NAMES[variable]}: {name} (fairness {fair})", None)
+    fig.suptitle("Segmentation by subgroup (higher DSC, lower NormHD is better)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _plot_seg_per_case(seg: dict, path: Path) -> Path:
+    dsc = [_num(m["dsc"]) for m in seg["per_case"].values()]
+    nhd = [_num(m["norm_hd"]) for m in seg["per_case"].values()]
+    fig = Figure(figsize=(9, 3))
+    left, right = fig.subplots(1, 2)
+    left.hist(dsc, bins=np.linspace(0, 1, 21), color="tab:green")
+    left.set(title=f"DSC per case (mean {_fmt(seg['dsc'])})", xlabel="DSC", ylabel="cases")
+    right.hist(nhd, bins=20, color="tab:red")
+    right.set(title=f"NormHD per case (mean {_fmt(seg['norm_hd'])})", xlabel="NormHD (1 = empty vs non-empty)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _plot_pcr_subgroups(cls: dict, path: Path) -> Path:
+    fig = Figure(figsize=(9, 2.4 * len(FAIRNESS_VARIABLES)))
+    axes = fig.subplots(len(FAIRNESS_VARIABLES), 1, squeeze=False)
+    for row, variable in enumerate(FAIRNESS_VARIABLES):
+        groups = cls["by_variable"].get(variable, {})
+        labels = _ordered(variable, groups)
+        series = {"TPR": [_num(groups[g]["tpr"]) for g in labels], "FPR": [_num(groups[g]["fpr"]) for g in labels]}
+        title = f"{_NAMES[variable]}: disparity (TPR range + FPR range) = {_fmt(_eo_disparity(groups))}"
+        _bars(axes[row][0], labels, series, title, (0, 1.15))
+    fig.suptitle("pCR true- and false-positive rates by subgroup (equal bars = fair)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _plot_reliability(reliability: tuple, path: Path) -> Path:
+    mean_prob, frac_pos, counts = (np.asarray(a, dtype=float) for a in reliability)
+    bins = counts.size
+    fig = Figure(figsize=(5, 6))
+    top, bottom = fig.subplots(2, 1, height_ratios=(3, 1), sharex=True)
+    top.plot([0, 1], [0, 1], ls="--", color="grey", label="perfectly calibrated")
+    filled = counts > 0
+    top.plot(mean_prob[filled], frac_pos[filled], "o-", color="tab:blue", label="model")
+    ece = float(np.nansum(np.abs(mean_prob - frac_pos) * counts) / max(counts.sum(), 1))
+    top.set(ylabel="observed pCR fraction", xlim=(0, 1), ylim=(0, 1), title=f"pCR reliability (ECE {ece:.3f})")
+    top.legend(fontsize=8)
+    centres = (np.arange(bins) + 0.5) / bins
+    bottom.bar(centres, counts, width=1 / bins, color="tab:blue", alpha=0.6)
+    bottom.set(xlabel="predicted pCR probability", ylabel="cases")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _zoom_box(overlay: Overlay, margin: int = 12) -> tuple[slice, slice]:
+    both = overlay.expert | overlay.pred
+    if not both.any():
+        return slice(None), slice(None)
+    rows, cols = np.flatnonzero(both.any(axis=1)), np.flatnonzero(both.any(axis=0))
+    h, w = both.shape
+    return (slice(max(rows[0] - margin, 0), min(rows[-1] + margin + 1, h)),
+            slice(max(cols[0] - margin, 0), min(cols[-1] + margin + 1, w)))
+
+
+def _plot_overlays(overlays: list[Overlay], path: Path) -> Path:
+    fig = Figure(figsize=(8, 4 * len(overlays)))
+    axes = fig.subplots(len(overlays), 2, squeeze=False)
+    for row, overlay in enumerate(overlays):
+        for col, box in enumerate(((slice(None), slice(None)), _zoom_box(overlay))):
+            ax = axes[row][col]
+            background = overlay.image if overlay.image is not None else np.zeros(overlay.expert.shape)
+            lo, hi = np.percentile(background, [1, 99.5]) if overlay.image is not None else (0, 1)
+            ax.imshow(background[box], cmap="gray", vmin=lo, vmax=max(hi, lo + 1e-6), interpolation="nearest")
+            for mask, colour in ((overlay.expert, "lime"), (overlay.pred, "red")):
+                if mask[box].any():
+                    ax.contour(mask[box].astype(float), levels=[0.5], colors=colour, linewidths=1.2)
+            ax.set_axis_off()
+            ax.set_title(overlay.title if col == 0 else "zoom (green expert, red prediction)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _variable_rows(by_variable: dict, summary) -> list[str]:
+    """One markdown row per fairness variable: its groups and `summary(groups)`."""
+    rows = []
+    for v in FAIRNESS_VARIABLES:
+        groups = by_variable.get(v, {})
+        rows.append(f"| {_NAMES[v]} | {', '.join(_ordered(v, groups)) or 'none'} | {_fmt(summary(groups))} |")
+    return rows
+
+
+def _markdown(scores: dict, images: dict[str, Path]) -> str:
+    lines = ["# MAMA-MIA scores", ""]
+    seg, cls = scores.get("segmentation"), scores.get("classification")
+    if seg:
+        lines += ["## Segmentation", "", "| cases | DSC | NormHD | performance | fairness | ranking |",
+                  "|---:|---:|---:|---:|---:|---:|",
+                  f"| {len(seg['per_case'])} | {_fmt(seg['dsc'])} | {_fmt(seg['norm_hd'])} | "
+                  f"{_fmt(seg['performance'])} | {_fmt(seg['fairness'])} | {_fmt(seg['ranking'])} |", "",
+                  "| variable | groups | fairness |", "|---|---|---:|"]
+        lines += _variable_rows(seg["by_variable"], _seg_fairness)
+        worst = sorted(seg["per_case"].items(), key=lambda kv: _num(kv[1]["dsc"]))[:10]
+        lines += ["", "Lowest DSC (HD95 in voxels unless scored spacing-aware; n/a = one mask empty):", "",
+                  "| case | DSC | HD95 | NormHD |", "|---|---:|---:|---:|"]
+        lines += [f"| {pid} | {_fmt(m['dsc'])} | {_fmt(m['hd95'])} | {_fmt(m['norm_hd'])} |" for pid, m in worst]
+        lines.append("")
+    else:
+        lines += ["## Segmentation", "", "Not scored (no predicted masks).", ""]
+    if cls:
+        lines += ["## pCR", "", "| balanced accuracy | AUC | fairness (1 - EO) | ranking |", "|---:|---:|---:|---:|",
+                  f"| {_fmt(cls['balanced_accuracy'])} | {_fmt(cls['auc'])} | {_fmt(cls['fairness'])} | "
+                  f"{_fmt(cls['ranking'])} |", "", "| variable | groups | TPR range + FPR range |", "|---|---|---:|"]
+        lines += _variable_rows(cls["by_variable"], _eo_disparity)
+        lines.append("")
+    else:
+        lines += ["## pCR", "", "Not scored (no predictions.csv).", ""]
+    captions = {"seg_subgroups": "Segmentation by subgroup", "seg_per_case": "Per-case segmentation",
+                "overlays": "Best and worst cases", "pcr_subgroups": "pCR rates by subgroup",
+                "reliability": "pCR calibration"}
+    for key, path in images.items():
+        lines += [f"### {captions[key]}", "", f"![{captions[key]}]({path.name})", ""]
+    if scores.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in scores["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def write_report(
+    scores: dict, out_dir: str | Path, *, overlays: list[Overlay] | None = None, reliability: tuple | None = None
+) -> Path:
+    """Write `report.md` and its PNG plots into `out_dir`.
+
+    Args:
+        scores: the `evaluate` / scores.json dict ("segmentation" and/or "classification", optional "notes").
+        out_dir: output folder (created).
+        overlays: `make_overlay(...)` slices to show, e.g. best and worst case.
+        reliability: `(mean_prob, frac_pos, counts)` as returned by `metrics.classification.reliability_curve`.
+
+    Returns:
+        Path of report.md.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images: dict[str, Path] = {}
+    if scores.get("segmentation"):
+        images["seg_subgroups"] = _plot_seg_subgroups(scores["segmentation"], out_dir / "seg_subgroups.png")
+        images["seg_per_case"] = _plot_seg_per_case(scores["segmentation"], out_dir / "seg_per_case.png")
+    if overlays:
+        images["overlays"] = _plot_overlays(list(overlays), out_dir / "overlays.png")
+    if scores.get("classification"):
+        images["pcr_subgroups"] = _plot_pcr_subgroups(scores["classification"], out_dir / "pcr_subgroups.png")
+    if reliability is not None and np.asarray(reliability[2]).sum() > 0:
+        images["reliability"] = _plot_reliability(reliability, out_dir / "reliability.png")
+    path = out_dir / "report.md"
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".report.md.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(_markdown(scores, images))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,173 @@
+"""Weights export/import (safetensors + config.json), the registry round trip and partial encoder loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from mtl_breast.hub import (
+    WeightsError,
+    checkpoint_filter_fn,
+    load_encoder_into,
+    load_pretrained,
+    read_safetensors,
+    save_pretrained,
+)
+from mtl_breast.models.layers import resample_pos_embed_3d
+from mtl_breast.models.registry import MODELS, create_model, list_models
+
+
+class JointToy(nn.Module):
+    """Stands in for the joint model: an encoder at ``encoder`` plus task modules."""
+
+    def __init__(self, **encoder_overrides) -> None:
+        super().__init__()
+        self.encoder = create_model("vit_test", **encoder_overrides)
+        self.seg_decoder = nn.Linear(64, 2)
+        self.pcr_head = nn.Linear(64, 1)
+
+
+def test_registry_names_and_round_trip():
+    names = list_models()
+    for size in ("test", "small", "base", "large"):
+        assert f"vit_{size}" in names and f"mae_vit_{size}" in names
+    for arch in ("vit_test", "mae_vit_test"):
+        model = create_model(arch, attn_mode="joint", img_size=(32, 32, 48))
+        assert model.arch == arch
+        args = json.loads(json.dumps(model.model_args))  # what config.json stores
+        rebuilt = create_model(arch, **args)
+        assert rebuilt.model_args == model.model_args
+        assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
+            k: v.shape for k, v in model.state_dict().items()
+        }
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("vit_huge")
+    with pytest.raises(ValueError, match="unknown argument"):
+        create_model("vit_test", embed_dims=32)
+    assert callable(MODELS["mae_vit_base"])
+
+
+@pytest.mark.parametrize("arch", ["vit_test", "mae_vit_test"])
+def test_save_load_bit_exact(tmp_path, arch):
+    model = create_model(arch, pos_embed_type="learnable")
+    save_pretrained(model, tmp_path / "w", extra_config={"preprocessing": {"spacing": [1.0, 1.0, 1.0]}})
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["config.json", "model.safetensors"]  # no temp
+    config = json.loads((tmp_path / "w" / "config.json").read_text())
+    assert config["arch"] == arch and config["format_version"] == 1
+    assert config["model_args"] == model.model_args and config["preprocessing"]["spacing"] == [1.0, 1.0, 1.0]
+    loaded = load_pretrained(tmp_path / "w")
+    assert loaded.pretrained_config["preprocessing"] == config["preprocessing"] and not loaded.training
+    ref, got = model.state_dict(), loaded.state_dict()
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    x = torch.randn(1, 2, 32, 32, 32)
+    if arch == "vit_test":
+        assert torch.equal(model.eval()(x), loaded(x))
+
+
+def test_save_strips_compile_and_lightning_prefixes(tmp_path):
+    model = create_model("vit_test")
+    wrapped = {f"model._orig_mod.{k}": v for k, v in model.state_dict().items()}
+    assert checkpoint_filter_fn(wrapped, model).keys() == model.state_dict().keys()
+    ddp = {f"module.{k}": v for k, v in model.state_dict().items()}
+    assert checkpoint_filter_fn(ddp, model).keys() == model.state_dict().keys()
+    compiled = torch.compile(model)  # wraps as _orig_mod without compiling until called
+    save_pretrained(compiled, tmp_path)
+    assert set(read_safetensors(tmp_path / "model.safetensors")) == set(model.state_dict())
+    with pytest.raises(ValueError, match="reserved"):
+        save_pretrained(model, tmp_path, extra_config={"arch": "x"})
+    with pytest.raises(ValueError, match="create_model"):
+        save_pretrained(nn.Linear(2, 2), tmp_path)
+
+
+def test_load_into_new_grid_resamples_learnable_pos_embed(tmp_path):
+    model = create_model("vit_test", pos_embed_type="learnable")
+    save_pretrained(model, tmp_path)
+    bigger = load_pretrained(tmp_path, img_size=(32, 48, 64))
+    assert bigger.grid_size == (4, 6, 8)
+    expected = resample_pos_embed_3d(model.pos_embed.detach(), (4, 4, 4), (4, 6, 8))
+    assert torch.equal(bigger.pos_embed.detach(), expected)
+    assert bigger(torch.randn(1, 2, 32, 48, 64)).shape == (1, 2, 192, 64)
+    # A fixed sin-cos embedding is not stored: a new grid loads with nothing to resample.
+    save_pretrained(create_model("vit_test"), tmp_path / "s")
+    assert load_pretrained(tmp_path / "s", img_size=64).grid_size == (8, 8, 8)
+
+
+def test_load_encoder_into_larger_model(tmp_path):
+    encoder = create_model("vit_test")
+    save_pretrained(encoder, tmp_path / "enc")
+    mae = create_model("mae_vit_test")
+    save_pretrained(mae, tmp_path / "mae")
+    head_keys = {"seg_decoder.weight", "seg_decoder.bias", "pcr_head.weight", "pcr_head.bias"}
+    for source, ref in ((tmp_path / "enc", encoder), (tmp_path / "mae", mae.encoder), (mae.state_dict(), mae.encoder)):
+        joint = JointToy()
+        missing = load_encoder_into(joint, source, expected_missing_prefixes=("seg_decoder.", "pcr_head."))
+        assert set(missing) == head_keys
+        assert all(torch.equal(v, ref.state_dict()[k]) for k, v in joint.encoder.state_dict().items())
+    # The default expectation is "everything outside the encoder".
+    assert set(load_encoder_into(JointToy(), tmp_path / "enc")) == head_keys
+
+
+def test_load_encoder_into_asserts_exact_key_sets(tmp_path):
+    encoder = create_model("vit_test")
+    sd = dict(encoder.state_dict())
+    with pytest.raises(WeightsError, match="unexpected in the source.*encoder.extra_token"):
+        load_encoder_into(JointToy(), {**sd, "extra_token": torch.zeros(3)})
+    with pytest.raises(WeightsError, match="missing from the source.*encoder.norm.weight"):
+        load_encoder_into(JointToy(), {k: v for k, v in sd.items() if k != "norm.weight"})
+    with pytest.raises(WeightsError, match="expected missing but provided"):
+        load_encoder_into(JointToy(), sd, expected_missing_prefixes=("seg_decoder.", "pcr_head.", "encoder.norm"))
+    # A spatial-only source (e.g. converted from MONAI) into a divided encoder: name the temporal keys.
+    spatial = create_model("vit_test", time_attn=False)
+    expected = ("seg_decoder.", "pcr_head.", "encoder.blocks.*time*")
+    loaded = load_encoder_into(JointToy(), spatial.state_dict(), expected_missing_prefixes=expected)
+    assert any(".time_attn." in k for k in loaded) and any(".norm_time." in k for k in loaded)
+    with pytest.raises(WeightsError, match="blocks.0.attn.qkv.weight: weights \\(96, 32\\) vs model \\(192, 64\\)"):
+        load_encoder_into(JointToy(), create_model("vit_test", embed_dim=32).state_dict())
+
+
+def test_config_not_matching_tensors_names_key_and_shapes(tmp_path):
+    save_pretrained(create_model("vit_test"), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["model_args"]["embed_dim"] = 32
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match=r"norm.weight: weights \(64,\) vs model \(32,\)"):
+        load_pretrained(tmp_path)
+
+
+def test_bad_weight_files_give_clear_errors(tmp_path, monkeypatch):
+    model = create_model("vit_test")
+    save_pretrained(model, tmp_path / "ok")
+    good = (tmp_path / "ok" / "model.safetensors").read_bytes()
+    cases = {
+        "garbage": b"\x12\x00\x00\x00\x00\x00\x00\x00not json at all" * 4,
+        "truncated": good[: len(good) // 2],
+        "bad_header": good[:8] + b"{" + b"\xff" * 200 + good[209:],
+    }
+    for name, payload in cases.items():
+        (tmp_path / f"{name}.safetensors").write_bytes(payload)
+        with pytest.raises(WeightsError, match="safetensors"):
+            read_safetensors(tmp_path / f"{name}.safetensors")
+    # A flipped data byte passes the format checks but not the checksum in config.json.
+    flipped = bytearray(good)
+    flipped[-5] ^= 0xFF
+    (tmp_path / "ok" / "model.safetensors").write_bytes(bytes(flipped))
+    with pytest.raises(WeightsError, match="sha256"):
+        load_pretrained(tmp_path / "ok")
+    # A torch.save pickle renamed model.safetensors is refused without being unpickled.
+    torch.save(model.state_dict(), tmp_path / "ok" / "model.safetensors")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a weights file was unpickled")
+
+    monkeypatch.setattr(torch, "load", forbidden)
+    monkeypatch.setattr("pickle.load", forbidden)
+    monkeypatch.setattr("pickle.loads", forbidden)
+    with pytest.raises(WeightsError, match="pickle"):
+        load_pretrained(tmp_path / "ok")
+    with pytest.raises(WeightsError, match="pickle"):
+        load_encoder_into(JointToy(), tmp_path / "ok")
+    with pytest.raises(FileNotFoundError):
+        load_pretrained(tmp_path / "missing", arch="vit_test")
