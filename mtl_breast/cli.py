@@ -208,6 +208,18 @@ def _lightning_cli(task: str, args: list[str]) -> int:
                                   compute_fn=lambda root: str(Path(root or ".") / "checkpoints"))
 
     gpu = torch.cuda.is_available()
+    # LightningCLI reads `args`; sys.argv is narrowed to the program name so it does not see both.
+    argv, sys.argv = sys.argv, [f"{Path(sys.argv[0]).name} {task}"]
+    try:
+        _run_cli(TaskCLI, model_cls, data_cls, args, gpu)
+    finally:
+        sys.argv = argv
+    return 0
+
+
+def _run_cli(TaskCLI, model_cls, data_cls, args: list[str], gpu: bool) -> None:  # noqa: N803 (a class)
+    import torch
+
     TaskCLI(
         model_cls, data_cls, args=args, subclass_mode_model=False, subclass_mode_data=False,
         save_config_kwargs={"overwrite": True},
@@ -219,7 +231,6 @@ def _lightning_cli(task: str, args: list[str]) -> int:
             "log_every_n_steps": 10,
         },
     )
-    return 0
 
 
 # ---------------------------------------------------------------------------------------------- main

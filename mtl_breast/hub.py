@@ -87,6 +87,8 @@ def _model_grid(model: nn.Module) -> tuple[int, int, int] | None:
 
 
 def _grid_from_args(model_args: Mapping[str, Any] | None) -> tuple[int, int, int] | None:
+    if model_args and isinstance(model_args.get("encoder"), Mapping):  # joint model: encoder args nested
+        model_args = model_args["encoder"]
     if not model_args or "img_size" not in model_args or "patch_size" not in model_args:
         return None
     img, patch = to_3tuple(model_args["img_size"]), to_3tuple(model_args["patch_size"])

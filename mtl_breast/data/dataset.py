@@ -68,6 +68,8 @@ class CachedCaseDataset(Dataset):
             sample["label"] = torch.as_tensor(case["label"]).unsqueeze(0)  # [1, D, H, W]
         if self.transform is not None:
             sample = self.transform(sample)
+            if isinstance(sample, list):  # multi-sample croppers (num_samples=1) return a list
+                sample = sample[0]
         return sample
 
 

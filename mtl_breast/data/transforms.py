@@ -66,16 +66,6 @@ class RandPhaseDropoutd(RandomizableTransform, MapTransform):
         return d
 
 
-class FirstSampled(MapTransform):
-    """Unwrap the one-element list that MONAI's multi-sample croppers return."""
-
-    def __init__(self):
-        super().__init__(keys=[])
-
-    def __call__(self, data):  # type: ignore[override]
-        return data[0] if isinstance(data, list) else data
-
-
 def _augment(keys: list[str], flip_prob: float, intensity_jitter: float, intensity_prob: float) -> list:
     # Flips along every spatial axis (axes 0..2 of [D, H, W] after the channel axis).
     ops: list = [RandFlipd(keys=keys, prob=flip_prob, spatial_axis=axis) for axis in range(3)]
@@ -113,9 +103,10 @@ def finetune_transforms(
     ops: list = [
         SpatialPadd(keys=keys, spatial_size=size),
         # pos/neg are relative weights; a case without tumour voxels falls back to random centres.
+        # It returns a one-element list (num_samples=1); Compose maps the later transforms over it and
+        # CachedCaseDataset unwraps it.
         RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=size, pos=pos_fraction,
                                neg=1.0 - pos_fraction, num_samples=1, allow_smaller=False),
-        FirstSampled(),
         *_augment(keys, flip_prob, intensity_jitter, intensity_prob),
     ]
     if phase_dropout > 0:

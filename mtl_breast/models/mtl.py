@@ -56,3 +56,12 @@ class MTLModel(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.set_grad_checkpointing(enable)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for timm's layer-wise LR decay: encoder embeddings first, then each block; the
+        decoder and head are unmatched, so they take the last group (full learning rate)."""
+        return {
+            "stem": r"^encoder\.(?:patch_embed|phase_embed|pos_embed)",
+            "blocks": [(r"^encoder\.blocks\.(\d+)", None), (r"^encoder\.norm", (99999,))],
+        }

@@ -5,7 +5,8 @@ constructor arguments on the module as ``model.model_args`` (JSON-serialisable),
 name as ``model.arch``, so ``create_model(model.arch, **model.model_args)`` rebuilds the same architecture: that is
 the ``config.json`` of released weights (``{"arch", "model_args", "format_version"}``).
 
-Groups: ``vit_<size>`` (encoder), ``mae_vit_<size>`` (MAE pretrainer). Another group (e.g. ``mtl_vit_<size>``)
+Groups: ``vit_<size>`` (encoder), ``mae_vit_<size>`` (MAE pretrainer), ``mtl_vit_<size>`` (joint segmentation +
+pCR model; its ``model_args`` nest ``encoder``, ``seg_decoder``, ``pcr_head`` and ``skip_indices``). Another group (e.g. ``mtl_vit_<size>``)
 is added with a builder that sets ``model_args`` (``resolve_kwargs`` helps) and ``MODELS.update(...)`` or
 ``register_model``.
 
@@ -26,8 +27,12 @@ from typing import Any
 
 from torch import nn
 
+from mtl_breast.models.decoder import SegDecoder
+from mtl_breast.models.decoder import skip_indices as skip_indices_default
 from mtl_breast.models.encoder import ViTEncoder3d
+from mtl_breast.models.heads import PCRHead
 from mtl_breast.models.mae import MAEPretrainer
+from mtl_breast.models.mtl import MTLModel
 
 __all__ = [
     "ENCODER_SIZES",
@@ -35,6 +40,7 @@ __all__ = [
     "MODELS",
     "build_encoder",
     "build_mae",
+    "build_mtl",
     "create_model",
     "list_models",
     "register_model",
@@ -106,11 +112,59 @@ def build_mae(**kwargs: Any) -> MAEPretrainer:
     return model
 
 
+# Decoder widths per size: UNETR's feature_size 16 for ViT-B; the test size stays tiny for CPU tests.
+MTL_DECODER_SIZES: dict[str, dict[str, Any]] = {
+    "test": {"feature_size": 8, "num_skips": 2},
+    "small": {"feature_size": 16, "num_skips": 4},
+    "base": {"feature_size": 16, "num_skips": 4},
+    "large": {"feature_size": 16, "num_skips": 4},
+}
+
+
+def build_mtl(
+    *,
+    encoder: dict[str, Any] | None = None,
+    seg_decoder: dict[str, Any] | None = None,
+    pcr_head: dict[str, Any] | None = None,
+    skip_indices: list[int] | None = None,
+    **encoder_overrides: Any,
+) -> MTLModel:
+    """``MTLModel(ViTEncoder3d, SegDecoder, PCRHead)`` with ``model_args`` recorded.
+
+    Args:
+        encoder, seg_decoder, pcr_head: constructor arguments of each part. The decoder's and head's
+            ``embed_dim``/``patch_size`` always follow the encoder's.
+        skip_indices: encoder blocks feeding the decoder; default evenly spaced by depth.
+        **encoder_overrides: shorthand for encoder arguments (``img_size=96``, ``grad_checkpointing=True``).
+
+    Returns:
+        The model; ``model_args = {"encoder": .., "seg_decoder": .., "pcr_head": .., "skip_indices": ..}``.
+    """
+    enc_args = resolve_kwargs(ViTEncoder3d, {**(encoder or {}), **encoder_overrides})
+    enc = ViTEncoder3d(**enc_args)
+    tied = {"embed_dim": enc_args["embed_dim"], "patch_size": enc_args["patch_size"]}
+    dec_args = resolve_kwargs(SegDecoder, {**(seg_decoder or {}), **tied})
+    head_args = resolve_kwargs(PCRHead, {**(pcr_head or {}), "embed_dim": enc_args["embed_dim"]})
+    skips = list(skip_indices) if skip_indices is not None else skip_indices_default(enc.depth, dec_args["num_skips"])
+    model = MTLModel(enc, SegDecoder(**dec_args), PCRHead(**head_args), skip_indices=skips)
+    model.model_args = {"encoder": enc_args, "seg_decoder": dec_args, "pcr_head": head_args, "skip_indices": skips}
+    return model
+
+
+def _mtl_factory(size: str) -> Callable[..., MTLModel]:
+    def factory(*, encoder=None, seg_decoder=None, **kwargs: Any) -> MTLModel:
+        return build_mtl(encoder={**ENCODER_SIZES[size], **(encoder or {})},
+                         seg_decoder={**MTL_DECODER_SIZES[size], **(seg_decoder or {})}, **kwargs)
+
+    return factory
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 MODELS.update({f"vit_{size}": partial(build_encoder, **cfg) for size, cfg in ENCODER_SIZES.items()})
 MODELS.update(
     {f"mae_vit_{size}": partial(build_mae, **cfg, **MAE_DECODER_SIZES[size]) for size, cfg in ENCODER_SIZES.items()}
 )
+MODELS.update({f"mtl_vit_{size}": _mtl_factory(size) for size in ENCODER_SIZES})
 
 
 def register_model(name: str, factory: Callable[..., nn.Module]) -> None:

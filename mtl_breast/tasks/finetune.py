@@ -138,7 +138,7 @@ class MTLFinetuneModule(L.LightningModule):
         if self.reweighter is not None:
             weights = self.reweighter.weights([meta_groups(m) for m in batch["meta"]]).to(self.device)
         # pCR is learned only from crops that contain tumour.
-        has_tumour = label.flatten(1).any(dim=1)
+        has_tumour = label.flatten(1).bool().any(dim=1)
         pcr_target = torch.where(has_tumour, batch["pcr"], torch.full_like(batch["pcr"], math.nan))
         losses = {"seg": self.seg_loss(out["seg_logits"].float(), label, sample_weight=weights),
                   "pcr": self.pcr_loss(out["pcr_logits"].float(), pcr_target, sample_weight=weights)}
@@ -189,8 +189,9 @@ class MTLFinetuneModule(L.LightningModule):
                             "val/pcr_ranking": cls["ranking"], "val/pcr_threshold": float(threshold)})
             rankings.append(cls["ranking"])
         metrics["val/ranking"] = float(np.mean(rankings))
-        self.log_dict({k: float(v) for k, v in metrics.items()}, prog_bar=False, sync_dist=False)
-        self.log("val/ranking", metrics["val/ranking"], prog_bar=True)
+        # Every rank holds the same gathered rows, so the values agree without sync_dist.
+        for name, value in metrics.items():
+            self.log(name, float(value), prog_bar=name in ("val/ranking", "val/dsc", "val/pcr_ba"))
         if self.reweighter is not None:
             self.reweighter.update({var: {g: float(s) for g, s in table.groupby(var)["dsc"].mean().items()}
                                     for var in ("age", "menopausal_status", "breast_density")})
