@@ -3,7 +3,7 @@
 synthesise -> MAE-pretrain -> export encoder -> fine-tune jointly from it -> export -> predict the
 held-out split -> evaluate with the challenge formulas -> print the headline scores and the report
 path. Every step is the same public command a user runs on real data; the YAML files in
-configs/demo/ hold the settings.
+configs/pretrain/demo.yaml and configs/finetune/demo.yaml hold the settings.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def run_demo(workdir: Path | str = "runs/demo", cases: int = 96, size: int = 48,
 
     common = ["--data.root", str(data), "--data.cache_dir", str(work / "cache"), "--seed_everything", str(seed)]
     t0 = _step("2/6 MAE pretraining")
-    args = ["fit", "--config", str(_config("demo/pretrain.yaml")), *common,
+    args = ["fit", "--config", str(_config("pretrain/demo.yaml")), *common,
             "--trainer.default_root_dir", str(work / "pretrain")]
     if pretrain_epochs is not None:
         args += ["--trainer.max_epochs", str(pretrain_epochs)]
@@ -55,7 +55,7 @@ def run_demo(workdir: Path | str = "runs/demo", cases: int = 96, size: int = 48,
     timings["pretrain"] = time.perf_counter() - t0
 
     t0 = _step("3/6 joint fine-tuning from the pretrained encoder")
-    args = ["fit", "--config", str(_config("demo/finetune.yaml")), *common,
+    args = ["fit", "--config", str(_config("finetune/demo.yaml")), *common,
             "--trainer.default_root_dir", str(work / "finetune"), "--model.pretrained", str(encoder_weights)]
     if finetune_epochs is not None:
         args += ["--trainer.max_epochs", str(finetune_epochs)]
