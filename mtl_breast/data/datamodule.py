@@ -14,22 +14,48 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+import torch
 from monai.transforms import CenterSpatialCropd, Compose, SpatialPadd
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
 
-from mtl_breast.data.cache import CaseCache
+from mtl_breast.data.cache import CacheError, CaseCache, read_header
 from mtl_breast.data.dataset import CachedCaseDataset, collate_cases
 from mtl_breast.data.folder import read_dataset
-from mtl_breast.data.mamamia import is_mamamia_root, read_splits
+from mtl_breast.data.mamamia import SPLITS, _find, is_mamamia_root, read_splits
 from mtl_breast.data.preprocess import PreprocessConfig, preprocess_dataset
 from mtl_breast.data.transforms import _as_size, finetune_transforms, pretrain_transforms
 
 log = logging.getLogger(__name__)
 
 
-def default_cache_dir(root: str | Path) -> Path:
-    """`./cache/<root folder name>`: outside the dataset, which may be read-only."""
-    return Path("cache") / Path(root).resolve().name
+def default_cache_dir(root: str | Path, others: Sequence[str | Path] = ()) -> Path:
+    """`./cache/<root folder name>`: outside the dataset, which may be read-only.
+
+    When the working directory is inside `root` (or inside one of `others`, the further roots of a
+    combined pool), `./cache` would be written into the dataset; `~/.cache/mtl_breast/<root name>` is
+    used instead.
+    """
+    name = Path(root).resolve().name
+    local = Path("cache") / name
+    where = local.resolve()
+    if any(where.is_relative_to(Path(r).resolve()) for r in (root, *others)):
+        return Path.home() / ".cache" / "mtl_breast" / name
+    return local
+
+
+def _seed_transforms(dataset: CachedCaseDataset, seed: int) -> None:
+    transform = dataset.transform
+    if transform is not None and hasattr(transform, "set_random_state"):
+        transform.set_random_state(seed=int(seed) % 2**32)
+
+
+def _worker_init(worker_id: int) -> None:
+    # MONAI transforms draw from their own numpy RandomState, which a forked worker inherits unchanged:
+    # without reseeding, every worker (and, without persistent workers, every epoch) repeats the same
+    # crops and flips. torch gives each worker its own seed, derived from the run's seed.
+    info = get_worker_info()
+    if info is not None:
+        _seed_transforms(info.dataset, info.seed)
 
 
 class _CachedDataModule(L.LightningDataModule):
@@ -49,27 +75,39 @@ class _CachedDataModule(L.LightningDataModule):
             spacing=tuple(float(s) for s in spacing), margin_mm=float(margin_mm), crop_to_breast=crop_to_breast,
             clip_percentiles=None if clip_percentiles is None else tuple(float(c) for c in clip_percentiles),
         )
-        self.cache_root = Path(cache_dir) if cache_dir else default_cache_dir(self.roots[0])
+        self.cache_root = Path(cache_dir) if cache_dir else default_cache_dir(self.roots[0], self.roots[1:])
         self.cache = CaseCache(self.cache_root, self.preprocess_config)
         self.batch_size, self.num_workers, self.preprocess_workers = batch_size, num_workers, preprocess_workers
 
-    def cases(self) -> list:
-        """All cases of all roots (ids made unique across roots by the reader)."""
-        return read_dataset(self.roots if len(self.roots) > 1 else self.roots[0])
+    def cases(self, skipped: list[dict[str, str]] | None = None) -> list:
+        """All cases of all roots (ids made unique across roots by the reader).
+
+        Args:
+            skipped: cases that cannot be read are appended here as {"patient_id", "reason"}; they are
+                left out of the result instead of raising. A fresh list is used (and dropped) when None.
+        """
+        skipped = [] if skipped is None else skipped
+        return read_dataset(self.roots if len(self.roots) > 1 else self.roots[0], skipped=skipped)
 
     def prepare_data(self) -> None:
+        unreadable: list[dict[str, str]] = []
+        cases = self.cases(unreadable)
         report = preprocess_dataset(self.roots[0], self.cache_root, self.preprocess_config,
-                                    workers=self.preprocess_workers, cases=self.cases(), progress=False)
-        for item in report["skipped"]:
-            log.warning("skipped %s: %s", item["patient_id"], item["reason"])
+                                    workers=self.preprocess_workers, cases=cases, progress=False)
+        for item in unreadable + report["skipped"]:
+            log.warning("skipped case %s: %s", item["patient_id"], item["reason"])
 
     def _cached(self, patient_ids: Sequence[str]) -> list[str]:
         # Cases that failed preprocessing are absent from the cache; they were reported in prepare_data.
         return [pid for pid in patient_ids if self.cache.has(pid)]
 
     def _loader(self, dataset: CachedCaseDataset, shuffle: bool, batch_size: int | None = None) -> DataLoader:
+        if self.num_workers == 0:
+            # Seed the transforms from torch's generator, so `seed_everything` makes the augmentation reproducible.
+            _seed_transforms(dataset, int(torch.randint(0, 2**32, (), dtype=torch.int64)))
         return DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=shuffle,
                           num_workers=self.num_workers, collate_fn=collate_cases,
+                          worker_init_fn=_worker_init if self.num_workers > 0 else None,
                           persistent_workers=self.num_workers > 0, pin_memory=False)
 
 
@@ -99,7 +137,7 @@ class FinetuneDataModule(_CachedDataModule):
 
     Args:
         root: MAMA-MIA dataset root.
-        cache_dir: preprocessed-case cache (default ./cache/<root name>).
+        cache_dir: preprocessed-case cache (default ./cache/<root name>, see `default_cache_dir`).
         spacing: target voxel spacing in mm.
         margin_mm: margin around the breast box.
         crop_to_breast: crop to the breast box when the case has one.
@@ -134,18 +172,32 @@ class FinetuneDataModule(_CachedDataModule):
         self.test_ids: list[str] = []
 
     def setup(self, stage: str | None = None) -> None:
-        cached = self.cache.patient_ids()
+        cached = self._cached(self.cache.patient_ids())
         by_lower = {pid.lower(): pid for pid in cached}
-        if is_mamamia_root(self.root) and (self.root / "train_test_splits.csv").exists():
+        if is_mamamia_root(self.root) and _find(self.root, SPLITS) is not None:
             splits = read_splits(self.root)
             train_pool = [by_lower[p.lower()] for p in splits["train"] if p.lower() in by_lower]
             self.test_ids = [by_lower[p.lower()] for p in splits["test"] if p.lower() in by_lower]
         else:
-            train_pool, self.test_ids = sorted(cached), []
+            # The cases of this root only: the cache folder may also hold cases of another dataset.
+            train_pool = self._cached(sorted({c.patient_id for c in self.cases()}))
+            self.test_ids = []
+        # Segmentation needs the expert mask; a case without one would stop training at its first batch.
+        unlabeled = [pid for pid in train_pool if not self._has_label(pid)]
+        if unlabeled:
+            log.warning("%d case(s) without an expert mask left out of training and validation: %s",
+                        len(unlabeled), ", ".join(unlabeled))
+            train_pool = [pid for pid in train_pool if pid not in unlabeled]
         labels = [self._pcr(pid) for pid in train_pool]
         self.train_ids, self.val_ids = split_train_val(train_pool, labels, self.val_fraction, self.split_seed)
         if not self.train_ids:
             raise RuntimeError(f"no training cases found in {self.root} (cache {self.cache.dir})")
+
+    def _has_label(self, pid: str) -> bool:
+        try:
+            return "label" in read_header(self.cache.path(pid))
+        except CacheError:
+            return False
 
     def _pcr(self, pid: str) -> float:
         pcr = self.cache.read_info(pid).get("pcr")

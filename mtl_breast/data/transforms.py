@@ -60,7 +60,7 @@ class RandPhaseDropoutd(RandomizableTransform, MapTransform):
             return d
         drop = candidates[self.R.randint(len(candidates))]
         phase_mask[drop] = False
-        image = d[self.image_key].clone()
+        image = torch.as_tensor(d[self.image_key]).clone()
         image[drop] = 0
         d[self.image_key], d[self.mask_key] = image, phase_mask
         return d
