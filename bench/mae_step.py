@@ -7,6 +7,14 @@ the bytes of tensors saved for backward (a ``saved_tensors_hooks`` count, dedupl
 
     python bench/mae_step.py --model test --size 32 --phases 2 --batch 2          # CPU smoke run
     python bench/mae_step.py --model base --size 128 --phases 4 --batch 2 --bf16  # GPU
+
+``--find-max-batch`` instead searches the largest batch whose pretraining step (the task module's
+``training_step``, fused AdamW, clipping: what `mtl-breast pretrain fit` runs) stays within ``--limit-gib``, then
+reports volumes/s at that batch and the model FLOP utilisation against the device's dense bf16 peak. On CUDA the
+memory is measured; on a CPU it is the `mtl-breast fit-check` estimate and the speed is that of the CPU:
+
+    python bench/mae_step.py --find-max-batch --model base --bf16 --grad-ckpt     # GPU: ViT-B, 4 x 128^3
+    python bench/mae_step.py --find-max-batch --model test --size 32 --limit-gib 0.05 --steps 2   # CPU smoke run
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import platform
 import statistics
 import time
@@ -38,6 +47,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--skip-monai", action="store_true")
+    p.add_argument("--find-max-batch", action="store_true",
+                   help="largest batch of the pretraining step within --limit-gib, its volumes/s and MFU")
+    p.add_argument("--limit-gib", type=float, default=22.0, help="memory limit of --find-max-batch")
+    p.add_argument("--max-batch", type=int, default=512, help="upper bound of the --find-max-batch search")
+    p.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the device for MFU (default: known GPUs)")
     return p.parse_args()
 
 
@@ -144,11 +158,134 @@ def measure(build, args: argparse.Namespace, device: torch.device) -> dict:
     return result
 
 
+# Dense bf16 tensor-core peaks (TFLOPS) by device-name fragment, first match wins; --peak-tflops overrides.
+PEAK_BF16_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0), ("L4", 121.0),
+                    ("4090", 165.0)]
+
+
+def peak_tflops(args: argparse.Namespace, device: torch.device) -> float | None:
+    if args.peak_tflops:
+        return args.peak_tflops
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def pretrain_config(args: argparse.Namespace, batch: int) -> dict:
+    """The `mtl-breast pretrain` config of this benchmark (model section as in configs/pretrain/*.yaml)."""
+    model_args = {"mask_ratio": args.mask_ratio, "attn_mode": args.attn_mode, "max_phases": max(8, args.phases)}
+    return {"model": {"arch": f"mae_vit_{args.model}", "model_args": model_args, "grad_checkpointing": args.grad_ckpt},
+            "data": {"crop_size": args.size, "batch_size": batch},
+            "trainer": {"precision": "bf16-mixed" if args.bf16 else "32-true", "gradient_clip_val": 1.0}}
+
+
+def model_flops_per_volume(args: argparse.Namespace) -> int:
+    """FLOPs of forward + backward per volume (no checkpoint recomputation), counted on fake tensors."""
+    from torch.utils import flop_counter
+
+    from mtl_breast.memtrace import FakeMode, LiveBytes
+
+    # The CPU flash kernel that fake tensors run costs what CUDA's flash kernel does.
+    cpu_flash = {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *a, **kw: flop_counter.sdpa_flop_count(q, k, v),
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda g, q, k, v, *a, **kw: flop_counter.sdpa_backward_flop_count(g, q, k, v),
+    }
+    counter = flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_flash)
+    with torch.device("meta"):  # no initialisation work; storage comes from to_empty
+        model = create_model(f"mae_vit_{args.model}", img_size=args.size, mask_ratio=args.mask_ratio,
+                             attn_mode=args.attn_mode, max_phases=max(8, args.phases))
+    with FakeMode(), LiveBytes(fake=True):  # LiveBytes answers the model's small data-dependent checks
+        model = model.to_empty(device="cpu")
+        x = torch.randn(1, args.phases, args.size, args.size, args.size)
+        with counter:
+            model(x)["loss"].backward()
+    return counter.get_total_flops()
+
+
+def find_max_batch(args: argparse.Namespace, device: torch.device) -> dict:
+    """Largest batch within args.limit_gib (doubling, then bisection), then volumes/s and MFU at that batch."""
+    from mtl_breast.fitcheck import estimate_training_memory, prepare_module, synthetic_batch
+    from mtl_breast.tasks.pretrain import MAEPretrainModule
+
+    limit = args.limit_gib * 2**30
+    torch.manual_seed(0)
+    cfg = pretrain_config(args, 1)
+    module = MAEPretrainModule(**cfg["model"], img_size=args.size).to(device).train()
+    optimizer = prepare_module(module, batch_size=1)  # fused AdamW on CUDA, as in training
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+
+    def step(batch: dict) -> None:
+        with amp:
+            loss = module.training_step(batch, 0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def peak(b: int) -> float:
+        if device.type != "cuda":
+            return estimate_training_memory(pretrain_config(args, b), phases=args.phases)["peak_bytes"]
+        torch.cuda.empty_cache()
+        try:
+            batch = synthetic_batch("pretrain", b, args.phases, (args.size,) * 3, device=device)
+            step(batch)  # the first step of a batch size may differ (workspaces, AdamW state at the very first)
+            torch.cuda.reset_peak_memory_stats(device)
+            step(batch)
+            return torch.cuda.max_memory_allocated(device)
+        except torch.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            return math.inf
+
+    tried: dict[int, float] = {}
+    lo, hi, b = 0, args.max_batch + 1, 1
+    while b < hi:  # double until a batch does not fit
+        tried[b] = peak(b)
+        if tried[b] > limit:
+            hi = b
+            break
+        lo, b = b, 2 * b
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        tried[mid] = peak(mid)
+        lo, hi = (mid, hi) if tried[mid] <= limit else (lo, mid)
+    result = {"config": {**vars(args)}, "memory_metric": "cuda max_memory_allocated" if device.type == "cuda"
+              else "fit-check estimate (no CUDA device)", "limit_gib": args.limit_gib,
+              "peak_gib_by_batch": {k: (round(v / 2**30, 3) if math.isfinite(v) else "out of memory")
+                                    for k, v in sorted(tried.items())},
+              "largest_batch": lo}
+    if lo == 0:
+        return result
+    batch = synthetic_batch("pretrain", lo, args.phases, (args.size,) * 3, device=device)
+    times = []
+    for i in range(args.warmup + args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        step(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    flops = model_flops_per_volume(args) * lo
+    peak_flops = peak_tflops(args, device)
+    result.update(step_s_median=round(step_s, 4), volumes_per_s=round(lo / step_s, 2),
+                  model_tflop_per_step=round(flops / 1e12, 6), achieved_tflops=round(flops / step_s / 1e12, 4),
+                  peak_bf16_tflops=peak_flops,
+                  mfu=round(flops / step_s / (peak_flops * 1e12), 4) if peak_flops else None)
+    return result
+
+
 def main() -> None:
     args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # AdamW's tiny second moments otherwise slow CPU math badly
+    if args.find_max_batch:
+        print(json.dumps({"benchmark": "mae_max_batch", "device": device_name(device), "torch": torch.__version__,
+                          **find_max_batch(args, device)}, indent=2))
+        return
     grid = args.size // ENCODER_SIZES[args.model]["patch_size"]
     visible = int(grid**3 * (1 - args.mask_ratio))
     out = {
