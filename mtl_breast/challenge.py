@@ -10,15 +10,13 @@ The weights folder comes from the `weights` argument or the MTL_BREAST_WEIGHTS e
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from mtl_breast.data.case import Case
-from mtl_breast.inference import InferenceSettings, run_predictions
+from mtl_breast.inference import InferenceSettings, load_joint_model, run_predictions
 
 
 def _breast_box(info: dict) -> tuple[int, int, int, int, int, int] | None:
@@ -26,6 +24,17 @@ def _breast_box(info: dict) -> tuple[int, int, int, int, int, int] | None:
     if not coords:
         return None
     return tuple(int(coords[k]) for k in ("x_min", "x_max", "y_min", "y_max", "z_min", "z_max"))  # type: ignore
+
+
+def _acquisition_times(imaging: dict, num_phases: int) -> list[float] | None:
+    # As the MAMA-MIA reader does: the JSON's times when they fit the phases, else unknown (phase index used).
+    times = imaging.get("acquisition_times")
+    if not isinstance(times, list) or len(times) != num_phases:
+        return None
+    try:
+        return [float(t) for t in times]
+    except (TypeError, ValueError):
+        return None
 
 
 class Model:
@@ -40,16 +49,13 @@ class Model:
 
     def __init__(self, dataset, weights: str | os.PathLike | None = None, device: str | None = None,
                  tta_flips: bool = False):
-        from mtl_breast.hub import load_pretrained
-
         self.dataset = dataset
         weights = weights or os.environ.get("MTL_BREAST_WEIGHTS")
         if not weights:
             raise ValueError("no weights folder: pass weights=... or set MTL_BREAST_WEIGHTS")
         self.weights = Path(weights)
-        config = json.loads((self.weights / "config.json").read_text())
+        self.model, config = load_joint_model(self.weights, device)
         self.settings = InferenceSettings.from_config(config, tta_flips=tta_flips)
-        self.model = load_pretrained(self.weights).to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.predicted_segmentations: str | None = None
         self._table: pd.DataFrame | None = None
 
@@ -57,8 +63,10 @@ class Model:
         cases = []
         for pid in self.dataset.get_patient_id_list():
             info = self.dataset.read_json_file(pid) or {}
-            cases.append(Case(patient_id=pid, image_paths=[Path(p) for p in self.dataset.get_dce_mri_path_list(pid)],
-                              breast_box=_breast_box(info), meta=dict(info.get("imaging_data") or {})))
+            imaging = dict(info.get("imaging_data") or {})
+            paths = [Path(p) for p in self.dataset.get_dce_mri_path_list(pid)]
+            cases.append(Case(patient_id=pid, image_paths=paths, breast_box=_breast_box(info), meta=imaging,
+                              acquisition_times=_acquisition_times(imaging, len(paths))))
         return cases
 
     def predict_segmentation_and_classification(self, output_dir: str) -> pd.DataFrame:

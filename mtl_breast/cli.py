@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -100,7 +101,8 @@ def _predict_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", type=Path, required=True, help="exported joint-model weights folder")
     p.add_argument("--data", type=Path, required=True, help="MAMA-MIA root or folder of cases")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--split", default="test", help="split of a MAMA-MIA root to predict: test, train or all")
+    p.add_argument("--split", default="test", choices=("test", "train", "all"),
+                   help="split of a MAMA-MIA root to predict (a root without a split file: all cases)")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     p.add_argument("--largest-component", action="store_true", help="keep the largest tumour component only")
     p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (default 0.5)")
@@ -132,6 +134,9 @@ def _evaluate_flags(p: argparse.ArgumentParser) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     from mtl_breast.metrics.mamamia import evaluate
 
+    for flag, folder in (("--pred", args.pred), ("--data", args.data)):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{flag} {folder}: no such folder")
     scores = evaluate(args.pred, args.data, args.out, spacing_aware=args.spacing_aware)
     print(json.dumps(headline(scores), indent=2))
     print(f"scores: {args.out / 'scores.json'}  report: {args.out / 'report.md'}")
@@ -207,22 +212,33 @@ def _lightning_cli(task: str, args: list[str]) -> int:
             parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath",
                                   compute_fn=lambda root: str(Path(root or ".") / "checkpoints"))
 
+        def parse_arguments(self, parser, args) -> None:
+            # The arguments come in `args`; sys.argv holds the same command for the DDP launcher (see
+            # below) and is hidden here so LightningCLI does not warn about getting both.
+            argv, sys.argv = sys.argv, sys.argv[:1]
+            try:
+                super().parse_arguments(parser, args)
+            finally:
+                sys.argv = argv
+
     gpu = torch.cuda.is_available()
-    # LightningCLI reads `args`; sys.argv is narrowed to the program name so it does not see both.
-    argv, sys.argv = sys.argv, [f"{Path(sys.argv[0]).name} {task}"]
+    # LightningCLI parses `args`; sys.argv is set to the same command because Lightning's DDP launcher
+    # starts the other ranks by re-running `sys.executable sys.argv` (`-m <module>` when run as one):
+    # anything else there would start the wrong program on ranks 1..N-1.
+    argv, sys.argv = sys.argv, [sys.argv[0] if sys.argv else "mtl-breast", task, *args]
     try:
-        _run_cli(TaskCLI, model_cls, data_cls, args, gpu)
+        _run_cli(TaskCLI, model_cls, data_cls, args, gpu, prog=f"mtl-breast {task}")
     finally:
         sys.argv = argv
     return 0
 
 
-def _run_cli(TaskCLI, model_cls, data_cls, args: list[str], gpu: bool) -> None:  # noqa: N803 (a class)
+def _run_cli(TaskCLI, model_cls, data_cls, args: list[str], gpu: bool, prog: str) -> None:  # noqa: N803
     import torch
 
     TaskCLI(
         model_cls, data_cls, args=args, subclass_mode_model=False, subclass_mode_data=False,
-        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": prog}, save_config_kwargs={"overwrite": True},
         trainer_defaults={
             "accelerator": "auto",
             # bf16 autocast on GPUs that support it; plain float32 on CPU, where bf16 is slow.
@@ -245,13 +261,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_input_error(err: BaseException) -> bool:
+    """Errors about the user's files and settings, whose message says what is wrong (no traceback needed)."""
+    from mtl_breast.data.case import CaseError
+    from mtl_breast.hub import WeightsError
+
+    return isinstance(err, (CaseError, WeightsError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                            PermissionError))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; returns the exit code (2 for bad input, reported in one line on stderr).
+
+    Set MTL_BREAST_TRACEBACK=1 to get the full traceback of such an error instead.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("pretrain", "finetune"):
-        return _lightning_cli(argv[0], argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return _COMMANDS[args.command][2](args)
+    command_name = argv[0] if argv else ""
+    try:
+        if command_name in ("pretrain", "finetune"):
+            return _lightning_cli(command_name, argv[1:])
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        return _COMMANDS[args.command][2](args)
+    except Exception as err:
+        if os.environ.get("MTL_BREAST_TRACEBACK") or not _is_input_error(err):
+            raise
+        print(f"mtl-breast {command_name}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -73,18 +73,23 @@ def extract_dataset(weights: Path | str, data: Path | str, out: Path | str, devi
     from mtl_breast.data.folder import read_dataset
     from mtl_breast.data.preprocess import PreprocessConfig, preprocess_case
     from mtl_breast.hub import load_pretrained
+    from mtl_breast.inference import read_weights_config
 
-    weights, out = Path(weights), Path(out)
-    config = json.loads((weights / "config.json").read_text())
+    weights, data, out = Path(weights), Path(data), Path(out)
+    config = read_weights_config(weights)
+    if not data.is_dir():
+        raise FileNotFoundError(f"data folder {data} does not exist")
     pre_cfg = config.get("preprocess") or {}
     pre_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in pre_cfg.items()}
     preprocess = PreprocessConfig(**pre_cfg)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_pretrained(weights).to(device)
     patch = tuple(_encoder_of(model).patch_size)
-    rows, skipped = [], []
+    rows: list[list] = []
+    skipped: list[dict[str, str]] = []
+    cases = read_dataset(data, skipped=skipped)  # cases that cannot be listed are reported, not fatal
     (out / "features").mkdir(parents=True, exist_ok=True)
-    for case in read_dataset(data):
+    for case in cases:
         try:
             pre = preprocess_case(case, preprocess)
         except CaseError as err:

@@ -214,6 +214,50 @@ def run_predictions(model: torch.nn.Module, cases: list[Case], out_dir: Path, se
     return {"done": done, "skipped": skipped, "rows": rows}
 
 
+def read_weights_config(weights: Path | str) -> dict:
+    """`config.json` of an exported weights folder, with a message that says what to do when it is not one.
+
+    Raises:
+        FileNotFoundError: the folder, its config.json or its model.safetensors is missing.
+        WeightsError: config.json is not a JSON object.
+    """
+    from mtl_breast.hub import WeightsError
+
+    weights = Path(weights)
+    if not weights.is_dir():
+        raise FileNotFoundError(f"weights folder {weights} does not exist")
+    missing = [name for name in ("config.json", "model.safetensors") if not (weights / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{weights} is not an exported weights folder: no {' or '.join(missing)} in it "
+            "(make one from a training checkpoint with `mtl-breast export --ckpt RUN/checkpoints/last.ckpt --out DIR`)")
+    try:
+        config = json.loads((weights / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise WeightsError(f"{weights / 'config.json'} is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise WeightsError(f"{weights / 'config.json'} must hold a JSON object")
+    return config
+
+
+def load_joint_model(weights: Path | str, device: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """Load exported joint segmentation + pCR weights for inference: (model in eval mode on `device`, config).
+
+    Raises FileNotFoundError / WeightsError naming the folder when it holds no weights, or holds weights of
+    another kind of model (an MAE pretrainer or a bare encoder cannot segment).
+    """
+    from mtl_breast.hub import WeightsError, load_pretrained
+    from mtl_breast.models.mtl import MTLModel
+
+    config = read_weights_config(weights)
+    model = load_pretrained(weights)
+    if not isinstance(model, MTLModel):
+        raise WeightsError(
+            f"{weights} holds {config.get('arch')!r} weights ({type(model).__name__}), not a joint segmentation + pCR "
+            "model: fine-tune one (`mtl-breast finetune fit --model.pretrained <these weights>`) and export it")
+    return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")), config
+
+
 def predict_dataset(weights: Path | str, data: Path | str, out: Path | str, *, device: str | None = None,
                     split: str | None = "test", **overrides) -> dict:
     """`mtl-breast predict`: load exported weights, predict the cases of a dataset root.
@@ -228,16 +272,23 @@ def predict_dataset(weights: Path | str, data: Path | str, out: Path | str, *, d
     """
     from mtl_breast.data.folder import read_dataset
     from mtl_breast.data.mamamia import is_mamamia_root, read_splits
-    from mtl_breast.hub import load_pretrained
 
     weights, data, out = Path(weights), Path(data), Path(out)
-    config = json.loads((weights / "config.json").read_text())
+    model, config = load_joint_model(weights, device)
     settings = InferenceSettings.from_config(config, **overrides)
-    model = load_pretrained(weights).to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cases = read_dataset(data)
+    if not data.is_dir():
+        raise FileNotFoundError(f"data folder {data} does not exist")
+    unreadable: list[dict[str, str]] = []
+    cases = read_dataset(data, skipped=unreadable)
     if split and is_mamamia_root(data) and (data / "train_test_splits.csv").exists():
-        wanted = {p.lower() for p in read_splits(data)[split]}
+        splits = read_splits(data)
+        if split not in splits:
+            raise ValueError(f"unknown split {split!r} for {data}: use one of {sorted(splits)} or all")
+        wanted = {p.lower() for p in splits[split]}
         cases = [c for c in cases if c.patient_id.lower() in wanted]
+        unreadable = [s for s in unreadable if str(s["patient_id"]).lower() in wanted]
     report = run_predictions(model, cases, out, settings)
+    # Cases the reader could not even list (e.g. a missing phase file) are skipped too, and said so.
+    report["skipped"] = unreadable + report["skipped"]
     report["out"] = str(out)
     return report

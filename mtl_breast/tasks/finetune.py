@@ -35,6 +35,8 @@ from mtl_breast.metrics.segmentation import dice, hd95, norm_hd
 from mtl_breast.metrics.subgroups import age_group, density_group, menopause_group
 from mtl_breast.models.registry import create_model
 from mtl_breast.tasks.optim import build_optimizer, build_scheduler
+from mtl_breast.tasks.rng import KEY as RNG_KEY
+from mtl_breast.tasks.rng import restore_rng_on_train_start, rng_state
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +122,12 @@ class MTLFinetuneModule(L.LightningModule):
         self.register_buffer("pcr_threshold", torch.tensor(0.5))
         self.register_buffer("pcr_temperature", torch.tensor(1.0))
         self._val_rows: list[dict] = []
+        self._resume_rng: dict | None = None
 
     # ------------------------------------------------------------------ training
+    def on_train_start(self) -> None:
+        restore_rng_on_train_start(self)
+
     def on_fit_start(self) -> None:
         dm = self.trainer.datamodule
         if self.hparams.pcr_pos_weight == "balanced" and dm is not None and hasattr(dm, "train_pcr_counts"):
@@ -224,3 +230,9 @@ class MTLFinetuneModule(L.LightningModule):
             "inference": {"roi_size": list(self.img_size), "pcr_threshold": float(self.pcr_threshold),
                           "pcr_temperature": float(self.pcr_temperature)},
         }
+        checkpoint[RNG_KEY] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Resuming a fit: the generators go back in `on_train_start` (Lightning does not store them).
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            self._resume_rng = checkpoint.get(RNG_KEY)

@@ -19,6 +19,8 @@ import torch
 
 from mtl_breast.models.registry import create_model
 from mtl_breast.tasks.optim import build_optimizer, build_scheduler, effective_batch_size
+from mtl_breast.tasks.rng import KEY as RNG_KEY
+from mtl_breast.tasks.rng import restore_rng_on_train_start, rng_state
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,10 @@ class MAEPretrainModule(L.LightningModule):
         if grad_checkpointing:
             self.model.encoder.set_grad_checkpointing(True)
         self._val_example: dict[str, torch.Tensor] | None = None
+        self._resume_rng: dict | None = None
+
+    def on_train_start(self) -> None:
+        restore_rng_on_train_start(self)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return self.model(batch["image"], phase_mask=batch["phase_mask"], phase_time=batch["phase_time"])
@@ -83,21 +89,28 @@ class MAEPretrainModule(L.LightningModule):
                                  "phase_mask": batch["phase_mask"][:1]}
 
     def on_validation_epoch_end(self) -> None:
-        if not (self.hparams.recon_images and self._val_example and self.trainer.is_global_zero):
+        ex, self._val_example = self._val_example, None
+        if not (self.hparams.recon_images and ex) or self.trainer.sanity_checking:
             return
-        if self.trainer.sanity_checking:
+        # `trainer.log_dir` broadcasts rank 0's folder under DDP: every rank must ask, or rank 0 waits forever.
+        log_dir = self.trainer.log_dir
+        if not self.trainer.is_global_zero:
             return
-        ex = self._val_example
         masked, recon = self.model.reconstruct(ex["pred"].float(), ex["mask"], ex["image"].float())
-        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "reconstructions"
+        out_dir = Path(log_dir or self.trainer.default_root_dir) / "reconstructions"
         path = out_dir / f"epoch_{self.current_epoch:04d}.png"
         save_reconstruction_png(ex["image"][0], masked[0], recon[0], ex["phase_mask"][0], path)
-        self._val_example = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Feature extraction must preprocess new cases exactly as the encoder saw them.
         dm = self.trainer.datamodule if self._trainer is not None else None
         checkpoint["mtl_breast"] = {"preprocess": asdict(dm.preprocess_config) if dm is not None else None}
+        checkpoint[RNG_KEY] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Resuming a fit: the generators go back in `on_train_start` (Lightning does not store them).
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            self._resume_rng = checkpoint.get(RNG_KEY)
 
     def configure_optimizers(self):
         lr = self.hparams.lr

@@ -1,0 +1,56 @@
+"""Random-number-generator state in training checkpoints, so a resumed run draws what the original would have.
+
+Lightning checkpoints hold the weights, optimizer, scheduler and loop counters but not the RNGs; the
+MAE masks, the phase-time dropout and the order of the training samples come from the global torch
+generator. The task modules store the states here when they save a checkpoint and put them back when
+training restarts from it: `on_load_checkpoint` keeps them and `on_train_start` sets them. That is
+after the setup-time iterations of the training loader that Lightning makes on a restart
+(`estimated_stepping_batches`, `setup_data`) and right before the epoch the run continues with
+starts, which is where the states were taken when the checkpoint was saved at an epoch end.
+Everything is kept as tensors and plain Python values, so the checkpoint still loads with
+`torch.load(weights_only=True)` (no numpy objects to unpickle).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+KEY = "mtl_breast_rng"
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch (CPU and initialised CUDA devices), numpy and Python global generator states."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned (the CUDA part only when the device count matches)."""
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def restore_rng_on_train_start(module) -> None:
+    """Set the states a resumed `module` kept from its checkpoint (`module._resume_rng`), once."""
+    state, module._resume_rng = getattr(module, "_resume_rng", None), None
+    if state is not None:
+        set_rng_state(state)

@@ -1,0 +1,71 @@
+"""Lightning callbacks the CLI tests pass with `--trainer.callbacks+=probes.X` (tests/ is on sys.path).
+
+They observe or steer a run from outside the package: record which cases each rank trained on and the
+weights it ended with, save the encoder as training starts, stop a run after an epoch as if it had
+been interrupted, and pin the data module's augmentation random state per epoch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+class RecordSeen(L.Callback):
+    """Write `<out_dir>/rank<r>.json` (patient ids of every training batch) and `rank<r>.pt` (final module state)."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = Path(out_dir)
+        self.seen: list[str] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen.extend(str(p) for p in batch["patient_id"])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        rank = trainer.global_rank
+        (self.out_dir / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "world_size": trainer.world_size,
+                                                                   "global_step": trainer.global_step,
+                                                                   "seen": self.seen}))
+        state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+        torch.save(state, self.out_dir / f"rank{rank}.pt")
+
+
+class StopAfterEpoch(L.Callback):
+    """End `fit` after epoch `epoch` (0-based) is complete, as an interrupted job would: last.ckpt is its state."""
+
+    def __init__(self, epoch: int = 0):
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch >= self.epoch:
+            trainer.should_stop = True
+
+
+class PinAugmentation(L.Callback):
+    """Seed the data module's training transform from the epoch number at the start of every epoch.
+
+    MONAI transforms draw from their own generators, which `seed_everything` does not reach; pinning
+    them per epoch makes an uninterrupted and a resumed run see the same crops and flips.
+    """
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        transform = getattr(trainer.datamodule, "train_transform", None)
+        if transform is not None:
+            transform.set_random_state(seed=1000 + trainer.current_epoch)
+
+
+class SaveEncoderAtStart(L.Callback):
+    """Save the encoder's weights as they are when training starts (after any pretrained weights were loaded)."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({k: v.detach().cpu().clone() for k, v in pl_module.model.encoder.state_dict().items()},
+                       self.path)

@@ -1,0 +1,185 @@
+"""Training through the CLI: resuming, DDP on CPU (gloo), fine-tuning metrics and exports, encoder loading."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, run_cli
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _assert_same_tensors(a: dict, b: dict, what: str, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys(), what
+    different = [k for k in a if not (torch.equal(a[k], b[k]) if atol == 0 else
+                                      torch.allclose(a[k].float(), b[k].float(), rtol=0.0, atol=atol))]
+    assert not different, f"{what} differ: {different[:5]}"
+
+
+# Same ops in the same order on CPU give bitwise-equal results; the tolerance only absorbs a different
+# thread count between the session's run and this test's runs. A lost optimizer/scheduler/RNG state
+# shows up as differences around 1e-3 after these 4 steps.
+RESUME_ATOL = 1e-6
+
+
+def _optimizer_steps(ckpt: dict) -> set[int]:
+    return {int(s["step"]) for s in ckpt["optimizer_states"][0]["state"].values()}
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def test_resume_after_interruption_continues_the_same_run(pretrain_run, pretrain_argv, tmp_path):
+    """Stopped after epoch 1 of 2 and restarted with `--ckpt_path last`, the run ends exactly where the
+    uninterrupted one (the session's pretrain run, same settings) does: step, optimizer, schedule, RNG, weights.
+
+    Both runs pin the MONAI augmentation state per epoch (probes.PinAugmentation): the data module seeds it
+    once per loader, outside what a checkpoint holds; everything else is the package's own resume path.
+    """
+    run = tmp_path / "interrupted"
+    assert run_cli(pretrain_argv(run, "--trainer.callbacks+=probes.StopAfterEpoch")) == 0
+    halfway = _ckpt(run / "checkpoints" / "last.ckpt")
+    assert halfway["global_step"] == 2 and _optimizer_steps(halfway) == {2}
+    assert "mtl_breast_rng" in halfway
+
+    assert run_cli(pretrain_argv(run, "--ckpt_path", "last")) == 0
+    resumed = _ckpt(run / "checkpoints" / "last.ckpt")
+    straight = _ckpt(pretrain_run / "checkpoints" / "last.ckpt")
+
+    assert resumed["global_step"] == straight["global_step"] == 4
+    assert resumed["epoch"] == straight["epoch"]
+    assert _optimizer_steps(resumed) == _optimizer_steps(straight) == {4}
+    assert resumed["lr_schedulers"] == straight["lr_schedulers"]
+    assert resumed["lr_schedulers"][0]["last_epoch"] == 4
+    opt_r, opt_s = resumed["optimizer_states"][0], straight["optimizer_states"][0]
+    assert [g["lr"] for g in opt_r["param_groups"]] == [g["lr"] for g in opt_s["param_groups"]]
+    for key in opt_s["state"]:
+        assert int(opt_r["state"][key]["step"]) == int(opt_s["state"][key]["step"])
+        _assert_same_tensors(opt_r["state"][key], opt_s["state"][key], f"optimizer state of parameter {key}",
+                             atol=RESUME_ATOL)
+    assert torch.equal(resumed["mtl_breast_rng"]["torch"], straight["mtl_breast_rng"]["torch"])
+    _assert_same_tensors(resumed["state_dict"], straight["state_dict"], "weights", atol=RESUME_ATOL)
+
+
+def test_resume_with_more_steps_continues_the_count(pretrain_run, pretrain_argv, tmp_path):
+    """A finished 4-step run restarted from its checkpoint with max_steps 6 trains steps 5 and 6 only."""
+    start = _ckpt(pretrain_run / "checkpoints" / "last.ckpt")
+    run = tmp_path / "longer"
+    assert run_cli(pretrain_argv(run, "--trainer.max_steps", "6",
+                                 "--ckpt_path", pretrain_run / "checkpoints" / "last.ckpt")) == 0
+    longer = _ckpt(run / "checkpoints" / "last.ckpt")
+    assert longer["global_step"] == 6
+    assert _optimizer_steps(longer) == {6}  # Adam's moments carried on: a fresh optimizer would count 2
+    assert longer["lr_schedulers"][0]["last_epoch"] == 6
+    assert longer["lr_schedulers"][0]["base_lrs"] == start["lr_schedulers"][0]["base_lrs"]
+    assert any(not torch.equal(longer["state_dict"][k], v) for k, v in start["state_dict"].items())
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+def _run_ddp(argv: list, out: Path, cwd: Path) -> list[dict]:
+    """`python -m mtl_breast.cli <argv>` on 2 CPU processes (gloo); returns what each rank recorded."""
+    probe = json.dumps({"class_path": "probes.RecordSeen", "init_args": {"out_dir": str(out)}})
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(p for p in (str(TESTS), str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    cmd = [sys.executable, "-m", "mtl_breast.cli", *map(str, argv), "--trainer.strategy", "ddp",
+           "--trainer.devices", "2", "--trainer.accelerator", "cpu", f"--trainer.callbacks+={probe}"]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=480)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] > 0
+    _assert_same_tensors(torch.load(out / "rank0.pt", weights_only=True),
+                         torch.load(out / "rank1.pt", weights_only=True), "weights of rank 0 and rank 1")
+    return ranks
+
+
+def test_ddp_pretraining_on_two_cpu_processes(pretrain_argv, tmp_path):
+    run = tmp_path / "run"
+    # 8 training cases, no repeats: each rank gets 4 of them, 2 batches of 2.
+    ranks = _run_ddp(pretrain_argv(run, "--data.repeats", "1", "--trainer.max_steps", "2"), tmp_path / "seen",
+                     tmp_path)
+    seen = [set(r["seen"]) for r in ranks]
+    assert all(len(r["seen"]) == 4 for r in ranks)
+    assert not seen[0] & seen[1], "both ranks trained on the same cases"
+    assert len(seen[0] | seen[1]) == 8
+    assert _ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 2
+
+
+def test_ddp_finetuning_on_two_cpu_processes(finetune_argv, tmp_path):
+    run = tmp_path / "run"
+    ranks = _run_ddp(finetune_argv(run, "--data.repeats", "1", "--data.batch_size", "1",
+                                   "--trainer.limit_val_batches", "1", "--trainer.logger", "false"),
+                     tmp_path / "seen", tmp_path)
+    assert all(len(r["seen"]) == 2 for r in ranks)
+    assert not set(ranks[0]["seen"]) & set(ranks[1]["seen"]), "both ranks trained on the same cases"
+    ckpt = _ckpt(run / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 2
+    # Validation rows are gathered from both ranks before the pCR threshold is chosen: the same on each.
+    rank_states = [torch.load(tmp_path / "seen" / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert float(rank_states[0]["pcr_threshold"]) == float(rank_states[1]["pcr_threshold"])
+
+
+# ---------------------------------------------------------------------------------------------- fine-tuning
+def _metrics(run: Path) -> list[dict]:
+    (path,) = run.glob("lightning_logs/version_*/metrics.csv")
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_finetune_logs_challenge_metrics(finetune_run):
+    rows = _metrics(finetune_run)
+    val = [r for r in rows if r.get("val/dsc")]
+    assert val, "no validation metrics logged"
+    last = val[-1]
+    for name in ("val/dsc", "val/norm_hd", "val/pcr_ba", "val/pcr_auc", "val/ranking", "val/pcr_threshold"):
+        assert last.get(name) not in (None, ""), f"{name} not logged"
+        assert 0.0 <= float(last[name]) <= 1.0 or name == "val/norm_hd"
+    assert (finetune_run / "checkpoints" / "last.ckpt").is_file()
+    assert list((finetune_run / "checkpoints").glob("best-*.ckpt"))  # selected on val/ranking
+    assert list(finetune_run.glob("lightning_logs/version_*/config.yaml"))
+
+
+def test_finetune_export_carries_validation_threshold_and_preprocessing(finetune_run, mtl_weights):
+    config = json.loads((mtl_weights / "config.json").read_text())
+    assert config["arch"] == "mtl_vit_test"
+    logged = float([r for r in _metrics(finetune_run) if r.get("val/pcr_threshold")][-1]["val/pcr_threshold"])
+    assert config["inference"]["pcr_threshold"] == pytest.approx(logged, abs=1e-6)
+    assert config["inference"]["pcr_threshold"] != 0.5  # chosen on validation, not the initial value
+    assert config["inference"]["roi_size"] == [32, 32, 32]
+    assert "pcr_temperature" in config["inference"]
+    pre = config["preprocess"]
+    assert tuple(pre["spacing"]) == (1.0, 1.0, 1.0)
+    assert {"crop_to_breast", "margin_mm", "clip_percentiles"} <= set(pre)
+
+
+def test_finetune_starts_from_the_mae_encoder(finetune_run, mae_weights):
+    from mtl_breast import load_pretrained
+
+    mae = load_pretrained(mae_weights)
+    at_start = torch.load(finetune_run / "encoder_at_start.pt", weights_only=True)
+    _assert_same_tensors(at_start, {k: v for k, v in mae.encoder.state_dict().items()}, "encoder at start vs MAE")
+
+
+def test_finetune_module_loads_the_encoder_and_nothing_else(mae_weights):
+    from mtl_breast import load_pretrained
+    from mtl_breast.tasks.finetune import MTLFinetuneModule
+
+    torch.manual_seed(0)
+    scratch = MTLFinetuneModule(arch="mtl_vit_test", img_size=32)
+    torch.manual_seed(0)
+    loaded = MTLFinetuneModule(arch="mtl_vit_test", img_size=32, pretrained=str(mae_weights))
+    mae_encoder = load_pretrained(mae_weights).encoder.state_dict()
+    _assert_same_tensors(loaded.model.encoder.state_dict(), mae_encoder, "loaded encoder vs MAE encoder")
+    # The decoder and the pCR head keep their initialisation.
+    outside = {k: v for k, v in loaded.model.state_dict().items() if not k.startswith("encoder.")}
+    _assert_same_tensors(outside, {k: v for k, v in scratch.model.state_dict().items() if not k.startswith("encoder.")},
+                         "non-encoder weights")
