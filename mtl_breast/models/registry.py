@@ -6,9 +6,8 @@ name as ``model.arch``, so ``create_model(model.arch, **model.model_args)`` rebu
 the ``config.json`` of released weights (``{"arch", "model_args", "format_version"}``).
 
 Groups: ``vit_<size>`` (encoder), ``mae_vit_<size>`` (MAE pretrainer), ``mtl_vit_<size>`` (joint segmentation +
-pCR model; its ``model_args`` nest ``encoder``, ``seg_decoder``, ``pcr_head`` and ``skip_indices``). Another group (e.g. ``mtl_vit_<size>``)
-is added with a builder that sets ``model_args`` (``resolve_kwargs`` helps) and ``MODELS.update(...)`` or
-``register_model``.
+pCR model; its ``model_args`` nest ``encoder``, ``seg_decoder``, ``pcr_head`` and ``skip_indices``). Another
+group is added with a builder that sets ``model_args`` (``resolve_kwargs`` helps) and ``register_model``.
 
 Sizes (width E / depth / heads / patch / default volume):
     test   64 / 2 / 2 / 8^3 / 32^3 -- CPU tests; patch 8 so a 32^3 volume still has 4^3 tokens per phase.
