@@ -168,6 +168,20 @@ def _extract(args: argparse.Namespace) -> int:
     return 1 if report["skipped"] else 0
 
 
+# ---------------------------------------------------------------------------------------------- fit-check
+def _fit_check_flags(p: argparse.ArgumentParser) -> None:
+    from mtl_breast.fitcheck import add_arguments
+
+    add_arguments(p)
+
+
+@command("fit-check", "estimate the peak GPU memory of a training config without a GPU", _fit_check_flags)
+def _fit_check(args: argparse.Namespace) -> int:
+    from mtl_breast.fitcheck import run
+
+    return run(args)
+
+
 # ---------------------------------------------------------------------------------------------- demo
 def _demo_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"))

@@ -27,6 +27,22 @@ def _step(title: str) -> float:
     return time.perf_counter()
 
 
+def _best_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint ModelCheckpoint kept as best in this run (recorded in last.ckpt), else last.ckpt.
+
+    Not the newest `best-*.ckpt` by name: a work folder used before can still hold one from an earlier run.
+    """
+    import torch
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    for name, callback in (state.get("callbacks") or {}).items():
+        best = callback.get("best_model_path") if name.startswith("ModelCheckpoint") else None
+        if best and Path(best).is_file():
+            return Path(best)
+    return last
+
+
 def run_demo(workdir: Path | str = "runs/demo", cases: int = 96, size: int = 48, seed: int = 0,
              pretrain_epochs: int | None = None, finetune_epochs: int | None = None) -> dict:
     """Run the whole pipeline in `workdir`; returns the scores dict. Epoch overrides shorten it for tests."""
@@ -60,9 +76,7 @@ def run_demo(workdir: Path | str = "runs/demo", cases: int = 96, size: int = 48,
     if finetune_epochs is not None:
         args += ["--trainer.max_epochs", str(finetune_epochs)]
     _lightning_cli("finetune", args)
-    ckpts = sorted((work / "finetune" / "checkpoints").glob("best-*.ckpt"))
-    best = ckpts[-1] if ckpts else work / "finetune" / "checkpoints" / "last.ckpt"
-    weights = export_checkpoint(best, work / "weights" / "mtl")
+    weights = export_checkpoint(_best_checkpoint(work / "finetune"), work / "weights" / "mtl")
     timings["finetune"] = time.perf_counter() - t0
 
     t0 = _step("4/6 predict the held-out split")

@@ -159,3 +159,13 @@ def test_vit_b_finetune_config_on_fake_tensors_in_seconds():
     n = result["params"]["total"]
     assert 110e6 < n < 135e6 and result["bytes"]["parameters"] == 4 * n
     assert 2 * 2**30 < result["peak_bytes"] < 24 * 2**30 and result["fits"]
+
+
+def test_cli_subcommand_exit_codes(capsys):
+    from mtl_breast.cli import main
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "finetune" / "demo.yaml")
+    assert main(["fit-check", "--config", config, "--phases", "3"]) == 0
+    assert "fits in 24" in capsys.readouterr().out
+    assert main(["fit-check", "--config", config, "--phases", "3", "--budget-gib", "0.001"]) == 1
+    assert main(["fit-check", "--config", "no/such/config.yaml"]) == 2

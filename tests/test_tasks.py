@@ -183,3 +183,10 @@ def test_finetune_module_loads_the_encoder_and_nothing_else(mae_weights):
     outside = {k: v for k, v in loaded.model.state_dict().items() if not k.startswith("encoder.")}
     _assert_same_tensors(outside, {k: v for k, v in scratch.model.state_dict().items() if not k.startswith("encoder.")},
                          "non-encoder weights")
+
+
+def test_demo_exports_the_checkpoint_recorded_as_best(finetune_run):
+    from mtl_breast.demo import _best_checkpoint
+
+    best = _best_checkpoint(finetune_run)
+    assert best.parent == finetune_run / "checkpoints" and best.name.startswith("best-")
