@@ -191,3 +191,17 @@ def test_training_with_a_missing_data_root_says_so(task, tmp_path, capsys):
     assert str(missing) in err and "does not exist" in err
     _no_traceback(err)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_export_of_a_missing_or_foreign_checkpoint_says_so(tmp_path, capsys):
+    code = main(["export", "--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "w")])
+    err = capsys.readouterr().err
+    assert code == 2 and "missing.ckpt" in err and "does not exist" in err
+    _no_traceback(err)
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    code = main(["export", "--ckpt", str(foreign), "--out", str(tmp_path / "w")])
+    err = capsys.readouterr().err
+    assert code == 2 and "not an mtl-breast checkpoint" in err
+    _no_traceback(err)
+    assert not (tmp_path / "w").exists()

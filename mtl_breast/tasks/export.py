@@ -17,18 +17,21 @@ from mtl_breast.models.registry import create_model
 def export_checkpoint(ckpt_path: Path | str, out_dir: Path | str) -> Path:
     """Rebuild the model of a pretraining or fine-tuning checkpoint and save it with `save_pretrained`.
 
-    Returns the output folder. Raises ValueError naming the file when it is not a checkpoint of this package.
+    Returns the output folder. Raises FileNotFoundError when there is no such file, and WeightsError (a
+    ValueError) naming the file when it is not a checkpoint of this package.
     """
-    from mtl_breast.hub import save_pretrained
+    from mtl_breast.hub import WeightsError, save_pretrained
 
     ckpt_path = Path(ckpt_path)
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist (runs keep theirs in RUN/checkpoints/)")
     try:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for bad files
-        raise ValueError(f"{ckpt_path}: not a loadable Lightning checkpoint ({type(err).__name__}: {err})") from err
-    hp = ckpt.get("hyper_parameters") or {}
+        raise WeightsError(f"{ckpt_path}: not a loadable Lightning checkpoint ({type(err).__name__}: {err})") from err
+    hp = (ckpt.get("hyper_parameters") or {}) if isinstance(ckpt, dict) else {}
     if "arch" not in hp or "state_dict" not in ckpt:
-        raise ValueError(f"{ckpt_path}: no 'arch' hyper-parameter or state_dict; not an mtl-breast checkpoint")
+        raise WeightsError(f"{ckpt_path}: no 'arch' hyper-parameter or state_dict; not an mtl-breast checkpoint")
     size = hp.get("img_size", 64)
     size = (size,) * 3 if isinstance(size, int) else tuple(int(s) for s in size)
     model = create_model(hp["arch"], img_size=size, **(hp.get("model_args") or {}))
