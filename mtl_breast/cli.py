@@ -241,26 +241,20 @@ def _lightning_cli(task: str, args: list[str]) -> int:
     # anything else there would start the wrong program on ranks 1..N-1.
     argv, sys.argv = sys.argv, [sys.argv[0] if sys.argv else "mtl-breast", task, *args]
     try:
-        _run_cli(TaskCLI, model_cls, data_cls, args, gpu, prog=f"mtl-breast {task}")
+        TaskCLI(
+            model_cls, data_cls, args=args, subclass_mode_model=False, subclass_mode_data=False,
+            parser_kwargs={"prog": f"mtl-breast {task}"}, save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "accelerator": "auto",
+                # bf16 autocast on GPUs that support it; plain float32 on CPU, where bf16 is slow.
+                "precision": "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true",
+                "gradient_clip_val": 1.0,
+                "log_every_n_steps": 10,
+            },
+        )
     finally:
         sys.argv = argv
     return 0
-
-
-def _run_cli(TaskCLI, model_cls, data_cls, args: list[str], gpu: bool, prog: str) -> None:  # noqa: N803
-    import torch
-
-    TaskCLI(
-        model_cls, data_cls, args=args, subclass_mode_model=False, subclass_mode_data=False,
-        parser_kwargs={"prog": prog}, save_config_kwargs={"overwrite": True},
-        trainer_defaults={
-            "accelerator": "auto",
-            # bf16 autocast on GPUs that support it; plain float32 on CPU, where bf16 is slow.
-            "precision": "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true",
-            "gradient_clip_val": 1.0,
-            "log_every_n_steps": 10,
-        },
-    )
 
 
 # ---------------------------------------------------------------------------------------------- main
