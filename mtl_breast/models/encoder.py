@@ -19,7 +19,14 @@ from einops import rearrange, repeat
 from timm.layers import DropPath, LayerScale, Mlp
 from torch import Tensor, nn
 
-from mtl_breast.models.layers import Attention, PatchEmbed3d, resample_pos_embed_3d, sincos_pos_embed_3d, to_3tuple
+from mtl_breast.models.layers import (
+    Attention,
+    PatchEmbed3d,
+    init_linear_and_norm,
+    resample_pos_embed_3d,
+    sincos_pos_embed_3d,
+    to_3tuple,
+)
 from mtl_breast.models.temporal import PhaseEncoding, TemporalAttention, check_phase_inputs
 
 __all__ = ["ATTN_MODES", "POS_EMBED_TYPES", "Block", "ViTEncoder3d"]
@@ -216,13 +223,7 @@ class ViTEncoder3d(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.proj.bias)
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+            init_linear_and_norm(m)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block during backward (trades ~30% compute for activation memory)."""

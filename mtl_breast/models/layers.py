@@ -150,6 +150,17 @@ def attend(qkv: Tensor, *, num_heads: int, attn_mask: Tensor | None = None, drop
     return rearrange(x, "b h l d -> b l (h d)")
 
 
+def init_linear_and_norm(module: nn.Module) -> None:
+    """MAE initialisation of one module: xavier-uniform linear weights, zero biases, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over a token sequence (parameters named like timm's ``Attention``).
 

@@ -17,7 +17,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from mtl_breast.models.encoder import Block, ViTEncoder3d
-from mtl_breast.models.layers import sincos_pos_embed_3d
+from mtl_breast.models.layers import init_linear_and_norm, sincos_pos_embed_3d
 from mtl_breast.models.temporal import PhaseEncoding
 
 __all__ = ["MAEPretrainer"]
@@ -85,13 +85,7 @@ class MAEPretrainer(nn.Module):
         for name, m in self.named_modules():
             if name.startswith("encoder"):
                 continue  # the encoder initialised itself (or holds loaded weights)
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+            init_linear_and_norm(m)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Per-block recomputation in encoder and decoder."""

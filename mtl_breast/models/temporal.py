@@ -17,7 +17,7 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from mtl_breast.models.layers import attend
+from mtl_breast.models.layers import Attention, attend
 
 __all__ = ["PhaseEncoding", "TemporalAttention", "check_phase_inputs"]
 
@@ -112,8 +112,10 @@ class PhaseEncoding(nn.Module):
         return torch.where(known[..., None], time_emb, index_emb)
 
 
-class TemporalAttention(nn.Module):
+class TemporalAttention(Attention):
     """Self-attention across phases at each spatial token (TimeSformer's time attention).
+
+    Same projections as ``Attention`` (and the same parameter names); only the token axis differs.
 
     Args:
         dim: width E.
@@ -122,18 +124,6 @@ class TemporalAttention(nn.Module):
         attn_drop: dropout on attention weights (training only).
         proj_drop: dropout after the output projection.
     """
-
-    def __init__(
-        self, dim: int, *, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0
-    ) -> None:
-        super().__init__()
-        if num_heads < 1 or dim % num_heads:
-            raise ValueError(f"num_heads ({num_heads}) must divide the width ({dim})")
-        self.num_heads = num_heads
-        self.attn_drop = attn_drop
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: Tensor, phase_mask: Tensor | None = None) -> Tensor:
         """Attend over T independently at every token position.
