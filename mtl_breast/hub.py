@@ -240,7 +240,11 @@ def load_pretrained(path: str | Path, arch: str | None = None, strict: bool = Tr
     arch = arch or config.get("arch")
     if not arch:
         raise ValueError(f"no {CONFIG_NAME} next to {weights}: pass arch=")
-    model = create_model(arch, **{**config.get("model_args", {}), **overrides})
+    model_args = dict(config.get("model_args", {}))
+    if isinstance(model_args.get("pcr_head"), dict) and "kinetic" not in model_args["pcr_head"]:
+        # Joint-model weights exported before the kinetic pathway existed have no `pcr_head.kinetic_fc`.
+        model_args["pcr_head"] = {**model_args["pcr_head"], "kinetic": False}
+    model = create_model(arch, **{**model_args, **overrides})
     sd = read_safetensors(weights, expected_sha256=config.get("weights_sha256"))
     sd = checkpoint_filter_fn(sd, model, src_grid=_grid_from_args(config.get("model_args")))
     _check_shapes(model, sd, weights)

@@ -4,7 +4,8 @@ Per case: the same preprocessing as training (`preprocess_case`), sliding-window
 the whole preprocessed volume (MONAI) with optional flip test-time augmentation, probabilities
 mapped back onto the original grid of the first post-contrast phase, thresholded, clipped to the
 breast box when known, optionally reduced to the largest connected component. pCR is predicted on
-one window centred on the predicted tumour (training crops are tumour-centred too) and calibrated
+one window centred on the largest predicted tumour component (training's pCR crops follow the same rule) and
+calibrated
 with the temperature and threshold chosen on validation data, which travel in `config.json`.
 """
 
@@ -26,6 +27,7 @@ from scipy import ndimage
 
 from mtl_breast.data.case import Case, CaseError
 from mtl_breast.data.preprocess import PreprocessConfig, original_image_reference, preprocess_case, to_original_space
+from mtl_breast.data.window import tumour_centre, window_start
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +111,7 @@ def predict_volume(model: torch.nn.Module, image: torch.Tensor, phase_time: torc
         prob += p.flip(dims) if dims else p
     prob /= len(_flip_passes(settings.tta_flips))
 
-    window = _tumour_window(x, prob[0, 0], roi)
+    window = _tumour_window(x, prob[0, 0], roi, settings.seg_threshold)
     logits = []
     for dims in _flip_passes(settings.tta_flips):
         w = window.flip(dims) if dims else window
@@ -118,8 +120,14 @@ def predict_volume(model: torch.nn.Module, image: torch.Tensor, phase_time: torc
     return prob[0, 0].float().cpu().numpy(), pcr_logit
 
 
-def _tumour_window(x: torch.Tensor, prob: torch.Tensor, roi: tuple[int, int, int]) -> torch.Tensor:
-    """The roi-sized window of x [1, T, D, H, W] centred on the tumour probability mass (volume centre if none)."""
+def _tumour_window(x: torch.Tensor, prob: torch.Tensor, roi: tuple[int, int, int],
+                   threshold: float = 0.5) -> torch.Tensor:
+    """The roi-sized window of x [1, T, D, H, W] centred on the largest predicted tumour component.
+
+    The same rule places the tumour crops of training (`data.window.tumour_centre`): the centroid of the
+    largest connected component of ``prob >= threshold``, the most probable voxel when none reaches it, the
+    volume centre when the probability is zero everywhere.
+    """
     spatial = x.shape[2:]
     pad = [max(0, r - s) for r, s in zip(roi, spatial, strict=True)]
     if any(pad):
@@ -127,14 +135,10 @@ def _tumour_window(x: torch.Tensor, prob: torch.Tensor, roi: tuple[int, int, int
         x = torch.nn.functional.pad(x, [p for d in reversed(pad) for p in (0, d)])
         prob = torch.nn.functional.pad(prob, [p for d in reversed(pad) for p in (0, d)])
         spatial = x.shape[2:]
-    mass = prob.sum()
-    if mass > 1e-3:
-        grids = torch.meshgrid(*[torch.arange(s, device=prob.device, dtype=torch.float32) for s in spatial],
-                               indexing="ij")
-        centre = [float((g * prob).sum() / mass) for g in grids]
-    else:
-        centre = [s / 2 for s in spatial]
-    start = [int(min(max(0, round(c - r / 2)), s - r)) for c, r, s in zip(centre, roi, spatial, strict=True)]
+    centre = tumour_centre(prob.float().cpu().numpy(), threshold)
+    if centre is None:
+        centre = tuple(s / 2 for s in spatial)
+    start = window_start(centre, roi, spatial)
     return x[:, :, start[0]:start[0] + roi[0], start[1]:start[1] + roi[1], start[2]:start[2] + roi[2]]
 
 

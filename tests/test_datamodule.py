@@ -292,16 +292,50 @@ def test_phases_move_together():
         assert torch.allclose(img[k], img[0] * (k + 1))
 
 
-def test_intensity_jitter_is_per_phase():
-    image = torch.ones(4, 8, 8, 8)
-    sample = {"image": image, "label": torch.ones(1, 8, 8, 8, dtype=torch.uint8),
-              "phase_mask": torch.ones(4, dtype=torch.bool), "phase_time": torch.zeros(4)}
-    out = seeded(finetune_transforms(8, intensity_jitter=0.3, intensity_prob=1.0, flip_prob=0.0), 0)(sample)
-    out = out[0] if isinstance(out, list) else out
-    per_phase = torch.as_tensor(out["image"]).flatten(1)
-    assert torch.allclose(per_phase, per_phase[:, :1])  # one factor per phase ...
-    assert len(set(per_phase[:, 0].tolist())) > 1  # ... different between phases
-    assert torch.equal(torch.as_tensor(out["label"]), sample["label"])  # labels untouched
+def _tumour_sample(shape=(24, 24, 24)) -> dict:
+    """A wash-in/washout curve inside a cube tumour on a noisy background, 4 phases."""
+    rng = np.random.default_rng(0)
+    curve = torch.tensor([1.0, 2.4, 2.1, 1.8])  # S_t inside the tumour
+    image = torch.from_numpy(rng.random((4, *shape), dtype=np.float32)) * 0.3 + 0.5
+    label = torch.zeros(1, *shape, dtype=torch.uint8)
+    label[0, 8:14, 9:15, 10:16] = 1
+    image[:, label[0].bool()] = curve[:, None]
+    return {"image": image, "label": label, "phase_mask": torch.ones(4, dtype=torch.bool),
+            "phase_time": torch.tensor([0.0, 90.0, 180.0, 270.0]), "pcr": 1.0, "meta": {}, "patient_id": "x"}
+
+
+def test_training_transforms_keep_the_tumour_enhancement_ratios():
+    """One gain per case: S_t / S_1 inside the tumour survives crops, flips and intensity jitter."""
+    transform = seeded(finetune_transforms(16, pos_fraction=1.0, intensity_jitter=0.3, intensity_prob=1.0), 0)
+    gains = set()
+    for _ in range(6):
+        out = transform(_tumour_sample())
+        image, label = torch.as_tensor(out["image"]), torch.as_tensor(out["label"])[0].bool()
+        assert out["tumour_window"] and label.any()
+        curve = image[:, label].mean(dim=1)
+        torch.testing.assert_close(curve / curve[1], torch.tensor([1.0, 2.4, 2.1, 1.8]) / 2.4)
+        gains.add(round(float(curve[0]), 5))
+    assert len(gains) > 1, "the gain was never jittered"
+    # The optional per-phase gain does change the ratios: that is why it is off by default.
+    per_phase = seeded(finetune_transforms(16, pos_fraction=1.0, intensity_jitter=0.0, phase_jitter=0.3,
+                                           intensity_prob=1.0), 0)(_tumour_sample())
+    label = torch.as_tensor(per_phase["label"])[0].bool()
+    curve = torch.as_tensor(per_phase["image"])[:, label].mean(dim=1)
+    assert not torch.allclose(curve / curve[1], torch.tensor([1.0, 2.4, 2.1, 1.8]) / 2.4)
+
+
+def test_tumour_crops_are_centred_on_the_largest_component():
+    sample = _tumour_sample((40, 40, 40))
+    sample["label"][0, 30:32, 30:32, 30:32] = 1  # a small second blob must not pull the window
+    transform = seeded(finetune_transforms(16, pos_fraction=1.0, crop_jitter=0.0, flip_prob=0.0,
+                                           intensity_jitter=0.0), 0)
+    out = transform(sample)
+    label = torch.as_tensor(out["label"])[0]
+    centre = torch.nonzero(label).float().mean(0)
+    assert out["tumour_window"] and label.sum() == 6 * 6 * 6
+    assert torch.allclose(centre, torch.full((3,), 7.5), atol=0.51)  # the cube sits in the middle of the crop
+    random_crops = seeded(finetune_transforms(16, pos_fraction=0.0), 0)
+    assert not any(random_crops(_tumour_sample((40, 40, 40)))["tumour_window"] for _ in range(5))
 
 
 # ------------------------------------------------------------------------------------------- phase dropout
@@ -417,13 +451,20 @@ def _center(volume: torch.Tensor, size: int) -> torch.Tensor:
     return out
 
 
-def test_pretrain_on_mamamia_root(mama):
+def test_pretrain_on_mamamia_root_leaves_out_the_test_split(mama):
     dm = PretrainDataModule(str(mama["root"]), cache_dir=str(mama["cache"]), crop_size=16, batch_size=3,
                             val_fraction=0.25)
     dm.prepare_data()
     dm.setup("fit")
-    _check_pretrain(dm, set(mama["cases"]))
-    assert len(dm.val_ids) == 3
+    _check_pretrain(dm, set(mama["train"]))
+    assert not set(dm.train_ids + dm.val_ids) & set(mama["test"])
+    # Asked for explicitly, the test split joins the pool.
+    everything = PretrainDataModule(str(mama["root"]), cache_dir=str(mama["cache"]), crop_size=16, batch_size=3,
+                                    val_fraction=0.25, include_test=True)
+    everything.prepare_data()
+    everything.setup("fit")
+    _check_pretrain(everything, set(mama["cases"]))
+    assert len(everything.val_ids) == 3
 
 
 def test_pretrain_on_case_folders(folder, tmp_path):
@@ -441,8 +482,9 @@ def test_pretrain_on_two_roots(mama, folder, tmp_path):
                             batch_size=4, val_fraction=0.2)
     dm.prepare_data()
     dm.setup("fit")
-    expected = (set(mama["cases"]) - {"DUKE_001"}) | {"MAMA_DUKE_001", "folder_DUKE_001", "extra_a", "extra_b",
-                                                      "extra_c"}
+    train = set(mama["train"])
+    expected = (train - {"DUKE_001"}) | ({"MAMA_DUKE_001"} if "DUKE_001" in train else set()) | {
+        "folder_DUKE_001", "extra_a", "extra_b", "extra_c"}
     _check_pretrain(dm, expected)
     a, b = dm.cache.read("MAMA_DUKE_001")["image"], dm.cache.read("folder_DUKE_001")["image"]
     assert a.shape != b.shape or not torch.equal(a, b)
@@ -491,7 +533,7 @@ def test_bad_cases_are_skipped_with_a_warning(mama, tmp_path, caplog):
     pre = PretrainDataModule(str(root), cache_dir=str(tmp_path / "cache"), crop_size=16)
     pre.prepare_data()
     pre.setup("fit")
-    assert set(pre.train_ids) | set(pre.val_ids) == set(mama["cases"]) - {truncated, bad_json}
+    assert set(pre.train_ids) | set(pre.val_ids) == set(mama["train"]) - {truncated, bad_json}
 
 
 def test_finetune_without_split_file_uses_own_cases(mama, tmp_path):

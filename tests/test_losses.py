@@ -25,15 +25,41 @@ def _seg_case(k: int = 2, seed: int = 0):
 
 
 @pytest.mark.parametrize(("k", "include_background"), [(2, False), (2, True), (3, False)])
-def test_dice_ce_matches_monai(k, include_background):
+@pytest.mark.parametrize("batch_dice", [True, False])
+def test_dice_ce_matches_monai(k, include_background, batch_dice):
     logits, target = _seg_case(k)
-    ref = monai.losses.DiceCELoss(include_background=include_background, to_onehot_y=True, softmax=True)
-    ours = DiceCELoss(include_background=include_background)
+    ref = monai.losses.DiceCELoss(include_background=include_background, to_onehot_y=True, softmax=True,
+                                  batch=batch_dice)
+    ours = DiceCELoss(include_background=include_background, batch_dice=batch_dice)
     torch.testing.assert_close(ours(logits, target), ref(logits, target.long()), atol=1e-6, rtol=1e-6)
     # Per-sample values are MONAI's loss on each sample alone.
     per = ours.per_sample(logits, target)
     for i in range(3):
         torch.testing.assert_close(per[i], ref(logits[i : i + 1], target[i : i + 1].long()), atol=1e-6, rtol=1e-6)
+
+
+def test_batch_dice_scores_tumour_free_crops_by_their_false_positives():
+    """A tumour-free crop adds no constant term: predicted background costs ~nothing, false positives cost."""
+    target = torch.zeros(2, 1, 4, 4, 4, dtype=torch.long)
+    target[0, :, 1:3, 1:3, 1:3] = 1  # sample 0 holds a tumour, sample 1 none
+    onehot = torch.cat([1 - target, target], dim=1).float()
+    logits = (8.0 * (2 * onehot - 1)).requires_grad_()  # confident and right everywhere
+    batch = DiceCELoss(batch_dice=True)
+    alone = DiceCELoss(batch_dice=True)(logits[:1], target[:1])
+    both = batch(logits, target)
+    # The empty crop predicted as background changes the Dice term by ~0; a per-sample Dice gives it a term near
+    # 0.4 (smoothing against ~1e-5 of residual probability) that no prediction can lower much.
+    assert abs(batch._batch_dice(logits, target, torch.ones(2)) - batch._batch_dice(logits[:1], target[:1],
+                                                                                   torch.ones(1))) < 1e-3
+    assert DiceCELoss(batch_dice=False)(logits, target) - DiceCELoss(batch_dice=False)(logits[:1], target[:1]) > 0.1
+    assert both <= alone + 1e-3
+    # False positives in the empty crop raise the loss and get a gradient through the Dice term.
+    fp = logits.detach().clone()
+    fp[1, :, 0, 0, :] = torch.tensor([-1.0, 1.0])[:, None]  # unsaturated, so the softmax passes a gradient
+    fp.requires_grad_()
+    dice_fp = batch._batch_dice(fp, target, torch.ones(2))
+    dice_fp.backward()
+    assert dice_fp > 0.1 and fp.grad[1].abs().max() > 1e-3
 
 
 def test_dice_ce_hand_case():
@@ -46,22 +72,24 @@ def test_dice_ce_hand_case():
     assert loss(20.0 * (1 - 2 * onehot), target).item() == pytest.approx(1.0 + 40.0, abs=1e-4)
 
 
-def test_dice_ce_sample_weights():
+@pytest.mark.parametrize("batch_dice", [True, False])
+def test_dice_ce_sample_weights(batch_dice):
     logits, target = _seg_case()
     logits.requires_grad_()
-    loss = DiceCELoss()
-    per = loss.per_sample(logits, target).detach()
+    loss = DiceCELoss(batch_dice=batch_dice)
     torch.testing.assert_close(loss(logits, target, torch.ones(3)), loss(logits, target))
     weighted = loss(logits, target, torch.tensor([2.0, 1.0, 0.0]))
-    torch.testing.assert_close(weighted, (2 * per[0] + per[1]) / 3)
+    if not batch_dice:
+        per = loss.per_sample(logits, target).detach()
+        torch.testing.assert_close(weighted, (2 * per[0] + per[1]) / 3)
+    else:  # a weight-0 sample is left out of the Dice sums; a weight-2 sample counts twice
+        twice = torch.cat([logits[:1], logits[:1], logits[1:2]]).detach()
+        torch.testing.assert_close(loss._batch_dice(logits, target.long(), torch.tensor([2.0, 1.0, 0.0])),
+                                   loss._batch_dice(twice, torch.cat([target[:1], target[:2]]).long(), torch.ones(3)))
     weighted.backward()
     assert logits.grad[2].abs().max() == 0 and logits.grad[0].abs().max() > 0
     with pytest.raises(ValueError):
         loss(logits, target, torch.ones(2))
-    with pytest.raises(ValueError):
-        loss(logits, target[:, :, :3])
-    with pytest.raises(ValueError):
-        loss(logits, target.float())
 
 
 def test_pcr_loss_masks_missing_labels():

@@ -104,11 +104,18 @@ def test_loss_counts_masked_patches_of_real_phases_only():
     assert not torch.equal(mae.forward_loss(x, changed, mask, phase_mask), loss)
 
 
+def _tube_normalised(x: torch.Tensor, mae) -> torch.Tensor:
+    """Reference: each spatial patch normalised with one mean/std over all phases and voxels."""
+    target = mae.patchify(x)  # [B, T, N, P]
+    tube = target.transpose(1, 2).flatten(2)  # [B, N, T*P]
+    mean, var = tube.mean(-1), tube.var(-1, unbiased=False)
+    return (target - mean[:, None, :, None]) / (var[:, None, :, None] + 1e-6).sqrt()
+
+
 def test_norm_pix_loss_and_reconstruct():
     mae = tiny_mae(norm_pix_loss=True)
     x = torch.randn(2, 2, 16, 16, 16) * 3 + 1
-    target = mae.patchify(x)
-    perfect = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    perfect = _tube_normalised(x, mae)
     mask = (torch.rand(2, 2, 8) > 0.5).float()
     assert mae.forward_loss(x, perfect, mask) < 1e-10
     masked, recon = mae.reconstruct(perfect, mask, x)
@@ -116,6 +123,25 @@ def test_norm_pix_loss_and_reconstruct():
     assert torch.allclose(recon, x, atol=1e-4)
     hide = mae.unpatchify(mask[..., None].expand(-1, -1, -1, 512), (2, 2, 2)).bool()
     assert torch.equal(masked[~hide], x[~hide]) and (masked[hide] == 0).all()
+
+
+def test_normalised_target_keeps_the_enhancement_between_phases():
+    """A uniform enhancement change in one phase changes the target: MAE must predict wash-in and washout."""
+    mae = tiny_mae(norm_pix_loss=True)
+    x = torch.randn(1, 3, 16, 16, 16)
+    washout = x.clone()
+    washout[:, 2] -= 0.8  # the last phase loses signal everywhere (patch-wise it is a pure offset)
+    t1, m1, s1 = mae._target(x)
+    t2, m2, s2 = mae._target(washout)
+    norm1, norm2 = (t1 - m1) / s1, (t2 - m2) / s2
+    assert (norm1[:, 2] - norm2[:, 2]).abs().mean() > 0.1
+    # A per-phase normalisation would have made the two targets identical: that is what the tube statistics avoid.
+    per_phase = [(t - t.mean(-1, keepdim=True)) / t.std(-1, keepdim=True) for t in (t1, t2)]
+    assert torch.allclose(per_phase[0], per_phase[1], atol=1e-5)
+    # Padded phases do not enter the statistics of a tube.
+    padded = torch.cat([x, torch.full_like(x[:, :1], float("nan"))], dim=1)
+    _, mp, sp = mae._target(padded, torch.tensor([[True, True, True, False]]))
+    assert torch.allclose(mp, m1, atol=1e-6) and torch.allclose(sp, s1, atol=1e-5)
 
 
 def test_every_parameter_gets_a_gradient():

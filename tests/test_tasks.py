@@ -104,13 +104,14 @@ def _run_ddp(argv: list, out: Path, cwd: Path) -> list[dict]:
 
 def test_ddp_pretraining_on_two_cpu_processes(pretrain_argv, tmp_path):
     run = tmp_path / "run"
-    # 8 training cases, no repeats: each rank gets 4 of them, 2 batches of 2.
+    # 6 training cases (10 less the 2 of the test split less 2 for validation), no repeats: each rank gets 3 of
+    # them, in batches of 2 and 1.
     ranks = _run_ddp(pretrain_argv(run, "--data.repeats", "1", "--trainer.max_steps", "2"), tmp_path / "seen",
                      tmp_path)
     seen = [set(r["seen"]) for r in ranks]
-    assert all(len(r["seen"]) == 4 for r in ranks)
+    assert all(len(r["seen"]) == 3 for r in ranks)
     assert not seen[0] & seen[1], "both ranks trained on the same cases"
-    assert len(seen[0] | seen[1]) == 8
+    assert len(seen[0] | seen[1]) == 6
     assert _ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 2
 
 
@@ -140,11 +141,12 @@ def test_finetune_logs_challenge_metrics(finetune_run):
     val = [r for r in rows if r.get("val/dsc")]
     assert val, "no validation metrics logged"
     last = val[-1]
-    for name in ("val/dsc", "val/norm_hd", "val/pcr_ba", "val/pcr_auc", "val/ranking", "val/pcr_threshold"):
+    for name in ("val/dsc", "val/norm_hd", "val/pcr_ba", "val/pcr_auc", "val/ranking", "val/selection",
+                 "val/pcr_threshold"):
         assert last.get(name) not in (None, ""), f"{name} not logged"
         assert 0.0 <= float(last[name]) <= 1.0 or name == "val/norm_hd"
     assert (finetune_run / "checkpoints" / "last.ckpt").is_file()
-    assert list((finetune_run / "checkpoints").glob("best-*.ckpt"))  # selected on val/ranking
+    assert list((finetune_run / "checkpoints").glob("best-*.ckpt"))  # selected on val/selection
     assert list(finetune_run.glob("lightning_logs/version_*/config.yaml"))
 
 
@@ -190,3 +192,32 @@ def test_demo_exports_the_checkpoint_recorded_as_best(finetune_run):
 
     best = _best_checkpoint(finetune_run)
     assert best.parent == finetune_run / "checkpoints" and best.name.startswith("best-")
+
+
+# ---------------------------------------------------------------------------------------------- pCR supervision
+def _step_batch(tumour_window: list[bool]) -> dict:
+    b = len(tumour_window)
+    label = torch.zeros(b, 1, 32, 32, 32, dtype=torch.uint8)
+    label[:, :, 12:20, 12:20, 12:20] = 1
+    return {"image": torch.randn(b, 3, 32, 32, 32), "phase_mask": torch.ones(b, 3, dtype=torch.bool),
+            "phase_time": torch.tensor([[0.0, 90.0, 180.0]] * b), "label": label,
+            "pcr": torch.tensor([1.0, 0.0][:b]), "tumour_window": torch.tensor(tumour_window),
+            "meta": [{}] * b, "patient_id": [f"c{i}" for i in range(b)]}
+
+
+def test_pcr_task_sits_out_batches_without_a_tumour_window(monkeypatch):
+    """Uncertainty weighting: no labelled tumour window, no pCR term (its s/2 alone would drift the weights)."""
+    from mtl_breast.tasks.finetune import MTLFinetuneModule
+
+    torch.manual_seed(0)
+    module = MTLFinetuneModule(arch="mtl_vit_test", img_size=32, task_weighting="uncertainty")
+    logged = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.__setitem__(name, float(value)))
+    monkeypatch.setattr(module, "log_dict", lambda values, **kw: logged.update(values))
+    log_vars = module.task_loss.log_vars
+    module.training_step(_step_batch([False, False]), 0).backward()
+    assert "train/loss_pcr" not in logged
+    assert float(log_vars["pcr"].grad) == 0.0 and float(log_vars["seg"].grad) != 0.0
+    module.zero_grad()
+    module.training_step(_step_batch([True, False]), 0).backward()
+    assert "train/loss_pcr" in logged and float(log_vars["pcr"].grad) != 0.0

@@ -147,8 +147,9 @@ class FinetuneDataModule(_CachedDataModule):
         num_workers: DataLoader worker processes.
         val_fraction: share of the training split held out for validation.
         split_seed: seed of the train/validation split.
-        pos_fraction: share of crops centred on tumour.
-        intensity_jitter: per-phase scale/shift augmentation range.
+        pos_fraction: share of crops centred on the tumour (the pCR loss is computed on those).
+        intensity_jitter: range of the intensity gain shared by all phases of a case.
+        phase_jitter: range of an extra gain per phase (off by default: it changes the enhancement).
         phase_dropout: probability of hiding one post-contrast phase in a training sample.
         repeats: crops drawn per training case per epoch.
         preprocess_workers: processes for the one-off preprocessing.
@@ -158,15 +159,16 @@ class FinetuneDataModule(_CachedDataModule):
                  margin_mm: float = 10.0, crop_to_breast: bool = True, clip_percentiles: Sequence[float] | None = None,
                  crop_size: int | Sequence[int] = 64, batch_size: int = 2, num_workers: int = 0,
                  val_fraction: float = 0.2, split_seed: int = 0, pos_fraction: float = 0.67,
-                 intensity_jitter: float = 0.1, phase_dropout: float = 0.0, repeats: int = 1,
-                 preprocess_workers: int = 1):
+                 intensity_jitter: float = 0.1, phase_jitter: float = 0.0, phase_dropout: float = 0.0,
+                 repeats: int = 1, preprocess_workers: int = 1):
         super().__init__([root], cache_dir, spacing, margin_mm, crop_to_breast, clip_percentiles, batch_size,
                          num_workers, preprocess_workers)
         self.root = Path(root)
         self.crop_size = _as_size(crop_size)
         self.val_fraction, self.split_seed, self.repeats = val_fraction, split_seed, repeats
         self.train_transform = finetune_transforms(self.crop_size, pos_fraction=pos_fraction,
-                                                   intensity_jitter=intensity_jitter, phase_dropout=phase_dropout)
+                                                   intensity_jitter=intensity_jitter, phase_jitter=phase_jitter,
+                                                   phase_dropout=phase_dropout)
         self.train_ids: list[str] = []
         self.val_ids: list[str] = []
         self.test_ids: list[str] = []
@@ -232,7 +234,10 @@ class PretrainDataModule(_CachedDataModule):
         num_workers: DataLoader worker processes.
         val_fraction: share of cases held out for the validation loss and reconstruction images.
         split_seed: seed of that split.
-        intensity_jitter: per-phase scale/shift augmentation range.
+        intensity_jitter: range of the intensity gain shared by all phases of a case.
+        phase_jitter: range of an extra gain per phase (off by default).
+        include_test: also pretrain on the `test_split` of a root's train_test_splits.csv (off: test cases
+            must stay unseen by every stage that is later scored on them).
         repeats: crops drawn per case per epoch.
         preprocess_workers: processes for the one-off preprocessing.
     """
@@ -241,18 +246,39 @@ class PretrainDataModule(_CachedDataModule):
                  spacing: Sequence[float] = (1.0, 1.0, 1.0), margin_mm: float = 10.0, crop_to_breast: bool = True,
                  clip_percentiles: Sequence[float] | None = None, crop_size: int | Sequence[int] = 64,
                  batch_size: int = 2, num_workers: int = 0, val_fraction: float = 0.1, split_seed: int = 0,
-                 intensity_jitter: float = 0.1, repeats: int = 1, preprocess_workers: int = 1):
+                 intensity_jitter: float = 0.1, phase_jitter: float = 0.0, include_test: bool = False,
+                 repeats: int = 1, preprocess_workers: int = 1):
         roots = [root] if isinstance(root, str | Path) else list(root)
         super().__init__(roots, cache_dir, spacing, margin_mm, crop_to_breast, clip_percentiles, batch_size,
                          num_workers, preprocess_workers)
         self.crop_size = _as_size(crop_size)
         self.val_fraction, self.split_seed, self.repeats = val_fraction, split_seed, repeats
-        self.train_transform = pretrain_transforms(self.crop_size, intensity_jitter=intensity_jitter)
+        self.include_test = include_test
+        self.train_transform = pretrain_transforms(self.crop_size, intensity_jitter=intensity_jitter,
+                                                   phase_jitter=phase_jitter)
         # Validation uses the central crop so the loss and the images are comparable across epochs.
         self.val_transform = Compose([SpatialPadd(keys="image", spatial_size=self.crop_size),
                                       CenterSpatialCropd(keys="image", roi_size=self.crop_size)])
         self.train_ids: list[str] = []
         self.val_ids: list[str] = []
+
+    def cases(self, skipped: list[dict[str, str]] | None = None) -> list:
+        """The cases of all roots, less the test split of every root that has a split file (unless include_test)."""
+        cases = super().cases(skipped)
+        if self.include_test:
+            return cases
+        test = {r.resolve(): {p.lower() for p in read_splits(r)["test"]} for r in self.roots
+                if is_mamamia_root(r) and _find(r, SPLITS) is not None}
+
+        def in_test(case) -> bool:
+            folder = Path(case.image_paths[0]).resolve().parent  # images/<PID>/<pid>_0000.nii.gz
+            return any(folder.is_relative_to(root) and folder.name.lower() in ids for root, ids in test.items())
+
+        kept = [c for c in cases if not in_test(c)]
+        if len(kept) < len(cases):
+            log.info("pretraining leaves out %d test-split case(s) (data.include_test=true to use them)",
+                     len(cases) - len(kept))
+        return kept
 
     def setup(self, stage: str | None = None) -> None:
         ids = self._cached(sorted({c.patient_id for c in self.cases()}))

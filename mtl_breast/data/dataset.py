@@ -6,6 +6,7 @@ Batch contract (DESIGN.md 3):
     phase_time  float [B, T]            seconds after pre-contrast; NaN unknown or padded
     label       uint8 [B, 1, D, H, W]   only when every sample has one
     pcr         float [B]               NaN when unknown
+    tumour_window bool [B]              the crop is centred on the tumour (fine-tuning crops; else all False)
     meta        list of B dicts         patient_id, dataset, site, age, menopause, density ...
     patient_id  list of B str
 """
@@ -68,7 +69,7 @@ class CachedCaseDataset(Dataset):
             sample["label"] = torch.as_tensor(case["label"]).unsqueeze(0)  # [1, D, H, W]
         if self.transform is not None:
             sample = self.transform(sample)
-            if isinstance(sample, list):  # multi-sample croppers (num_samples=1) return a list
+            if isinstance(sample, list):  # MONAI's multi-sample croppers return a list (num_samples=1)
                 sample = sample[0]
         return sample
 
@@ -103,6 +104,7 @@ def collate_cases(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "phase_mask": phase_mask,
         "phase_time": phase_time,
         "pcr": torch.tensor([float(s["pcr"]) for s in samples], dtype=torch.float32),
+        "tumour_window": torch.tensor([bool(s.get("tumour_window", False)) for s in samples], dtype=torch.bool),
         "meta": [s["meta"] for s in samples],
         "patient_id": [s["patient_id"] for s in samples],
     }

@@ -5,7 +5,12 @@ A sample entering these pipelines is a dict from `dataset.CachedCaseDataset`:
     label       uint8 [1, D, H, W]   (fine-tuning only)
     phase_mask  bool  [T]            True = real phase
     phase_time  float [T]            seconds after pre-contrast, NaN unknown
-plus non-tensor keys (patient_id, pcr, meta) that the transforms leave alone.
+plus non-tensor keys (patient_id, pcr, meta) that the transforms leave alone. Fine-tuning crops add
+    tumour_window bool               True = the crop is centred on the tumour (the pCR window rule)
+
+Intensity augmentation multiplies all phases of a case by ONE gain (phases of a series share the
+receiver gain), so the relative enhancement S_t / S_1 inside the tumour, the signal pCR depends on,
+survives augmentation; an optional per-phase gain is off by default.
 """
 
 from __future__ import annotations
@@ -18,14 +23,14 @@ import torch
 from monai.transforms import (
     Compose,
     MapTransform,
-    RandCropByPosNegLabeld,
     RandFlipd,
     RandomizableTransform,
     RandScaleIntensityd,
-    RandShiftIntensityd,
     RandSpatialCropd,
     SpatialPadd,
 )
+
+from mtl_breast.data.window import tumour_centre, window_start
 
 
 def _as_size(size: int | Sequence[int]) -> tuple[int, int, int]:
@@ -66,15 +71,59 @@ class RandPhaseDropoutd(RandomizableTransform, MapTransform):
         return d
 
 
-def _augment(keys: list[str], flip_prob: float, intensity_jitter: float, intensity_prob: float) -> list:
+class RandTumourCropd(RandomizableTransform, MapTransform):
+    """Crop ``roi_size``: with probability ``pos_fraction`` centred on the tumour, otherwise anywhere.
+
+    A tumour crop is centred on the centroid of the largest connected component of the label (the same rule that
+    places the pCR window at inference, `window.tumour_centre`), moved by a uniform jitter of up to
+    ``jitter * roi_size`` voxels per axis, and flagged with ``tumour_window = True``; the pCR loss is computed on
+    those crops only. A case without tumour voxels always gets a random crop. Volumes must already be padded to at
+    least ``roi_size``.
+
+    Args:
+        keys: the arrays to crop alike (``[C, D, H, W]`` each).
+        label_key: the mask that places tumour crops.
+        roi_size: crop size (D, H, W).
+        pos_fraction: probability of a tumour crop.
+        jitter: largest shift of the centre, as a fraction of the crop size.
+    """
+
+    def __init__(self, keys: Sequence[str], label_key: str, roi_size: Sequence[int], pos_fraction: float = 0.67,
+                 jitter: float = 0.2):
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob=1.0)
+        if not 0.0 <= pos_fraction <= 1.0 or not 0.0 <= jitter <= 0.5:
+            raise ValueError(f"need 0 <= pos_fraction <= 1 and 0 <= jitter <= 0.5, got {pos_fraction}, {jitter}")
+        self.label_key, self.roi, self.pos_fraction, self.jitter = label_key, tuple(roi_size), pos_fraction, jitter
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        label = np.asarray(torch.as_tensor(d[self.label_key]).detach().cpu())[0]
+        spatial = label.shape
+        centre = tumour_centre(label > 0) if self.R.random_sample() < self.pos_fraction else None
+        if centre is not None:
+            shift = [self.R.uniform(-self.jitter * r, self.jitter * r) for r in self.roi]
+            start = window_start([c + s for c, s in zip(centre, shift, strict=True)], self.roi, spatial)
+        else:
+            start = tuple(int(self.R.randint(0, s - r + 1)) for s, r in zip(spatial, self.roi, strict=True))
+        window = tuple(slice(a, a + r) for a, r in zip(start, self.roi, strict=True))
+        for key in self.key_iterator(d):
+            d[key] = d[key][(slice(None), *window)]
+        d["tumour_window"] = centre is not None
+        return d
+
+
+def _augment(keys: list[str], flip_prob: float, intensity_jitter: float, intensity_prob: float,
+             phase_jitter: float) -> list:
     # Flips along every spatial axis (axes 0..2 of [D, H, W] after the channel axis).
     ops: list = [RandFlipd(keys=keys, prob=flip_prob, spatial_axis=axis) for axis in range(3)]
     if intensity_jitter > 0:
-        # channel_wise=True draws a separate factor per phase: the scanner's scale differs per acquisition.
-        ops += [
-            RandScaleIntensityd(keys="image", factors=intensity_jitter, prob=intensity_prob, channel_wise=True),
-            RandShiftIntensityd(keys="image", offsets=intensity_jitter, prob=intensity_prob, channel_wise=True),
-        ]
+        # channel_wise=False: one factor for every phase of the case (a series shares its receiver gain). No additive
+        # shift: an offset would change the enhancement ratios between phases.
+        ops.append(RandScaleIntensityd(keys="image", factors=intensity_jitter, prob=intensity_prob,
+                                       channel_wise=False))
+    if phase_jitter > 0:
+        ops.append(RandScaleIntensityd(keys="image", factors=phase_jitter, prob=intensity_prob, channel_wise=True))
     return ops
 
 
@@ -85,29 +134,27 @@ def finetune_transforms(
     intensity_jitter: float = 0.1,
     intensity_prob: float = 0.5,
     phase_dropout: float = 0.0,
+    phase_jitter: float = 0.0,
+    crop_jitter: float = 0.2,
 ) -> Compose:
-    """Random crops that oversample the tumour, flips, per-phase intensity jitter, optional phase dropout.
+    """Tumour-centred or random crops, flips, one intensity gain per case, optional phase dropout.
 
     Args:
         crop_size: spatial size of the training crop (D, H, W); volumes smaller than it are padded.
-        pos_fraction: probability that a crop is centred on a tumour voxel (the rest on background).
+        pos_fraction: probability that a crop is centred on the tumour (the rest fall anywhere).
         flip_prob: probability of a flip, drawn separately for each axis.
-        intensity_jitter: relative scale and absolute shift range drawn per phase.
+        intensity_jitter: relative range of the gain shared by all phases of a case.
         intensity_prob: probability of applying each intensity jitter.
         phase_dropout: probability of hiding one post-contrast phase.
+        phase_jitter: relative range of an extra gain drawn per phase (0 = off: it changes the enhancement).
+        crop_jitter: largest shift of a tumour crop's centre, as a fraction of the crop size.
     """
     size = _as_size(crop_size)
-    if not 0.0 <= pos_fraction <= 1.0:
-        raise ValueError(f"pos_fraction must be in [0, 1], got {pos_fraction}")
     keys = ["image", "label"]
     ops: list = [
         SpatialPadd(keys=keys, spatial_size=size),
-        # pos/neg are relative weights; a case without tumour voxels falls back to random centres.
-        # It returns a one-element list (num_samples=1); Compose maps the later transforms over it and
-        # CachedCaseDataset unwraps it.
-        RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=size, pos=pos_fraction,
-                               neg=1.0 - pos_fraction, num_samples=1, allow_smaller=False),
-        *_augment(keys, flip_prob, intensity_jitter, intensity_prob),
+        RandTumourCropd(keys=keys, label_key="label", roi_size=size, pos_fraction=pos_fraction, jitter=crop_jitter),
+        *_augment(keys, flip_prob, intensity_jitter, intensity_prob, phase_jitter),
     ]
     if phase_dropout > 0:
         ops.append(RandPhaseDropoutd(prob=phase_dropout))
@@ -119,13 +166,14 @@ def pretrain_transforms(
     flip_prob: float = 0.5,
     intensity_jitter: float = 0.1,
     intensity_prob: float = 0.5,
+    phase_jitter: float = 0.0,
 ) -> Compose:
-    """Random crops anywhere in the volume, flips and per-phase intensity jitter (no labels needed)."""
+    """Random crops anywhere in the volume, flips and one intensity gain per case (no labels needed)."""
     size = _as_size(crop_size)
     return Compose([
         SpatialPadd(keys="image", spatial_size=size),
         RandSpatialCropd(keys="image", roi_size=size, random_size=False),
-        *_augment(["image"], flip_prob, intensity_jitter, intensity_prob),
+        *_augment(["image"], flip_prob, intensity_jitter, intensity_prob, phase_jitter),
     ])
 
 

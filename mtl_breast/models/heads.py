@@ -1,6 +1,7 @@
 # References:
 # Gated attention pooling: Ilse et al., "Attention-based Deep Multiple Instance Learning", ICML 2018.
-"""pCR head: attention pooling over phases and tokens, optionally steered by the predicted tumour, to one logit."""
+"""pCR head: attention pooling over phases and tokens, steered by the predicted tumour, plus an explicit kinetic
+pathway (the tumour's enhancement curve), to one logit."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from mtl_breast.models.kinetics import KINETIC_FEATURES, tumour_kinetics
 
 __all__ = ["PCRHead"]
 
@@ -25,6 +28,11 @@ class PCRHead(nn.Module):
     The softmax runs jointly over (T, N) with padded phases masked out; the pooled vector goes through
     norm -> dropout -> linear.
 
+    With ``kinetic`` the logit also gets a linear term of the tumour's kinetic features (`tumour_kinetics`: size,
+    wash-in, peak enhancement, washout; weighted by ``seg_prob`` over the raw ``image``), so the response signal
+    that DCE-MRI carries in the enhancement between phases reaches the head directly instead of only through
+    pooled tokens.
+
     Args:
         embed_dim: token width E.
         hidden_dim: width of the attention scorer; default ``embed_dim // 2``.
@@ -32,6 +40,8 @@ class PCRHead(nn.Module):
         prob_weighted: bias attention by ``seg_prob`` when it is given (ignored when it is not).
         detach_prob: stop the pCR loss from back-propagating into the segmentation through ``seg_prob``.
         prob_eps: floor added to the probability before the log, bounding the bias at ``log(prob_eps)``.
+        kinetic: add the kinetic pathway (needs ``image`` and ``seg_prob`` in :meth:`forward`). Weights
+            exported without it load with ``kinetic=False``.
     """
 
     def __init__(
@@ -43,6 +53,7 @@ class PCRHead(nn.Module):
         prob_weighted: bool = True,
         detach_prob: bool = True,
         prob_eps: float = 1e-3,
+        kinetic: bool = False,
     ) -> None:
         super().__init__()
         hidden_dim = hidden_dim or max(embed_dim // 2, 1)
@@ -63,6 +74,10 @@ class PCRHead(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(embed_dim, 1)
+        self.kinetic = kinetic
+        self.kinetic_fc = nn.Linear(len(KINETIC_FEATURES), 1, bias=False) if kinetic else None
+        if self.kinetic_fc is not None:
+            nn.init.zeros_(self.kinetic_fc.weight)  # starts as the token-only head
 
     def forward(
         self,
@@ -70,6 +85,8 @@ class PCRHead(nn.Module):
         phase_mask: torch.Tensor | None = None,
         seg_prob: torch.Tensor | None = None,
         grid: Sequence[int] | None = None,
+        image: torch.Tensor | None = None,
+        phase_time: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Pool tokens into a pCR logit.
 
@@ -78,6 +95,8 @@ class PCRHead(nn.Module):
             phase_mask: bool ``[B, T]``, False = padded phase; None = all real.
             seg_prob: predicted tumour probability ``[B, 1, D, H, W]`` (e.g. softmax channel 1 of the decoder).
             grid: token grid ``(d, h, w)``; needed with ``seg_prob`` unless the patch is isotropic.
+            image: ``[B, T, D, H, W]`` the phases the tokens came from (kinetic pathway).
+            phase_time: ``[B, T]`` seconds after pre-contrast, NaN unknown (kinetic pathway).
 
         Returns:
             Raw logits ``[B]`` (no sigmoid).
@@ -103,7 +122,14 @@ class PCRHead(nn.Module):
         # One softmax over all (phase, token) pairs, in fp32 because N*T can be large.
         weights = rearrange(logits, "b t n -> b (t n)").softmax(dim=-1).to(tokens.dtype)
         pooled = torch.einsum("bk,bke->be", weights, rearrange(tokens, "b t n e -> b (t n) e"))
-        return self.fc(self.drop(self.norm(pooled))).squeeze(-1)
+        logit = self.fc(self.drop(self.norm(pooled))).squeeze(-1)
+        if self.kinetic_fc is not None:
+            if image is None or seg_prob is None:
+                raise ValueError("the kinetic pathway needs image [B, T, D, H, W] and seg_prob [B, 1, D, H, W]")
+            prob = seg_prob.detach() if self.detach_prob else seg_prob
+            features = tumour_kinetics(image, prob, phase_mask, phase_time).to(self.kinetic_fc.weight.dtype)
+            logit = logit + self.kinetic_fc(features).squeeze(-1).to(logit.dtype)
+        return logit
 
     def _token_prior(self, seg_prob: torch.Tensor, grid: Sequence[int] | None, b: int, n: int) -> torch.Tensor:
         """Average ``seg_prob [B, 1, D, H, W]`` over each patch -> ``[B, N]``."""

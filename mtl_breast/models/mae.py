@@ -35,7 +35,10 @@ class MAEPretrainer(nn.Module):
         mask_ratio: fraction of spatial patches hidden (tube masking, same patches in every phase).
         phase_mask_ratio: probability per sample of also hiding one whole real phase (never phase 0, and only
             when at least two real phases remain visible).
-        norm_pix_loss: normalise each target patch to zero mean, unit variance (MAE's better-features option).
+        norm_pix_loss: normalise each spatial tube (one patch across all real phases) to zero mean, unit variance
+            with ONE mean/std, MAE's better-features option adapted to DCE: a per-phase normalisation would subtract
+            each phase's enhancement level, so the target would no longer hold the wash-in and washout between
+            phases that a DCE encoder has to learn.
     """
 
     def __init__(
@@ -176,7 +179,7 @@ class MAEPretrainer(nn.Module):
             grid_size: token grid of the input.
 
         Returns:
-            ``[B, T, N, pd*ph*pw]`` predicted voxels (normalised per patch when ``norm_pix_loss``).
+            ``[B, T, N, pd*ph*pw]`` predicted voxels (normalised per tube when ``norm_pix_loss``).
         """
         b, t, k, _ = latent.shape
         n = ids_restore.shape[1]
@@ -195,11 +198,21 @@ class MAEPretrainer(nn.Module):
                 x = blk(x, phase_mask)
         return self.decoder_pred(self.decoder_norm(x))
 
-    def _target(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Patch targets ``[B, T, N, P]`` plus the per-patch mean and std used by ``norm_pix_loss``."""
+    def _target(self, x: Tensor, phase_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Patch targets ``[B, T, N, P]`` plus the per-tube mean and std ``[B, 1, N, 1]`` used by ``norm_pix_loss``.
+
+        The statistics of a tube pool the voxels of that spatial patch over all real phases (padded or dropped
+        phases are left out), so the normalised target keeps the relative enhancement between phases.
+        """
         target = self.patchify(x).float()
-        mean = target.mean(dim=-1, keepdim=True)
-        std = (target.var(dim=-1, keepdim=True) + 1e-6).sqrt()
+        real = torch.ones(target.shape[:2], dtype=torch.bool, device=x.device) if phase_mask is None else phase_mask
+        w = real[:, :, None, None].float()  # [B, T, 1, 1]
+        count = (w.sum(dim=1, keepdim=True) * target.shape[-1]).clamp_min(1.0)  # voxels per tube
+        # where(), not a product: padded phases may hold NaN, and NaN * 0 is NaN.
+        kept = torch.where(w > 0, target, 0.0)
+        mean = kept.sum(dim=(1, 3), keepdim=True) / count
+        var = (torch.where(w > 0, target - mean, 0.0).pow(2)).sum(dim=(1, 3), keepdim=True) / count
+        std = (var + 1e-6).sqrt()
         return target, mean, std
 
     def forward_loss(self, x: Tensor, pred: Tensor, mask: Tensor, phase_mask: Tensor | None = None) -> Tensor:
@@ -214,7 +227,7 @@ class MAEPretrainer(nn.Module):
         Returns:
             Scalar loss (0 when nothing is scored).
         """
-        target, mean, std = self._target(x)
+        target, mean, std = self._target(x, phase_mask)
         if self.norm_pix_loss:
             target = (target - mean) / std
         per_patch = (pred.float() - target).pow(2).mean(dim=-1)  # [B, T, N]
@@ -255,20 +268,23 @@ class MAEPretrainer(nn.Module):
         return {"loss": loss, "pred": pred, "mask": mask}
 
     @torch.no_grad()
-    def reconstruct(self, pred: Tensor, mask: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    def reconstruct(
+        self, pred: Tensor, mask: Tensor, x: Tensor, phase_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Volumes for visualisation.
 
         Args:
             pred: ``[B, T, N, P]`` from :meth:`forward`.
             mask: ``[B, T, N]``, 1 = masked.
             x: ``[B, T, D, H, W]`` the input.
+            phase_mask: bool ``[B, T]`` as given to :meth:`forward` (None = all real).
 
         Returns:
             ``(masked_input, reconstruction)``, both ``[B, T, D, H, W]``: the input with masked patches zeroed, and
             the input with masked patches replaced by the prediction (de-normalised when ``norm_pix_loss``).
         """
         grid = self.encoder.patch_embed.grid_size(x.shape[-3:])
-        target, mean, std = self._target(x)
+        target, mean, std = self._target(x, phase_mask)
         pred = pred.float() * std + mean if self.norm_pix_loss else pred.float()
         hide = mask[..., None].bool()
         masked = torch.where(hide, 0.0, target)

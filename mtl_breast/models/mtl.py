@@ -2,7 +2,8 @@
 
     image [B, T, D, H, W] --encoder--> intermediate tokens, each [B, T, N, E]
         --seg_decoder (+ full-resolution stem on the raw phases)--> seg_logits [B, K, D, H, W]
-        --pcr_head (last layer's tokens, pooled, weighted by the tumour probability)--> pcr_logits [B]
+        --pcr_head (last layer's tokens, pooled, weighted by the tumour probability,
+                    + kinetic features of the tumour's enhancement curve in the image)--> pcr_logits [B]
 
 The pCR head sees the tumour probability detached from the graph: pCR supervision should shape the
 features, not push the segmentation towards whatever region helps the classifier.
@@ -51,7 +52,8 @@ class MTLModel(nn.Module):
         # Foreground probability [B, 1, D, H, W] (channel 1 = tumour for K = 2).
         tumour_prob = seg_logits.detach().float().softmax(dim=1)[:, 1:].sum(dim=1, keepdim=True)
         grid = tuple(s // p for s, p in zip(image.shape[-3:], self.encoder.patch_size, strict=True))
-        pcr_logits = self.pcr_head(features[-1], phase_mask=phase_mask, seg_prob=tumour_prob, grid=grid)
+        pcr_logits = self.pcr_head(features[-1], phase_mask=phase_mask, seg_prob=tumour_prob, grid=grid, image=image,
+                                   phase_time=phase_time)
         return {"seg_logits": seg_logits, "pcr_logits": pcr_logits}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -151,9 +151,11 @@ def build_mtl(
 
 
 def _mtl_factory(size: str) -> Callable[..., MTLModel]:
-    def factory(*, encoder=None, seg_decoder=None, **kwargs: Any) -> MTLModel:
+    def factory(*, encoder=None, seg_decoder=None, pcr_head=None, **kwargs: Any) -> MTLModel:
+        # The kinetic pathway is on for every registered joint model (see heads.PCRHead).
         return build_mtl(encoder={**ENCODER_SIZES[size], **(encoder or {})},
-                         seg_decoder={**MTL_DECODER_SIZES[size], **(seg_decoder or {})}, **kwargs)
+                         seg_decoder={**MTL_DECODER_SIZES[size], **(seg_decoder or {})},
+                         pcr_head={"kinetic": True, **(pcr_head or {})}, **kwargs)
 
     return factory
 

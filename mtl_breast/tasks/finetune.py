@@ -8,8 +8,10 @@ masked out, never relabelled 0.
 Validation: each case whole, through the same sliding-window routine as `mtl-breast predict`, scored
 with the MAMA-MIA formulas (DSC, NormHD, subgroup fairness, balanced accuracy, equalised odds). The
 pCR threshold (and optionally a temperature) is chosen on these validation predictions and stored
-as buffers, so it is in every checkpoint and in the exported config.json. "val/ranking" (the mean
-of the segmentation and pCR challenge ranking scores) selects the best checkpoint.
+as buffers, so it is in every checkpoint and in the exported config.json. The best checkpoint is selected
+on "val/selection", the mean of the segmentation ranking score and the pCR AUC: both are free of the pCR
+threshold, which is fitted on the same validation cases and would make a thresholded score optimistic.
+"val/ranking" (the challenge's ranking with that in-sample threshold) is logged for reference.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class MTLFinetuneModule(L.LightningModule):
         val_overlap: sliding-window overlap during validation.
     """
 
-    monitor = "val/ranking"
+    monitor = "val/selection"
     monitor_mode = "max"
 
     def __init__(
@@ -143,15 +145,26 @@ class MTLFinetuneModule(L.LightningModule):
         weights = None
         if self.reweighter is not None:
             weights = self.reweighter.weights([meta_groups(m) for m in batch["meta"]]).to(self.device)
-        # pCR is learned only from crops that contain tumour.
+        # pCR is learned only from tumour-centred crops (the window rule of inference) that hold tumour voxels.
         has_tumour = label.flatten(1).bool().any(dim=1)
-        pcr_target = torch.where(has_tumour, batch["pcr"], torch.full_like(batch["pcr"], math.nan))
-        losses = {"seg": self.seg_loss(out["seg_logits"].float(), label, sample_weight=weights),
-                  "pcr": self.pcr_loss(out["pcr_logits"].float(), pcr_target, sample_weight=weights)}
+        window = batch.get("tumour_window", torch.ones_like(has_tumour)).to(has_tumour.device)
+        pcr_target = torch.where(has_tumour & window, batch["pcr"], torch.full_like(batch["pcr"], math.nan))
+        losses = {"seg": self.seg_loss(out["seg_logits"].float(), label, sample_weight=weights)}
+        # A batch without a labelled tumour window leaves the pCR task out altogether: with uncertainty weighting
+        # its `s_pcr / 2` term alone would push the pCR weight up.
+        if not torch.isnan(pcr_target).all():
+            losses["pcr"] = self.pcr_loss(out["pcr_logits"].float(), pcr_target, sample_weight=weights)
         total, logs = self.task_loss(losses)
+        if "pcr" not in losses:
+            # Zero-valued terms keep the pCR head and its log-variance in the graph: DDP expects a gradient for
+            # every parameter on every rank.
+            total = total + 0.0 * out["pcr_logits"].float().sum()
+            total = total + sum(0.0 * p.sum() for p in self.task_loss.parameters())
         bs = label.shape[0]
         self.log("train/loss", total, prog_bar=True, batch_size=bs, sync_dist=True)
-        self.log_dict({f"train/{k}": float(v) for k, v in logs.items()}, batch_size=bs, sync_dist=True)
+        # Not synced: a rank whose batch had no tumour window logs no pCR terms, and a sync over different keys
+        # would hang DDP. These are per-rank diagnostics; train/loss above is the synced figure.
+        self.log_dict({f"train/{k}": float(v) for k, v in logs.items()}, batch_size=bs)
         return total
 
     # ------------------------------------------------------------------ validation
@@ -178,7 +191,7 @@ class MTLFinetuneModule(L.LightningModule):
         groups = table[["age", "menopausal_status", "breast_density"]]
         seg = score_segmentation(table[["dsc", "norm_hd"]], groups)
         metrics = {"val/dsc": seg["dsc"], "val/norm_hd": seg["norm_hd"], "val/seg_ranking": seg["ranking"]}
-        rankings = [seg["ranking"]]
+        rankings, selection = [seg["ranking"]], [seg["ranking"]]
         labeled = table[~table["pcr"].isna()]
         if labeled["pcr"].nunique() == 2:
             y, logits = labeled["pcr"].to_numpy(), labeled["logit"].to_numpy()
@@ -194,10 +207,12 @@ class MTLFinetuneModule(L.LightningModule):
             metrics.update({"val/pcr_ba": cls["balanced_accuracy"], "val/pcr_auc": roc_auc(y, prob),
                             "val/pcr_ranking": cls["ranking"], "val/pcr_threshold": float(threshold)})
             rankings.append(cls["ranking"])
+            selection.append(metrics["val/pcr_auc"])
         metrics["val/ranking"] = float(np.mean(rankings))
+        metrics["val/selection"] = float(np.mean(selection))
         # Every rank holds the same gathered rows, so the values agree without sync_dist.
         for name, value in metrics.items():
-            self.log(name, float(value), prog_bar=name in ("val/ranking", "val/dsc", "val/pcr_ba"))
+            self.log(name, float(value), prog_bar=name in ("val/selection", "val/dsc", "val/pcr_auc"))
         if self.reweighter is not None:
             self.reweighter.update({var: {g: float(s) for g, s in table.groupby(var)["dsc"].mean().items()}
                                     for var in ("age", "menopausal_status", "breast_density")})

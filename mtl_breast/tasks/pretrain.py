@@ -96,7 +96,7 @@ class MAEPretrainModule(L.LightningModule):
         log_dir = self.trainer.log_dir
         if not self.trainer.is_global_zero:
             return
-        masked, recon = self.model.reconstruct(ex["pred"].float(), ex["mask"], ex["image"].float())
+        masked, recon = self.model.reconstruct(ex["pred"].float(), ex["mask"], ex["image"].float(), ex["phase_mask"])
         out_dir = Path(log_dir or self.trainer.default_root_dir) / "reconstructions"
         path = out_dir / f"epoch_{self.current_epoch:04d}.png"
         save_reconstruction_png(ex["image"][0], masked[0], recon[0], ex["phase_mask"][0], path)

@@ -1,0 +1,132 @@
+"""Kinetic features of the tumour curve, the kinetic pathway of the pCR head, and where its window goes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mtl_breast.data.window import tumour_centre, window_start
+from mtl_breast.hub import load_pretrained, save_pretrained
+from mtl_breast.inference import _tumour_window
+from mtl_breast.models.heads import PCRHead
+from mtl_breast.models.kinetics import KINETIC_FEATURES, tumour_kinetics
+from mtl_breast.models.registry import create_model
+
+
+def _volume(curve, tumour=(slice(2, 5), slice(2, 5), slice(2, 5)), background=0.2, size=8):
+    """[1, T, size^3]: a cube tumour following `curve`, constant background elsewhere, and its mask."""
+    t = len(curve)
+    image = torch.full((1, t, size, size, size), background)
+    mask = torch.zeros(1, 1, size, size, size)
+    mask[(0, 0, *tumour)] = 1.0
+    for k, value in enumerate(curve):
+        image[(0, k, *tumour)] = value
+    return image, mask
+
+
+def test_kinetic_features_by_hand():
+    image, mask = _volume([1.0, 3.0, 2.5, 2.0])
+    times = torch.tensor([[0.0, 90.0, 180.0, 270.0]])
+    f = dict(zip(KINETIC_FEATURES, tumour_kinetics(image, mask, phase_time=times)[0].tolist(), strict=True))
+    assert f["log_volume"] == pytest.approx(math.log1p(27) - 6.0)
+    assert f["wash_in"] == pytest.approx(2.0)
+    assert f["peak_enhancement"] == pytest.approx(2.0)
+    assert f["washout_ratio"] == pytest.approx((2.0 - 3.0) / (2.0 + 0.1))
+    assert f["washout_per_min"] == pytest.approx((2.0 - 3.0) / 2.1 / 3.0)  # 180 s from phase 1 to the last
+    assert f["contrast_to_surround"] == pytest.approx(2.0)  # the background does not enhance
+    # Unknown times fall back to 90 s between phases: the same numbers here.
+    unknown = tumour_kinetics(image, mask, phase_time=torch.full((1, 4), float("nan")))
+    torch.testing.assert_close(unknown, tumour_kinetics(image, mask, phase_time=times))
+
+
+def test_kinetic_features_are_invariant_to_the_case_normalisation_where_they_should_be():
+    image, mask = _volume([1.0, 3.0, 2.5, 2.0])
+    a = tumour_kinetics(image, mask)
+    b = tumour_kinetics(image * 2.0 + 5.0, mask)  # another mean/std of the case
+    ratios = [KINETIC_FEATURES.index(n) for n in ("washout_ratio", "washout_per_min")]
+    assert torch.allclose(a[:, ratios], b[:, ratios], atol=0.02)  # up to the +0.1 in the denominator
+    torch.testing.assert_close(b[:, 1], 2.0 * a[:, 1])  # wash-in scales with the intensity unit
+
+
+def test_kinetic_features_see_washout_and_ignore_padding():
+    rising, mask = _volume([1.0, 3.0, 3.5, 4.0])
+    washout, _ = _volume([1.0, 3.0, 2.5, 2.0])
+    r = KINETIC_FEATURES.index("washout_ratio")
+    assert tumour_kinetics(rising, mask)[0, r] > 0 > tumour_kinetics(washout, mask)[0, r]
+    # A padded fifth phase (NaN voxels) changes nothing; the last REAL phase defines the washout.
+    padded = torch.cat([washout, torch.full_like(washout[:, :1], float("nan"))], dim=1)
+    real = torch.tensor([[True, True, True, True, False]])
+    torch.testing.assert_close(tumour_kinetics(padded, mask, real), tumour_kinetics(washout, mask))
+    # Two phases: no washout to measure, finite zeros.
+    two = tumour_kinetics(washout[:, :2], mask)
+    assert torch.isfinite(two).all() and two[0, r] == 0
+    empty = tumour_kinetics(washout, torch.zeros_like(mask))
+    assert torch.isfinite(empty).all()
+
+
+def test_pcr_head_kinetic_pathway_uses_the_image():
+    torch.manual_seed(0)
+    head = PCRHead(embed_dim=16, kinetic=True).eval()
+    with torch.no_grad():
+        head.kinetic_fc.weight.normal_()
+    tokens = torch.randn(1, 4, 8, 16)
+    washout, mask = _volume([1.0, 3.0, 2.5, 2.0])
+    rising, _ = _volume([1.0, 3.0, 3.5, 4.0])
+    flat = washout.clone()
+    flat[:, 2:] = flat[:, 1:2]  # every post-contrast phase replaced by the first one
+    with torch.no_grad():
+        logits = [head(tokens, seg_prob=mask, grid=(2, 2, 2), image=x) for x in (washout, rising, flat)]
+    assert len({round(float(v), 5) for v in logits}) == 3
+    with pytest.raises(ValueError, match="kinetic pathway needs image"):
+        head(tokens, seg_prob=mask, grid=(2, 2, 2))
+    # Zero-initialised: a fresh head starts as the token-only head.
+    fresh, plain = PCRHead(embed_dim=16, kinetic=True), PCRHead(embed_dim=16)
+    plain.load_state_dict({k: v for k, v in fresh.state_dict().items() if not k.startswith("kinetic_fc")})
+    torch.testing.assert_close(fresh(tokens, seg_prob=mask, grid=(2, 2, 2), image=washout),
+                               plain(tokens, seg_prob=mask, grid=(2, 2, 2)))
+
+
+def test_joint_models_have_the_kinetic_pathway_and_older_weights_still_load(tmp_path):
+    model = create_model("mtl_vit_test")
+    assert model.pcr_head.kinetic and model.model_args["pcr_head"]["kinetic"] is True
+    # Weights exported before the pathway: no `kinetic` argument and no kinetic_fc tensor.
+    old = create_model("mtl_vit_test", pcr_head={"kinetic": False})
+    out = save_pretrained(old, tmp_path / "old")
+    config = json.loads((out / "config.json").read_text())
+    del config["model_args"]["pcr_head"]["kinetic"]
+    (out / "config.json").write_text(json.dumps(config))
+    loaded = load_pretrained(out)
+    assert not loaded.pcr_head.kinetic
+    for k, v in old.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k])
+
+
+def test_tumour_centre_is_the_largest_component():
+    prob = np.zeros((20, 20, 20), dtype=np.float32)
+    prob[2:8, 2:8, 2:8] = 0.9  # the tumour
+    prob[15:17, 15:17, 15:17] = 0.99  # a smaller, more confident false positive
+    prob += 0.01  # background probability everywhere
+    assert tumour_centre(prob) == pytest.approx((4.5, 4.5, 4.5))
+    # Nothing above the threshold: the most probable voxel; nothing at all: None.
+    low = np.full((6, 6, 6), 0.1, dtype=np.float32)
+    low[1, 2, 3] = 0.3
+    assert tumour_centre(low) == (1.0, 2.0, 3.0)
+    assert tumour_centre(np.zeros((4, 4, 4))) is None
+    assert window_start((4.5, 4.5, 4.5), (4, 4, 4), (20, 20, 20)) == (3, 3, 3)
+    assert window_start((0.0, 19.0, 10.0), (4, 4, 4), (20, 20, 20)) == (0, 16, 9)
+    with pytest.raises(ValueError, match="larger than the volume"):
+        window_start((1, 1, 1), (8, 8, 8), (4, 8, 8))
+
+
+def test_pcr_window_follows_the_largest_component_not_the_probability_mass():
+    x = torch.arange(32.0).view(1, 1, 32, 1, 1).expand(1, 2, 32, 32, 32).contiguous()
+    prob = torch.zeros(32, 32, 32)
+    prob[4:8, 4:8, 4:8] = 0.9  # tumour near a corner
+    prob[20:32, 20:32, 20:32] = 0.3  # diffuse background probability below the threshold, much more mass
+    window = _tumour_window(x, prob, (8, 8, 8))
+    assert window.shape == (1, 2, 8, 8, 8)
+    assert window[0, 0, :, 0, 0].tolist() == list(range(2, 10))  # centred on 5.5 along the first axis
