@@ -185,7 +185,9 @@ def _fit_check(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- demo
 def _demo_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
-    p.add_argument("--cases", type=int, default=96)
+    p.add_argument("--labelled", type=int, default=96, help="labelled phantoms for fine-tuning (train + validation)")
+    p.add_argument("--held-out", type=int, default=150, help="phantoms that only prediction and scoring see")
+    p.add_argument("--pool", type=int, default=200, help="unlabeled phantoms for MAE pretraining")
     p.add_argument("--size", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
 
@@ -194,7 +196,8 @@ def _demo_flags(p: argparse.ArgumentParser) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from mtl_breast.demo import run_demo
 
-    run_demo(args.workdir, cases=args.cases, size=args.size, seed=args.seed)
+    run_demo(args.workdir, labelled=args.labelled, held_out=args.held_out, pool=args.pool, size=args.size,
+             seed=args.seed)
     return 0
 
 

@@ -1,9 +1,10 @@
 """The end-to-end demo on synthetic phantoms (`make demo` / `mtl-breast demo`).
 
-synthesise -> MAE-pretrain -> export encoder -> fine-tune jointly from it -> export -> predict the
-held-out split -> evaluate with the challenge formulas -> print the headline scores and the report
-path. Every step is the same public command a user runs on real data; the YAML files in
-configs/pretrain/demo.yaml and configs/finetune/demo.yaml hold the settings.
+synthesise (an unlabeled pool, labelled cases and held-out cases, all disjoint) -> MAE-pretrain on the
+pool -> export encoder -> fine-tune jointly from it -> export -> predict the held-out split -> evaluate
+with the challenge formulas -> print the headline scores, the pCR AUC next to the size-only and kinetic
+baselines on the same cases, and the report path. Every step is the same public command a user runs on
+real data; the YAML files in configs/pretrain/demo.yaml and configs/finetune/demo.yaml hold the settings.
 """
 
 from __future__ import annotations
@@ -43,26 +44,67 @@ def _best_checkpoint(run_dir: Path) -> Path:
     return last
 
 
-def run_demo(workdir: Path | str = "runs/demo", cases: int = 96, size: int = 48, seed: int = 0,
-             pretrain_epochs: int | None = None, finetune_epochs: int | None = None) -> dict:
-    """Run the whole pipeline in `workdir`; returns the scores dict. Epoch overrides shorten it for tests."""
+def _held_out_pcr(data: Path, cache_dir: Path, weights: Path, predictions: Path) -> dict:
+    """pCR AUC of the model on the held-out split next to the size and kinetic baselines on the same cases.
+
+    The baselines are logistic regressions fitted on the training split (expert masks, `baselines.py`) and scored
+    on the held-out cases with features from their expert masks, which favours them over the model (it only
+    sees its own predicted mask).
+    """
+    import numpy as np
+    import pandas as pd
+
+    from mtl_breast.baselines import FEATURE_SETS, LogisticBaseline, auc_with_interval, labelled_features
+    from mtl_breast.data.cache import CaseCache
+    from mtl_breast.data.mamamia import read_splits
+    from mtl_breast.inference import InferenceSettings, read_weights_config
+
+    settings = InferenceSettings.from_config(read_weights_config(weights))
+    cache, roi = CaseCache(cache_dir, settings.preprocess), settings.roi_size
+    splits = read_splits(data)
+
+    _, train_rows, y_train = labelled_features(cache, splits["train"], roi)
+    test_ids, test_rows, y_test = labelled_features(cache, splits["test"], roi)
+    model = pd.read_csv(predictions / "predictions.csv", dtype={"patient_id": str}).set_index("patient_id")["score"]
+    scores = {"joint model": np.array([model.get(pid, np.nan) for pid in test_ids], dtype=np.float64)}
+    for name, features in FEATURE_SETS.items():
+        scores[f"{name} baseline"] = LogisticBaseline(features).fit(train_rows, y_train).predict_proba(test_rows)
+    table = {name: auc_with_interval(y_test, s) for name, s in scores.items()}
+    return {"cases": len(test_ids), "positives": int(sum(y_test)), "auc": table}
+
+
+def run_demo(workdir: Path | str = "runs/demo", labelled: int = 96, held_out: int = 150, pool: int = 200,
+             size: int = 48, seed: int = 0, pretrain_epochs: int | None = None,
+             finetune_epochs: int | None = None) -> dict:
+    """Run the whole pipeline in `workdir`; returns the scores dict. Epoch overrides shorten it for tests.
+
+    Three disjoint sets of phantoms, as a foundation model is used: an unlabeled pool for MAE pretraining
+    (`pool` cases, its own seed), `labelled` cases for fine-tuning (training + validation), and `held_out` cases
+    that only prediction and scoring see.
+    """
     from mtl_breast.cli import _lightning_cli, headline
     from mtl_breast.data.synthetic import generate_dataset
     from mtl_breast.inference import predict_dataset
     from mtl_breast.metrics.mamamia import evaluate
     from mtl_breast.tasks.export import export_checkpoint
 
+    if min(labelled, held_out, pool) < 1:
+        raise ValueError(f"need labelled, held_out and pool >= 1, got {labelled}, {held_out}, {pool}")
     work = Path(workdir)
-    data = work / "data"
+    data, pool_dir = work / "data", work / "pool"
     timings = {}
 
-    t0 = _step(f"1/6 synthesise {cases} phantom cases -> {data}")
-    summary = generate_dataset(data, num_cases=cases, seed=seed, size=size)
+    t0 = _step(f"1/6 synthesise {pool} unlabeled phantoms -> {pool_dir}, {labelled} labelled + {held_out} "
+               f"held-out -> {data}")
+    # Seeds 2s and 2s + 1: the pool never shares a phantom with the labelled or held-out cases.
+    generate_dataset(pool_dir, num_cases=pool, seed=2 * seed + 1, size=size, test_fraction=0.0)
+    summary = generate_dataset(data, num_cases=labelled + held_out, seed=2 * seed, size=size,
+                               test_fraction=held_out / (labelled + held_out))
     timings["synth"] = time.perf_counter() - t0
 
-    common = ["--data.root", str(data), "--data.cache_dir", str(work / "cache"), "--seed_everything", str(seed)]
-    t0 = _step("2/6 MAE pretraining")
-    args = ["fit", "--config", str(_config("pretrain/demo.yaml")), *common,
+    t0 = _step("2/6 MAE pretraining on the unlabeled pool")
+    args = ["fit", "--config", str(_config("pretrain/demo.yaml")), "--data.root", str(pool_dir),
+            "--data.cache_dir", str(work / "cache" / "pool"), "--seed_everything", str(seed),
             "--trainer.default_root_dir", str(work / "pretrain")]
     if pretrain_epochs is not None:
         args += ["--trainer.max_epochs", str(pretrain_epochs)]
@@ -71,7 +113,8 @@ def run_demo(workdir: Path | str = "runs/demo", cases: int = 96, size: int = 48,
     timings["pretrain"] = time.perf_counter() - t0
 
     t0 = _step("3/6 joint fine-tuning from the pretrained encoder")
-    args = ["fit", "--config", str(_config("finetune/demo.yaml")), *common,
+    args = ["fit", "--config", str(_config("finetune/demo.yaml")), "--data.root", str(data),
+            "--data.cache_dir", str(work / "cache" / "data"), "--seed_everything", str(seed),
             "--trainer.default_root_dir", str(work / "finetune"), "--model.pretrained", str(encoder_weights)]
     if finetune_epochs is not None:
         args += ["--trainer.max_epochs", str(finetune_epochs)]
@@ -83,8 +126,10 @@ def run_demo(workdir: Path | str = "runs/demo", cases: int = 96, size: int = 48,
     report = predict_dataset(weights, data, work / "predictions", split="test")
     timings["predict"] = time.perf_counter() - t0
 
-    t0 = _step("5/6 evaluate with the MAMA-MIA formulas")
+    t0 = _step("5/6 evaluate with the MAMA-MIA formulas, next to the baselines")
     scores = evaluate(work / "predictions", data, work / "evaluation")
+    baselines = _held_out_pcr(data, work / "cache" / "data", weights, work / "predictions")
+    (work / "evaluation" / "baselines.json").write_text(json.dumps(baselines, indent=2) + "\n")
     timings["evaluate"] = time.perf_counter() - t0
 
     _step("6/6 summary")
@@ -93,4 +138,8 @@ def run_demo(workdir: Path | str = "runs/demo", cases: int = 96, size: int = 48,
               "scores": str(work / "evaluation" / "scores.json"), "report": str(work / "evaluation" / "report.md"),
               "seconds": {k: round(v, 1) for k, v in timings.items()}}
     print(json.dumps(result, indent=2))
+    print(f"\npCR AUC on {baselines['cases']} held-out cases with known pCR ({baselines['positives']} pCR), "
+          "95% bootstrap intervals; baselines fitted on the training split with expert masks:")
+    for name, row in baselines["auc"].items():
+        print(f"  {name:<20} {row['auc']:.3f}  [{row['low']:.3f}, {row['high']:.3f}]")
     return scores

@@ -70,7 +70,8 @@ def test_shortened_demo_learns(tmp_path):
     """Pretrain -> fine-tune -> predict -> evaluate on fewer phantoms and epochs; scores clearly above chance."""
     from mtl_breast.demo import run_demo
 
-    scores = run_demo(tmp_path / "demo", cases=48, size=40, seed=1, pretrain_epochs=5, finetune_epochs=10)
+    scores = run_demo(tmp_path / "demo", labelled=48, held_out=40, pool=40, size=40, seed=1, pretrain_epochs=5,
+                      finetune_epochs=10)
     written = json.loads((tmp_path / "demo" / "evaluation" / "scores.json").read_text())
     assert written["segmentation"]["dsc"] == pytest.approx(scores["segmentation"]["dsc"])
     assert scores["segmentation"]["dsc"] > 0.5, scores["segmentation"]["dsc"]

@@ -40,8 +40,10 @@ class PCRHead(nn.Module):
         prob_weighted: bias attention by ``seg_prob`` when it is given (ignored when it is not).
         detach_prob: stop the pCR loss from back-propagating into the segmentation through ``seg_prob``.
         prob_eps: floor added to the probability before the log, bounding the bias at ``log(prob_eps)``.
-        kinetic: add the kinetic pathway (needs ``image`` and ``seg_prob`` in :meth:`forward`). Weights
-            exported without it load with ``kinetic=False``.
+        kinetic: add the kinetic pathway (needs ``image`` and ``seg_prob`` in :meth:`forward`); its features are
+            standardised with buffers ``kinetic_mean``/``kinetic_std`` (weights format: ``pcr_head.kinetic_fc.weight
+            [1, 6]``, ``pcr_head.kinetic_mean [6]``, ``pcr_head.kinetic_std [6]``). Weights exported without it load
+            with ``kinetic=False``.
     """
 
     def __init__(
@@ -78,6 +80,9 @@ class PCRHead(nn.Module):
         self.kinetic_fc = nn.Linear(len(KINETIC_FEATURES), 1, bias=False) if kinetic else None
         if self.kinetic_fc is not None:
             nn.init.zeros_(self.kinetic_fc.weight)  # starts as the token-only head
+            # Standardisation of the features, part of the weights (see `init_kinetic`).
+            self.register_buffer("kinetic_mean", torch.zeros(len(KINETIC_FEATURES)))
+            self.register_buffer("kinetic_std", torch.ones(len(KINETIC_FEATURES)))
 
     def forward(
         self,
@@ -127,9 +132,31 @@ class PCRHead(nn.Module):
             if image is None or seg_prob is None:
                 raise ValueError("the kinetic pathway needs image [B, T, D, H, W] and seg_prob [B, 1, D, H, W]")
             prob = seg_prob.detach() if self.detach_prob else seg_prob
-            features = tumour_kinetics(image, prob, phase_mask, phase_time).to(self.kinetic_fc.weight.dtype)
+            features = tumour_kinetics(image, prob, phase_mask, phase_time)
+            features = ((features - self.kinetic_mean) / self.kinetic_std).to(self.kinetic_fc.weight.dtype)
             logit = logit + self.kinetic_fc(features).squeeze(-1).to(logit.dtype)
         return logit
+
+    @torch.no_grad()
+    def init_kinetic(self, mean: Sequence[float], std: Sequence[float], weight: Sequence[float],
+                     bias: float) -> None:
+        """Start the kinetic pathway from a logistic regression of pCR on the kinetic features.
+
+        Args:
+            mean, std: standardisation of the features (`KINETIC_FEATURES` order), kept as buffers.
+            weight: regression coefficients on the standardised features.
+            bias: intercept, written into the output bias.
+        """
+        if self.kinetic_fc is None:
+            raise ValueError("this PCRHead has no kinetic pathway (kinetic=False)")
+        k = len(KINETIC_FEATURES)
+        values = [torch.as_tensor(v, dtype=torch.float32).reshape(-1) for v in (mean, std, weight)]
+        if any(v.numel() != k for v in values) or not bool((values[1] > 0).all()):
+            raise ValueError(f"need {k} means, {k} positive stds and {k} weights")
+        self.kinetic_mean.copy_(values[0])
+        self.kinetic_std.copy_(values[1])
+        self.kinetic_fc.weight.copy_(values[2][None])
+        self.fc.bias.fill_(float(bias))
 
     def _token_prior(self, seg_prob: torch.Tensor, grid: Sequence[int] | None, b: int, n: int) -> torch.Tensor:
         """Average ``seg_prob [B, 1, D, H, W]`` over each patch -> ``[B, N]``."""

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mtl_breast.baselines import LogisticBaseline, labelled_features
 from mtl_breast.inference import InferenceSettings, predict_volume
 from mtl_breast.losses.classification import PCRLoss
 from mtl_breast.losses.fairness import SubgroupReweighter
@@ -35,6 +36,7 @@ from mtl_breast.metrics.classification import choose_threshold, roc_auc, tempera
 from mtl_breast.metrics.mamamia import score_classification, score_segmentation
 from mtl_breast.metrics.segmentation import dice, hd95, norm_hd
 from mtl_breast.metrics.subgroups import age_group, density_group, menopause_group
+from mtl_breast.models.kinetics import KINETIC_FEATURES
 from mtl_breast.models.registry import create_model
 from mtl_breast.tasks.optim import build_optimizer, build_scheduler
 from mtl_breast.tasks.rng import KEY as RNG_KEY
@@ -69,6 +71,9 @@ class MTLFinetuneModule(L.LightningModule):
         threshold_objective: "balanced_accuracy" or "ranking" (BA and equalised odds) for the pCR threshold.
         calibrate: fit a temperature for the pCR logits on validation.
         val_overlap: sliding-window overlap during validation.
+        kinetic_init: start the pCR head's kinetic pathway from a logistic regression of pCR on the kinetic
+            features of the training cases (expert masks, the pCR window; `baselines.LogisticBaseline`), so
+            fine-tuning begins where the kinetic baseline ends; skipped when resuming or without the pathway.
     """
 
     monitor = "val/selection"
@@ -97,6 +102,7 @@ class MTLFinetuneModule(L.LightningModule):
         threshold_objective: str = "balanced_accuracy",
         calibrate: bool = False,
         val_overlap: float = 0.25,
+        kinetic_init: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -135,6 +141,21 @@ class MTLFinetuneModule(L.LightningModule):
         if self.hparams.pcr_pos_weight == "balanced" and dm is not None and hasattr(dm, "train_pcr_counts"):
             n_pos, n_neg = dm.train_pcr_counts()
             self.pcr_loss.set_class_counts(n_pos, n_neg)
+        if self.hparams.kinetic_init and self.trainer.ckpt_path is None:  # a resumed run has it in its checkpoint
+            self._init_kinetic_pathway(dm)
+
+    def _init_kinetic_pathway(self, dm: Any) -> None:
+        head = self.model.pcr_head
+        if not getattr(head, "kinetic", False) or dm is None or not hasattr(dm, "cache"):
+            return
+        _, rows, labels = labelled_features(dm.cache, dm.train_ids, self.img_size)
+        if len(set(labels)) < 2:
+            log.warning("kinetic pathway not initialised: the training cases hold %s pCR label(s) only",
+                        sorted(set(labels)) or "no")
+            return
+        fitted = LogisticBaseline(KINETIC_FEATURES).fit(rows, labels)
+        head.init_kinetic(fitted.mean_, fitted.std_, fitted.coef_[1:], float(fitted.coef_[0]))
+        log.info("kinetic pathway initialised from a logistic regression on %d training cases", len(labels))
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return self.model(batch["image"], phase_mask=batch["phase_mask"], phase_time=batch["phase_time"])

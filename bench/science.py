@@ -1,0 +1,404 @@
+"""The evidence suite: does the joint model learn pCR from contrast kinetics, and does MAE pretraining help?
+
+Every experiment runs on CPU on synthetic phantoms, on its own, and writes JSON; `report` renders
+docs/RESULTS.md from those files. Held-out phantoms are drawn with seeds used nowhere else (10_000 + k) and
+never enter pretraining, fine-tuning, threshold choice or checkpoint selection.
+
+    # three demo runs (seeds 0, 1, 2), each: own pool -> MAE -> fine-tune; then the held-out comparison
+    python bench/science.py demo-runs --seeds 0 1 2 --out runs/science
+    python bench/science.py heldout --runs runs/science/seed0 runs/science/seed1 runs/science/seed2 \
+        --cases 160 --out runs/science/heldout.json
+    # label efficiency: fine-tune 16/32/64 labelled cases from the MAE weights of each run and from scratch
+    python bench/science.py label-efficiency --runs runs/science/seed0 --labelled 16 32 64 \
+        --out runs/science/label_efficiency.json
+    # ablations: no kinetic pathway, segmentation-only / pCR-only losses, joint attention, whole-phase masking
+    python bench/science.py ablations --runs runs/science/seed0 --out runs/science/ablations.json
+    python bench/science.py report runs/science/*.json --out docs/RESULTS.md
+
+A "run" folder is what `mtl-breast demo --workdir RUN` leaves: data/ (labelled + held-out), cache/data,
+weights/mae, weights/mtl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mtl_breast.baselines import FEATURE_SETS, LogisticBaseline, bootstrap_interval, case_features, labelled_features
+from mtl_breast.data.cache import CaseCache
+from mtl_breast.data.mamamia import read_splits
+from mtl_breast.data.preprocess import preprocess_dataset
+from mtl_breast.data.synthetic import generate_dataset
+from mtl_breast.inference import InferenceSettings, load_joint_model, predict_volume, read_weights_config
+from mtl_breast.metrics.classification import balanced_accuracy, roc_auc
+from mtl_breast.metrics.segmentation import dice as dice_score
+
+HELD_OUT_SEED = 10_000
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _meta(command: list[str], started: float) -> dict:
+    return {"command": " ".join(command), "seconds": round(time.perf_counter() - started, 1),
+            "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+            "torch": torch.__version__}
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def flatten_washout(image: torch.Tensor) -> torch.Tensor:
+    """Every post-contrast phase replaced by the first one: no washout, no late enhancement. ``[T, D, H, W]``."""
+    out = image.clone()
+    out[2:] = image[1]
+    return out
+
+
+def reverse_post_contrast(image: torch.Tensor) -> torch.Tensor:
+    """Post-contrast phases in reverse order (phase 0 stays first). ``[T, D, H, W]``."""
+    out = image.clone()
+    out[1:] = image[1:].flip(0)
+    return out
+
+
+VARIANTS = {"as acquired": lambda x: x, "washout removed (post-contrast flattened)": flatten_washout,
+            "post-contrast phases reversed": reverse_post_contrast}
+
+
+def held_out_set(out: Path, cases: int, size: int, settings: InferenceSettings) -> tuple[Path, CaseCache]:
+    """Fresh phantoms (seed `HELD_OUT_SEED`), preprocessed the way the weights expect."""
+    data, cache_dir = out / "data", out / "cache"
+    if not (data / "synthetic.json").exists():
+        generate_dataset(data, num_cases=cases, seed=HELD_OUT_SEED, size=size, test_fraction=0.0)
+    preprocess_dataset(data, cache_dir, settings.preprocess, progress=False)
+    return data, CaseCache(cache_dir, settings.preprocess)
+
+
+# ------------------------------------------------------------------------------------------------ experiments
+def score_run(run: Path, weights: Path, data: Path, cache: CaseCache) -> dict:
+    """Per held-out case: the model's pCR probability for each input variant, baselines' probabilities, truth.
+
+    Args:
+        run: folder whose data/ and cache/data hold the training split the baselines are fitted on.
+        weights: the joint model to score.
+        data, cache: the held-out phantoms and their preprocessed cache.
+    """
+    model, config = load_joint_model(weights, "cpu")
+    settings = InferenceSettings.from_config(config)
+    roi = settings.roi_size
+    train_cache = CaseCache(run / "cache" / "data", settings.preprocess)
+    _, train_rows, y_train = labelled_features(train_cache, read_splits(run / "data")["train"], roi)
+    ids, expert_rows, y = labelled_features(cache, cache.patient_ids(), roi)
+    scores: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    predicted_rows, dice = [], []
+    for pid in ids:
+        case = cache.read(pid)
+        for name, change in VARIANTS.items():
+            prob, logit = predict_volume(model, change(case["image"]), case["phase_time"], settings)
+            scores[name].append(float(1.0 / (1.0 + np.exp(-logit))))
+            if name == "as acquired":
+                predicted_rows.append(case_features(case["image"], prob, case["phase_time"], roi))
+                dice.append(dice_score(prob >= settings.seg_threshold, case["label"].numpy().astype(bool)))
+    result = {f"joint model, {k}": v for k, v in scores.items()}
+    prevalence = float(np.mean(y_train))
+    for name, features in FEATURE_SETS.items():
+        baseline = LogisticBaseline(features).fit(train_rows, y_train)
+        result[f"{name} baseline, expert mask"] = baseline.predict_proba(expert_rows).tolist()
+        result[f"{name} baseline, predicted mask"] = baseline.predict_proba(predicted_rows).tolist()
+    truth = [json.loads((data / "patient_info_files" / f"{pid.lower()}.json").read_text())["phantom"]
+             ["pcr_probability"] for pid in ids]
+    result["generating model (ceiling)"] = truth
+    thresholds = {k: (settings.pcr_threshold if k.startswith("joint") else prevalence) for k in result}
+    thresholds["generating model (ceiling)"] = float(np.mean(y))  # Bayes rule for balanced accuracy
+    return {"ids": ids, "y": y, "scores": result, "thresholds": thresholds, "dice": dice}
+
+
+def summarise(runs: list[dict], seed: int = 0) -> dict:
+    """Seed-averaged AUC and BA per predictor with 95% bootstrap intervals over the held-out cases (the same
+    resampled cases for every seed), plus paired differences that the claims rest on."""
+    y = np.array(runs[0]["y"])
+    names = list(runs[0]["scores"])
+
+    def auc(name: str, idx: np.ndarray) -> float:
+        if len(np.unique(y[idx])) < 2:
+            return float("nan")
+        return float(np.mean([roc_auc(y[idx], np.array(r["scores"][name])[idx]) for r in runs]))
+
+    def ba(name: str, idx: np.ndarray) -> float:
+        return float(np.mean([balanced_accuracy(y[idx], (np.array(r["scores"][name])[idx] >= r["thresholds"][name])
+                                                .astype(int)) for r in runs]))
+
+    everything = np.arange(len(y))
+    table = {}
+    for name in names:
+        def auc_of(i: np.ndarray, name: str = name) -> float:
+            return auc(name, i)
+
+        def ba_of(i: np.ndarray, name: str = name) -> float:
+            return ba(name, i)
+
+        table[name] = {"auc": auc(name, everything), "auc_ci": bootstrap_interval(auc_of, len(y), seed=seed,
+                                                                                samples=1000),
+                       "ba": ba(name, everything), "ba_ci": bootstrap_interval(ba_of, len(y), seed=seed,
+                                                                              samples=1000),
+                       "auc_per_seed": [roc_auc(y, r["scores"][name]) for r in runs]}
+    model = "joint model, as acquired"
+    pairs = {"model - size baseline (expert mask)": (model, "size baseline, expert mask"),
+             "model - size baseline (predicted mask)": (model, "size baseline, predicted mask"),
+             "model - kinetic baseline (expert mask)": (model, "kinetic baseline, expert mask"),
+             "model - kinetic baseline (predicted mask)": (model, "kinetic baseline, predicted mask"),
+             "model - model with washout removed": (model, "joint model, washout removed (post-contrast flattened)"),
+             "model - model with phases reversed": (model, "joint model, post-contrast phases reversed")}
+    differences = {}
+    for label, (a, b) in pairs.items():
+        def diff(i: np.ndarray, a: str = a, b: str = b) -> float:
+            return auc(a, i) - auc(b, i)
+        differences[label] = {"auc_difference": diff(everything),
+                              "ci": bootstrap_interval(diff, len(y), seed=seed, samples=1000)}
+    dice = np.array([r["dice"] for r in runs])  # [seeds, cases]
+    return {"cases": len(y), "positives": int(y.sum()), "seeds": len(runs), "table": table,
+            "differences": differences, "dice": float(dice.mean()),
+            "dice_ci": bootstrap_interval(lambda i: float(dice[:, i].mean()), len(y), seed=seed, samples=1000)}
+
+
+def cmd_heldout(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    runs = [Path(r) for r in args.runs]
+    settings = InferenceSettings.from_config(read_weights_config(runs[0] / "weights" / "mtl"))
+    data, cache = held_out_set(Path(args.workdir), args.cases, args.size, settings)
+    scored = [score_run(run, run / "weights" / "mtl", data, cache) for run in runs]
+    return {"experiment": "heldout", **summarise(scored), "runs": [str(r) for r in runs],
+            **_meta(sys.argv, started)}
+
+
+def _demo(workdir: Path, seed: int, extra: list[str]) -> None:
+    cmd = [sys.executable, "-m", "mtl_breast.cli", "demo", "--workdir", str(workdir), "--seed", str(seed), *extra]
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def cmd_demo_runs(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    out = Path(args.workdir)
+    for seed in args.seeds:
+        if not (out / f"seed{seed}" / "weights" / "mtl" / "model.safetensors").exists():
+            _demo(out / f"seed{seed}", seed, [])
+        (out / f"seed{seed}" / "seed.json").write_text(json.dumps({"seed": seed}) + "\n")
+    return {"experiment": "demo-runs", "runs": [str(out / f"seed{s}") for s in args.seeds], **_meta(sys.argv, started)}
+
+
+# ------------------------------------------------------------------------------------------------ fine-tuning variants
+def _cli(args: list[str]) -> None:
+    subprocess.run([sys.executable, "-m", "mtl_breast.cli", *map(str, args)], check=True, cwd=ROOT)
+
+
+def pretrain(out: Path, pool: Path, seed: int, model_args: str | None = None) -> Path:
+    """MAE-pretrain the test-size encoder on `pool` with the demo settings; returns the exported weights."""
+    weights = out / "weights" / "mae"
+    if not (weights / "model.safetensors").exists():
+        extra = ["--model.model_args", model_args] if model_args else []
+        _cli(["pretrain", "fit", "--config", ROOT / "configs/pretrain/demo.yaml", "--data.root", pool,
+              "--data.cache_dir", out / "cache" / "pool", "--seed_everything", seed,
+              "--trainer.default_root_dir", out / "pretrain", *extra])
+        _cli(["export", "--ckpt", out / "pretrain" / "checkpoints" / "last.ckpt", "--out", weights])
+    return weights
+
+
+def finetune(out: Path, data: Path, seed: int, pretrained: Path | None, extra: list[str], steps: int,
+             labelled: int) -> Path:
+    """Fine-tune with the demo settings for about `steps` optimizer steps; returns the exported joint weights."""
+    from mtl_breast.demo import _best_checkpoint
+
+    weights = out / "weights" / "mtl"
+    if (weights / "model.safetensors").exists():
+        return weights
+    per_epoch = max(1, round(labelled * 0.8 * 2 / 4))  # 80% for training, 2 repeats, batch 4 (configs/finetune)
+    epochs = max(1, round(steps / per_epoch))
+    args = ["finetune", "fit", "--config", ROOT / "configs/finetune/demo.yaml", "--data.root", data,
+            "--data.cache_dir", out / "cache" / "data", "--seed_everything", seed,
+            "--trainer.default_root_dir", out / "finetune", "--trainer.max_epochs", epochs,
+            "--trainer.check_val_every_n_epoch", max(1, epochs // 4), *extra]
+    if pretrained is not None:
+        args += ["--model.pretrained", pretrained]
+    _cli(args)
+    _cli(["export", "--ckpt", _best_checkpoint(out / "finetune"), "--out", weights])
+    return weights
+
+
+def labelled_set(out: Path, labelled: int, seed: int, size: int) -> Path:
+    """`labelled` phantoms with expert masks and pCR, all for training/validation (seed 20_000 + 100 seed + n)."""
+    data = out / "data"
+    if not (data / "synthetic.json").exists():
+        generate_dataset(data, num_cases=labelled, seed=20_000 + 100 * seed + labelled, size=size, test_fraction=0.0)
+    return data
+
+
+def _score_variant(name: str, out: Path, weights: Path, data: Path, cache: CaseCache) -> dict:
+    scored = score_run(out, weights, data, cache)
+    model = "joint model, as acquired"
+    y = np.array(scored["y"])
+    flat = "joint model, washout removed (post-contrast flattened)"
+    return {"variant": name, "auc": roc_auc(y, scored["scores"][model]),
+            "auc_washout_removed": roc_auc(y, scored["scores"][flat]), "dice": float(np.mean(scored["dice"])),
+            "raw": scored}
+
+
+def _run_seed(run: Path) -> int:
+    return int(json.loads((run / "seed.json").read_text())["seed"]) if (run / "seed.json").exists() else 0
+
+
+def _held_out_for(run: Path, work: Path, args: argparse.Namespace) -> tuple[Path, CaseCache]:
+    settings = InferenceSettings.from_config(read_weights_config(run / "weights" / "mtl"))
+    return held_out_set(work / "heldout", args.cases, args.size, settings)
+
+
+def cmd_label_efficiency(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    work = Path(args.workdir)
+    results = []
+    for run in map(Path, args.runs):
+        seed, (data_h, cache_h) = _run_seed(run), _held_out_for(run, work, args)
+        for n in args.labelled:
+            data = labelled_set(work / f"{run.name}_n{n}", n, seed, args.size)
+            for init, pretrained in (("MAE", run / "weights" / "mae"), ("scratch", None)):
+                out = work / f"{run.name}_n{n}_{init}"
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "data").exists() or (out / "data").symlink_to(data.resolve())
+                weights = finetune(out, data, seed, pretrained, [], args.steps, n)
+                row = _score_variant(f"{n} labelled, {init}", out, weights, data_h, cache_h)
+                results.append({"run": str(run), "labelled": n, "init": init, **row})
+    return {"experiment": "label-efficiency", "held_out_cases": args.cases, "steps": args.steps,
+            "results": results, **_meta(sys.argv, started)}
+
+
+# name -> (MAE model_args for its own pretraining, or "run" = the run's MAE weights, or None = scratch;
+#          fine-tuning arguments)
+ABLATIONS: dict[str, tuple[str | None, list[str]]] = {
+    "joint model (reference)": ("run", []),
+    "no kinetic pathway": ("run", ["--model.model_args",
+                                   '{"encoder": {"phase_time_drop": 0.2}, "pcr_head": {"kinetic": false}}']),
+    "segmentation loss only": ("run", ["--model.task_weights", '{"seg": 1.0, "pcr": 0.0}']),
+    "pCR loss only": ("run", ["--model.task_weights", '{"seg": 0.0, "pcr": 1.0}']),
+    "joint space-time attention": (
+        '{"attn_mode": "joint", "phase_time_drop": 0.2}',
+        ["--model.model_args", '{"encoder": {"phase_time_drop": 0.2, "attn_mode": "joint"}}']),
+    "MAE with whole-phase masking (0.5)": ('{"phase_mask_ratio": 0.5, "phase_time_drop": 0.2}', []),
+}
+
+
+def cmd_ablations(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    work = Path(args.workdir)
+    results = []
+    for run in map(Path, args.runs):
+        seed, (data_h, cache_h) = _run_seed(run), _held_out_for(run, work, args)
+        for name, (mae, extra) in ABLATIONS.items():
+            if args.only and name not in args.only:
+                continue
+            out = work / f"{run.name}_{name.split(' (')[0].replace(' ', '_')}"
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "data").exists() or (out / "data").symlink_to((run / "data").resolve())
+            if name == "joint model (reference)":
+                out, weights = run, run / "weights" / "mtl"
+            else:
+                pretrained = run / "weights" / "mae" if mae == "run" else pretrain(out, run / "pool", seed, mae)
+                weights = finetune(out, run / "data", seed, pretrained, extra, args.steps, args.labelled)
+            results.append({"run": str(run), **_score_variant(name, out, weights, data_h, cache_h)})
+    return {"experiment": "ablations", "held_out_cases": args.cases, "results": results,
+            **_meta(sys.argv, started)}
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _ci(low_high) -> str:
+    low, high = low_high
+    return f"[{low:.3f}, {high:.3f}]"
+
+
+def _heldout_md(r: dict) -> list[str]:
+    lines = [f"{r['cases']} fresh phantoms with known pCR ({r['positives']} pCR), seed {HELD_OUT_SEED}, "
+             f"{r['seeds']} training seed(s); mean over seeds, 95% bootstrap interval over cases. Baselines are "
+             "logistic regressions fitted on each run's training split (expert masks); their features on the "
+             "held-out cases come from the expert mask or from the joint model's predicted mask. BA: the model "
+             "at its validation-chosen threshold, the baselines at the training pCR rate. "
+             f"Segmentation Dice of the model on these cases: {r['dice']:.3f} {_ci(r['dice_ci'])}.", "",
+             "| predictor | AUC | 95% CI | BA | 95% CI | AUC per seed |", "|---|---|---|---|---|---|"]
+    for name, row in r["table"].items():
+        seeds = ", ".join(f"{v:.3f}" for v in row["auc_per_seed"])
+        lines.append(f"| {name} | {row['auc']:.3f} | {_ci(row['auc_ci'])} | {row['ba']:.3f} | "
+                     f"{_ci(row['ba_ci'])} | {seeds} |")
+    lines += ["", "| paired AUC difference | value | 95% CI |", "|---|---|---|"]
+    for name, row in r["differences"].items():
+        lines.append(f"| {name} | {row['auc_difference']:+.3f} | {_ci(row['ci'])} |")
+    return lines
+
+
+def _variants_md(r: dict, key: str) -> list[str]:
+    lines = [f"{r['held_out_cases']} held-out phantoms (seed {HELD_OUT_SEED}); one row per run.", "",
+             "| run | variant | pCR AUC | AUC, washout removed | Dice |", "|---|---|---|---|---|"]
+    for row in r["results"]:
+        lines.append(f"| {Path(row['run']).name} | {row['variant']} | {row['auc']:.3f} | "
+                     f"{row['auc_washout_removed']:.3f} | {row['dice']:.3f} |")
+    return lines
+
+
+def cmd_report(args: argparse.Namespace) -> dict:
+    """Markdown tables of the given result files, to paste into docs/RESULTS.md."""
+    lines = []
+    for path in args.results:
+        r = json.loads(Path(path).read_text())
+        if r["experiment"] not in ("heldout", "label-efficiency", "ablations"):
+            continue
+        lines += [f"### {r['experiment']}", "", f"`{r['command']}` ({r['seconds']:.0f} s, {r['device']})", ""]
+        lines += _heldout_md(r) if r["experiment"] == "heldout" else _variants_md(r, r["experiment"])
+        lines.append("")
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    return {"experiment": "report", "files": args.results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    runs = sub.add_parser("demo-runs", help="one `mtl-breast demo` per seed")
+    runs.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    runs.add_argument("--workdir", default="runs/science")
+    held = sub.add_parser("heldout", help="model vs baselines vs kinetics-removed inputs on fresh phantoms")
+    held.add_argument("--runs", nargs="+", required=True)
+    held.add_argument("--workdir", default="runs/science/heldout")
+    eff = sub.add_parser("label-efficiency", help="fine-tune n labelled cases from MAE weights and from scratch")
+    eff.add_argument("--runs", nargs="+", required=True)
+    eff.add_argument("--labelled", type=int, nargs="+", default=[16, 32, 64])
+    eff.add_argument("--steps", type=int, default=770, help="fine-tuning steps (the demo's count)")
+    eff.add_argument("--workdir", default="runs/science/label_efficiency")
+    abl = sub.add_parser("ablations", help="one change at a time against the joint model")
+    abl.add_argument("--runs", nargs="+", required=True)
+    abl.add_argument("--only", nargs="*", help="ablation names to run (default: all)")
+    abl.add_argument("--steps", type=int, default=770)
+    abl.add_argument("--labelled", type=int, default=96, help="labelled cases in the run's data (steps per epoch)")
+    abl.add_argument("--workdir", default="runs/science/ablations")
+    for parser in (held, eff, abl):
+        parser.add_argument("--cases", type=int, default=160, help="held-out phantoms")
+        parser.add_argument("--size", type=int, default=48)
+    for parser in (runs, held, eff, abl):
+        parser.add_argument("--out", required=True, help="JSON file to write")
+    rep = sub.add_parser("report", help="markdown tables of result files")
+    rep.add_argument("results", nargs="+")
+    rep.add_argument("--out", required=True, help="markdown file to write")
+    args = p.parse_args(argv)
+    commands = {"demo-runs": cmd_demo_runs, "heldout": cmd_heldout, "label-efficiency": cmd_label_efficiency,
+                "ablations": cmd_ablations}
+    if args.command == "report":
+        print(json.dumps(cmd_report(args)))
+        return 0
+    result = commands[args.command](args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k not in ("table", "results")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

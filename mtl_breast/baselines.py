@@ -1,0 +1,151 @@
+"""The baselines a user tries before a foundation model: logistic regression on tumour size and kinetics.
+
+Features come from `models.kinetics.tumour_kinetics`, the same numbers the pCR head's kinetic pathway sees,
+computed on the same window (centred on the tumour's largest component, `data.window`) of the preprocessed
+case, under the expert mask or a predicted probability. A pCR model earns its keep only if it beats these on
+cases it never saw (docs/RESULTS.md).
+
+    size      log tumour volume
+    kinetic   log volume + wash-in + washout ratio of the mean tumour curve
+    kinetic+  all six kinetic features
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import minimize
+
+from mtl_breast.data.cache import CaseCache
+from mtl_breast.data.window import tumour_centre, window_start
+from mtl_breast.metrics.classification import roc_auc
+from mtl_breast.models.kinetics import KINETIC_FEATURES, tumour_kinetics
+
+__all__ = ["FEATURE_SETS", "LogisticBaseline", "auc_with_interval", "bootstrap_interval", "case_features",
+           "labelled_features"]
+
+FEATURE_SETS: dict[str, tuple[str, ...]] = {
+    "size": ("log_volume",),
+    "kinetic": ("log_volume", "wash_in", "washout_ratio"),
+    "kinetic+": KINETIC_FEATURES,
+}
+
+
+def case_features(image: np.ndarray | torch.Tensor, tumour: np.ndarray | torch.Tensor,
+                  phase_time: np.ndarray | torch.Tensor | None, roi: Sequence[int]) -> dict[str, float]:
+    """Kinetic features of one preprocessed case on the pCR window.
+
+    Args:
+        image: ``[T, D, H, W]`` preprocessed phases.
+        tumour: ``[D, H, W]`` expert mask or predicted probability on the same grid.
+        phase_time: ``[T]`` seconds after pre-contrast (NaN unknown), or None.
+        roi: the window size (the model's training crop).
+
+    Returns:
+        ``{feature name: value}`` for every name in `KINETIC_FEATURES`.
+    """
+    x = torch.as_tensor(np.asarray(image), dtype=torch.float32)[None]  # [1, T, D, H, W]
+    p = torch.as_tensor(np.asarray(tumour), dtype=torch.float32)[None, None]  # [1, 1, D, H, W]
+    pad = [max(0, r - s) for r, s in zip(roi, x.shape[2:], strict=True)]
+    if any(pad):
+        flat = [v for d in reversed(pad) for v in (0, d)]
+        x, p = torch.nn.functional.pad(x, flat), torch.nn.functional.pad(p, flat)
+    centre = tumour_centre(p[0, 0].numpy()) or tuple(s / 2 for s in x.shape[2:])
+    a, b, c = window_start(centre, roi, x.shape[2:])
+    window = (slice(None), slice(None), slice(a, a + roi[0]), slice(b, b + roi[1]), slice(c, c + roi[2]))
+    times = None if phase_time is None else torch.as_tensor(np.asarray(phase_time), dtype=torch.float32)[None]
+    values = tumour_kinetics(x[window], p[window], phase_time=times)[0].tolist()
+    return dict(zip(KINETIC_FEATURES, values, strict=True))
+
+
+def labelled_features(cache: CaseCache, patient_ids: Sequence[str],
+                      roi: Sequence[int]) -> tuple[list[str], list[dict[str, float]], list[float]]:
+    """Expert-mask kinetic features and pCR of the cached cases that have both; others are left out.
+
+    Returns:
+        ``(patient ids, feature rows, pCR labels)`` in the order of ``patient_ids``.
+    """
+    keep, rows, labels = [], [], []
+    for pid in patient_ids:
+        if not cache.has(pid):
+            continue
+        case = cache.read(pid)
+        pcr = case["info"].get("pcr")
+        if pcr is None or case["label"] is None:
+            continue
+        keep.append(pid)
+        rows.append(case_features(case["image"], case["label"], case["phase_time"], roi))
+        labels.append(float(pcr))
+    return keep, rows, labels
+
+
+@dataclass
+class LogisticBaseline:
+    """L2-regularised logistic regression on standardised features (fitted with L-BFGS).
+
+    Attributes:
+        features: names of the columns it uses.
+        l2: penalty on the weights (not the intercept), per training case.
+    """
+
+    features: tuple[str, ...]
+    l2: float = 1e-2
+    mean_: np.ndarray | None = None
+    std_: np.ndarray | None = None
+    coef_: np.ndarray | None = None
+
+    def _matrix(self, rows: Sequence[dict[str, float]]) -> np.ndarray:
+        return np.array([[float(r[f]) for f in self.features] for r in rows], dtype=np.float64)
+
+    def fit(self, rows: Sequence[dict[str, float]], y: Sequence[float]) -> LogisticBaseline:
+        x, y = self._matrix(rows), np.asarray(y, dtype=np.float64)
+        if len(np.unique(y)) != 2:
+            raise ValueError(f"a logistic baseline needs both pCR classes among its training cases, got {set(y)}")
+        self.mean_, self.std_ = x.mean(0), x.std(0) + 1e-9
+        z = np.c_[np.ones(len(x)), (x - self.mean_) / self.std_]
+
+        def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
+            logits = z @ w
+            nll = np.logaddexp(0.0, logits) - y * logits
+            grad = z.T @ (1.0 / (1.0 + np.exp(-logits)) - y)
+            penalty = np.r_[0.0, w[1:]]
+            n = len(y)
+            return float(nll.sum() / n + 0.5 * self.l2 * penalty @ penalty), grad / n + self.l2 * penalty
+
+        self.coef_ = minimize(loss, np.zeros(z.shape[1]), jac=True, method="L-BFGS-B").x
+        return self
+
+    def predict_proba(self, rows: Sequence[dict[str, float]]) -> np.ndarray:
+        if self.coef_ is None:
+            raise RuntimeError("fit the baseline first")
+        z = np.c_[np.ones(len(rows)), (self._matrix(rows) - self.mean_) / self.std_]
+        return 1.0 / (1.0 + np.exp(-(z @ self.coef_)))
+
+
+def bootstrap_interval(statistic: Callable[[np.ndarray], float], n: int, *, samples: int = 2000,
+                       seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic(indices)`` over ``n`` cases resampled with replacement.
+
+    Resamples where the statistic is undefined (NaN, e.g. an AUC of a one-class resample) are left out.
+    """
+    rng = np.random.default_rng(seed)
+    values = np.array([statistic(rng.integers(0, n, n)) for _ in range(samples)], dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return (float("nan"), float("nan"))
+    tail = (1.0 - level) / 2 * 100
+    return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
+
+
+def auc_with_interval(y: Sequence[float], score: Sequence[float], *, seed: int = 0) -> dict[str, float]:
+    """``{"auc", "low", "high"}``: ROC AUC and its 95% bootstrap interval over cases."""
+    y, score = np.asarray(y, dtype=np.float64), np.asarray(score, dtype=np.float64)
+
+    def stat(i: np.ndarray) -> float:
+        return roc_auc(y[i], score[i]) if len(np.unique(y[i])) == 2 else float("nan")
+
+    low, high = bootstrap_interval(stat, len(y), seed=seed)
+    return {"auc": roc_auc(y, score), "low": low, "high": high}

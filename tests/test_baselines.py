@@ -1,0 +1,126 @@
+"""Baselines (logistic regression on kinetic features), bootstrap intervals and the evidence suite's pieces."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mtl_breast.baselines import FEATURE_SETS, LogisticBaseline, auc_with_interval, bootstrap_interval, case_features
+from mtl_breast.models.heads import PCRHead
+from mtl_breast.models.kinetics import KINETIC_FEATURES, tumour_kinetics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _science():
+    spec = importlib.util.spec_from_file_location("science", ROOT / "bench" / "science.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["science"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_logistic_baseline_recovers_a_known_model():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4000, 2))
+    p = 1 / (1 + np.exp(-(0.5 + 2.0 * x[:, 0] - 1.0 * x[:, 1])))
+    y = (rng.random(4000) < p).astype(float)
+    rows = [{"a": a, "b": b} for a, b in x]
+    fitted = LogisticBaseline(("a", "b"), l2=0.0).fit(rows, y)
+    # Coefficients are on standardised features: undo the scaling to compare.
+    assert fitted.coef_[1] / fitted.std_[0] == pytest.approx(2.0, abs=0.15)
+    assert fitted.coef_[2] / fitted.std_[1] == pytest.approx(-1.0, abs=0.1)
+    assert np.corrcoef(fitted.predict_proba(rows), p)[0, 1] > 0.99
+    with pytest.raises(ValueError, match="both pCR classes"):
+        LogisticBaseline(("a",)).fit(rows[:3], [1.0, 1.0, 1.0])
+    with pytest.raises(RuntimeError):
+        LogisticBaseline(("a",)).predict_proba(rows)
+
+
+def test_bootstrap_interval_covers_the_statistic_and_shrinks_with_n():
+    rng = np.random.default_rng(1)
+    small, large = rng.normal(size=50), rng.normal(size=2000)
+    lo_s, hi_s = bootstrap_interval(lambda i: float(small[i].mean()), len(small), samples=500)
+    lo_l, hi_l = bootstrap_interval(lambda i: float(large[i].mean()), len(large), samples=500)
+    assert lo_s < small.mean() < hi_s and lo_l < large.mean() < hi_l
+    assert hi_l - lo_l < (hi_s - lo_s) / 3
+    # A perfect score has a degenerate interval; one-class resamples are left out, not counted.
+    y = np.array([0, 0, 1, 1, 0, 1])
+    row = auc_with_interval(y, y.astype(float))
+    assert row["auc"] == 1.0 and row["low"] == row["high"] == 1.0
+
+
+def test_case_features_are_the_kinetics_of_the_tumour_window():
+    image = torch.rand(3, 40, 40, 40)
+    mask = torch.zeros(40, 40, 40)
+    mask[30:36, 4:10, 20:26] = 1
+    image[1:, mask.bool()] += torch.tensor([2.0, 1.5])[:, None]
+    feats = case_features(image, mask, torch.tensor([0.0, 90.0, 180.0]), (16, 16, 16))
+    # Centred on the cube (32.5, 6.5, 22.5): starts 25, -1, 15, shifted inside the volume to 24, 0, 15.
+    window = image[:, 24:40, 0:16, 15:31]
+    expected = tumour_kinetics(window[None], mask[24:40, 0:16, 15:31][None, None],
+                               phase_time=torch.tensor([[0.0, 90.0, 180.0]]))[0]
+    assert list(feats) == list(KINETIC_FEATURES)
+    torch.testing.assert_close(torch.tensor(list(feats.values())), expected)
+    assert set(FEATURE_SETS["kinetic"]) < set(KINETIC_FEATURES)
+
+
+def test_kinetic_pathway_initialised_from_a_logistic_regression():
+    head = PCRHead(embed_dim=8, kinetic=True)
+    head.init_kinetic(mean=[1.0] * 6, std=[2.0] * 6, weight=[0.5, 0, 0, 0, 0, 0], bias=-0.3)
+    tokens = torch.zeros(1, 2, 8, 8)
+    image, prob = torch.zeros(1, 2, 8, 8, 8), torch.zeros(1, 1, 8, 8, 8)
+    prob[..., 2:6, 2:6, 2:6] = 1.0
+    logit = head(tokens, seg_prob=prob, grid=(2, 2, 2), image=image)
+    volume = tumour_kinetics(image, prob)[0, 0]
+    token_part = head.fc(head.norm(torch.zeros(1, 8)))[0, 0]  # zero tokens pool to zero
+    torch.testing.assert_close(logit[0], token_part + 0.5 * (volume - 1.0) / 2.0)
+    assert float(head.fc.bias.detach()) == pytest.approx(-0.3)
+    assert {"pcr_head.kinetic_mean", "pcr_head.kinetic_std"} <= {f"pcr_head.{k}" for k in head.state_dict()}
+    with pytest.raises(ValueError):
+        head.init_kinetic(mean=[0.0] * 6, std=[0.0] * 6, weight=[0.0] * 6, bias=0.0)
+    with pytest.raises(ValueError, match="no kinetic pathway"):
+        PCRHead(embed_dim=8).init_kinetic([0.0] * 6, [1.0] * 6, [0.0] * 6, 0.0)
+
+
+def test_science_inputs_remove_or_reverse_the_kinetics():
+    science = _science()
+    image = torch.arange(4.0)[:, None, None, None].expand(4, 2, 2, 2)
+    assert science.flatten_washout(image)[:, 0, 0, 0].tolist() == [0.0, 1.0, 1.0, 1.0]
+    assert science.reverse_post_contrast(image)[:, 0, 0, 0].tolist() == [0.0, 3.0, 2.0, 1.0]
+
+
+def test_science_summary_and_report(tmp_path):
+    science = _science()
+    rng = np.random.default_rng(0)
+    y = (rng.random(60) < 0.4).astype(float)
+    names = ["joint model, as acquired", "joint model, washout removed (post-contrast flattened)",
+             "joint model, post-contrast phases reversed", "size baseline, expert mask",
+             "size baseline, predicted mask", "kinetic baseline, expert mask", "kinetic baseline, predicted mask",
+             "generating model (ceiling)"]
+
+    def run(noise: float) -> dict:
+        scores = {n: (y + rng.normal(scale=noise if "as acquired" in n else 1.0, size=60)).tolist() for n in names}
+        return {"y": y.tolist(), "scores": scores, "thresholds": dict.fromkeys(names, 0.5),
+                "dice": rng.uniform(0.8, 0.9, 60).tolist()}
+
+    summary = science.summarise([run(0.3), run(0.3)])
+    table = summary["table"]
+    assert summary["seeds"] == 2 and summary["cases"] == 60
+    assert table["joint model, as acquired"]["auc"] > table["size baseline, expert mask"]["auc"]
+    low, high = table["joint model, as acquired"]["auc_ci"]
+    assert low <= table["joint model, as acquired"]["auc"] <= high
+    diff = summary["differences"]["model - model with washout removed"]
+    assert diff["auc_difference"] > 0 and diff["ci"][0] > 0
+    result = tmp_path / "heldout.json"
+    result.write_text(json.dumps({"experiment": "heldout", "command": "x", "seconds": 1.0, "device": "cpu",
+                                  "held_out_cases": 60, **summary}))
+    science.main(["report", str(result), "--out", str(tmp_path / "tables.md")])
+    text = (tmp_path / "tables.md").read_text()
+    assert "| joint model, as acquired |" in text and "model - model with washout removed" in text
