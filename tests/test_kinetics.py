@@ -85,7 +85,7 @@ def test_pcr_head_kinetic_pathway_uses_the_image():
         head(tokens, seg_prob=mask, grid=(2, 2, 2))
     # Zero-initialised: a fresh head starts as the token-only head.
     fresh, plain = PCRHead(embed_dim=16, kinetic=True), PCRHead(embed_dim=16)
-    plain.load_state_dict({k: v for k, v in fresh.state_dict().items() if not k.startswith("kinetic_fc")})
+    plain.load_state_dict({k: v for k, v in fresh.state_dict().items() if not k.startswith("kinetic")})
     torch.testing.assert_close(fresh(tokens, seg_prob=mask, grid=(2, 2, 2), image=washout),
                                plain(tokens, seg_prob=mask, grid=(2, 2, 2)))
 
