@@ -80,13 +80,15 @@ def held_out_set(out: Path, cases: int, size: int, settings: InferenceSettings) 
 
 
 # ------------------------------------------------------------------------------------------------ experiments
-def score_run(run: Path, weights: Path, data: Path, cache: CaseCache) -> dict:
+def score_run(run: Path, weights: Path, data: Path, cache: CaseCache,
+              variants: tuple[str, ...] = tuple(VARIANTS)) -> dict:
     """Per held-out case: the model's pCR probability for each input variant, baselines' probabilities, truth.
 
     Args:
         run: folder whose data/ and cache/data hold the training split the baselines are fitted on.
         weights: the joint model to score.
         data, cache: the held-out phantoms and their preprocessed cache.
+        variants: which input variants of `VARIANTS` to predict ("as acquired" always).
     """
     model, config = load_joint_model(weights, "cpu")
     settings = InferenceSettings.from_config(config)
@@ -94,12 +96,13 @@ def score_run(run: Path, weights: Path, data: Path, cache: CaseCache) -> dict:
     train_cache = CaseCache(run / "cache" / "data", settings.preprocess)
     _, train_rows, y_train = labelled_features(train_cache, read_splits(run / "data")["train"], roi)
     ids, expert_rows, y = labelled_features(cache, cache.patient_ids(), roi)
-    scores: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    variants = ("as acquired", *(v for v in variants if v != "as acquired"))
+    scores: dict[str, list[float]] = {name: [] for name in variants}
     predicted_rows, dice = [], []
     for pid in ids:
         case = cache.read(pid)
-        for name, change in VARIANTS.items():
-            prob, logit = predict_volume(model, change(case["image"]), case["phase_time"], settings)
+        for name in variants:
+            prob, logit = predict_volume(model, VARIANTS[name](case["image"]), case["phase_time"], settings)
             scores[name].append(float(1.0 / (1.0 + np.exp(-logit))))
             if name == "as acquired":
                 predicted_rows.append(case_features(case["image"], prob, case["phase_time"], roi))
@@ -170,7 +173,7 @@ def cmd_heldout(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     runs = [Path(r) for r in args.runs]
     settings = InferenceSettings.from_config(read_weights_config(runs[0] / "weights" / "mtl"))
-    data, cache = held_out_set(Path(args.workdir), args.cases, args.size, settings)
+    data, cache = held_out_set(Path(args.heldout_dir), args.cases, args.size, settings)
     scored = [score_run(run, run / "weights" / "mtl", data, cache) for run in runs]
     return {"experiment": "heldout", **summarise(scored), "runs": [str(r) for r in runs],
             **_meta(sys.argv, started)}
@@ -237,23 +240,23 @@ def labelled_set(out: Path, labelled: int, seed: int, size: int) -> Path:
     return data
 
 
-def _score_variant(name: str, out: Path, weights: Path, data: Path, cache: CaseCache) -> dict:
-    scored = score_run(out, weights, data, cache)
-    model = "joint model, as acquired"
+def _score_variant(name: str, out: Path, weights: Path, data: Path, cache: CaseCache, flat: bool = True) -> dict:
+    """Held-out pCR AUC (as acquired and, with `flat`, with the washout removed) and Dice of one fine-tuned model."""
+    removed = "washout removed (post-contrast flattened)"
+    scored = score_run(out, weights, data, cache, ("as acquired", removed) if flat else ("as acquired",))
     y = np.array(scored["y"])
-    flat = "joint model, washout removed (post-contrast flattened)"
-    return {"variant": name, "auc": roc_auc(y, scored["scores"][model]),
-            "auc_washout_removed": roc_auc(y, scored["scores"][flat]), "dice": float(np.mean(scored["dice"])),
-            "raw": scored}
+    auc_flat = roc_auc(y, scored["scores"][f"joint model, {removed}"]) if flat else float("nan")
+    return {"variant": name, "auc": roc_auc(y, scored["scores"]["joint model, as acquired"]),
+            "auc_washout_removed": auc_flat, "dice": float(np.mean(scored["dice"])), "raw": scored}
 
 
 def _run_seed(run: Path) -> int:
     return int(json.loads((run / "seed.json").read_text())["seed"]) if (run / "seed.json").exists() else 0
 
 
-def _held_out_for(run: Path, work: Path, args: argparse.Namespace) -> tuple[Path, CaseCache]:
+def _held_out_for(run: Path, args: argparse.Namespace) -> tuple[Path, CaseCache]:
     settings = InferenceSettings.from_config(read_weights_config(run / "weights" / "mtl"))
-    return held_out_set(work / "heldout", args.cases, args.size, settings)
+    return held_out_set(Path(args.heldout_dir), args.cases, args.size, settings)
 
 
 def cmd_label_efficiency(args: argparse.Namespace) -> dict:
@@ -261,7 +264,7 @@ def cmd_label_efficiency(args: argparse.Namespace) -> dict:
     work = Path(args.workdir)
     results = []
     for run in map(Path, args.runs):
-        seed, (data_h, cache_h) = _run_seed(run), _held_out_for(run, work, args)
+        seed, (data_h, cache_h) = _run_seed(run), _held_out_for(run, args)
         for n in args.labelled:
             data = labelled_set(work / f"{run.name}_n{n}", n, seed, args.size)
             for init, pretrained in (("MAE", run / "weights" / "mae"), ("scratch", None)):
@@ -269,7 +272,7 @@ def cmd_label_efficiency(args: argparse.Namespace) -> dict:
                 out.mkdir(parents=True, exist_ok=True)
                 (out / "data").exists() or (out / "data").symlink_to(data.resolve())
                 weights = finetune(out, data, seed, pretrained, [], args.steps, n)
-                row = _score_variant(f"{n} labelled, {init}", out, weights, data_h, cache_h)
+                row = _score_variant(f"{n} labelled, {init}", out, weights, data_h, cache_h, flat=False)
                 results.append({"run": str(run), "labelled": n, "init": init, **row})
     return {"experiment": "label-efficiency", "held_out_cases": args.cases, "steps": args.steps,
             "results": results, **_meta(sys.argv, started)}
@@ -295,7 +298,7 @@ def cmd_ablations(args: argparse.Namespace) -> dict:
     work = Path(args.workdir)
     results = []
     for run in map(Path, args.runs):
-        seed, (data_h, cache_h) = _run_seed(run), _held_out_for(run, work, args)
+        seed, (data_h, cache_h) = _run_seed(run), _held_out_for(run, args)
         for name, (mae, extra) in ABLATIONS.items():
             if args.only and name not in args.only:
                 continue
@@ -367,7 +370,6 @@ def main(argv: list[str] | None = None) -> int:
     runs.add_argument("--workdir", default="runs/science")
     held = sub.add_parser("heldout", help="model vs baselines vs kinetics-removed inputs on fresh phantoms")
     held.add_argument("--runs", nargs="+", required=True)
-    held.add_argument("--workdir", default="runs/science/heldout")
     eff = sub.add_parser("label-efficiency", help="fine-tune n labelled cases from MAE weights and from scratch")
     eff.add_argument("--runs", nargs="+", required=True)
     eff.add_argument("--labelled", type=int, nargs="+", default=[16, 32, 64])
@@ -381,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     abl.add_argument("--workdir", default="runs/science/ablations")
     for parser in (held, eff, abl):
         parser.add_argument("--cases", type=int, default=160, help="held-out phantoms")
+        parser.add_argument("--heldout-dir", default="runs/science/heldout_data", help="where they are written")
         parser.add_argument("--size", type=int, default=48)
     for parser in (runs, held, eff, abl):
         parser.add_argument("--out", required=True, help="JSON file to write")

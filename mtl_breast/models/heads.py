@@ -44,6 +44,9 @@ class PCRHead(nn.Module):
             standardised with buffers ``kinetic_mean``/``kinetic_std`` (weights format: ``pcr_head.kinetic_fc.weight
             [1, 6]``, ``pcr_head.kinetic_mean [6]``, ``pcr_head.kinetic_std [6]``). Weights exported without it load
             with ``kinetic=False``.
+        kinetic_threshold: the tumour curve averages the voxels with ``seg_prob >= kinetic_threshold`` (a hard mask,
+            like the expert masks the pathway is initialised on); None = weight every voxel by its probability,
+            which lets a low-probability halo around the tumour dilute the curve.
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class PCRHead(nn.Module):
         detach_prob: bool = True,
         prob_eps: float = 1e-3,
         kinetic: bool = False,
+        kinetic_threshold: float | None = 0.5,
     ) -> None:
         super().__init__()
         hidden_dim = hidden_dim or max(embed_dim // 2, 1)
@@ -77,6 +81,7 @@ class PCRHead(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(embed_dim, 1)
         self.kinetic = kinetic
+        self.kinetic_threshold = kinetic_threshold
         self.kinetic_fc = nn.Linear(len(KINETIC_FEATURES), 1, bias=False) if kinetic else None
         if self.kinetic_fc is not None:
             nn.init.zeros_(self.kinetic_fc.weight)  # starts as the token-only head
@@ -132,6 +137,8 @@ class PCRHead(nn.Module):
             if image is None or seg_prob is None:
                 raise ValueError("the kinetic pathway needs image [B, T, D, H, W] and seg_prob [B, 1, D, H, W]")
             prob = seg_prob.detach() if self.detach_prob else seg_prob
+            if self.kinetic_threshold is not None:
+                prob = (prob >= self.kinetic_threshold).to(prob.dtype)
             features = tumour_kinetics(image, prob, phase_mask, phase_time)
             features = ((features - self.kinetic_mean) / self.kinetic_std).to(self.kinetic_fc.weight.dtype)
             logit = logit + self.kinetic_fc(features).squeeze(-1).to(logit.dtype)
