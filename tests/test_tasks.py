@@ -221,3 +221,14 @@ def test_pcr_task_sits_out_batches_without_a_tumour_window(monkeypatch):
     module.zero_grad()
     module.training_step(_step_batch([True, False]), 0).backward()
     assert "train/loss_pcr" in logged and float(log_vars["pcr"].grad) != 0.0
+
+
+def test_finetune_starts_the_kinetic_pathway_from_the_training_cases(finetune_run, mtl_weights):
+    """The exported head carries the standardisation and the regression fitted at the start of the fit."""
+    from safetensors.torch import load_file
+
+    weights = load_file(mtl_weights / "model.safetensors")
+    std, mean = weights["pcr_head.kinetic_std"], weights["pcr_head.kinetic_mean"]
+    assert std.shape == mean.shape == (6,)
+    assert not torch.equal(std, torch.ones(6)) and (std > 0).all()
+    assert weights["pcr_head.kinetic_fc.weight"].abs().sum() > 0
