@@ -95,12 +95,23 @@ class RandTumourCropd(RandomizableTransform, MapTransform):
         if not 0.0 <= pos_fraction <= 1.0 or not 0.0 <= jitter <= 0.5:
             raise ValueError(f"need 0 <= pos_fraction <= 1 and 0 <= jitter <= 0.5, got {pos_fraction}, {jitter}")
         self.label_key, self.roi, self.pos_fraction, self.jitter = label_key, tuple(roi_size), pos_fraction, jitter
+        # Tumour centre per (case, padded shape): labelling the components of a whole volume costs far more than
+        # the crop, and a case's mask never changes between epochs.
+        self._centres: dict[tuple, tuple[float, float, float] | None] = {}
+
+    def _centre(self, d: Mapping[Hashable, Any], label: np.ndarray) -> tuple[float, float, float] | None:
+        key = (d.get("patient_id"), label.shape)
+        if key[0] is None:
+            return tumour_centre(label > 0)
+        if key not in self._centres:
+            self._centres[key] = tumour_centre(label > 0)
+        return self._centres[key]
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         label = np.asarray(torch.as_tensor(d[self.label_key]).detach().cpu())[0]
         spatial = label.shape
-        centre = tumour_centre(label > 0) if self.R.random_sample() < self.pos_fraction else None
+        centre = self._centre(d, label) if self.R.random_sample() < self.pos_fraction else None
         if centre is not None:
             shift = [self.R.uniform(-self.jitter * r, self.jitter * r) for r in self.roi]
             start = window_start([c + s for c, s in zip(centre, shift, strict=True)], self.roi, spatial)
