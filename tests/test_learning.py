@@ -91,12 +91,18 @@ def test_mae_learns_the_hidden_enhancement_on_phantoms(phantom_pretrain_data):
 
 @pytest.mark.slow
 def test_shortened_demo_learns(tmp_path):
-    """Pretrain -> fine-tune -> predict -> evaluate on fewer phantoms and epochs; scores clearly above chance."""
+    """Pretrain -> fine-tune -> predict -> evaluate on fewer phantoms and epochs; scores clearly above chance.
+
+    pCR is checked by AUC on 100 held-out cases: balanced accuracy also depends on a threshold chosen on the
+    dozen validation cases of this short run, which makes it too noisy to assert on (it is reported).
+    """
     from mtl_breast.demo import run_demo
 
-    scores = run_demo(tmp_path / "demo", labelled=48, held_out=40, pool=40, size=40, seed=1, pretrain_epochs=5,
+    scores = run_demo(tmp_path / "demo", labelled=64, held_out=100, pool=40, size=40, seed=1, pretrain_epochs=5,
                       finetune_epochs=10)
     written = json.loads((tmp_path / "demo" / "evaluation" / "scores.json").read_text())
     assert written["segmentation"]["dsc"] == pytest.approx(scores["segmentation"]["dsc"])
     assert scores["segmentation"]["dsc"] > 0.5, scores["segmentation"]["dsc"]
-    assert scores["classification"]["balanced_accuracy"] > 0.6, scores["classification"]
+    assert scores["classification"]["auc"] > 0.6, scores["classification"]
+    baselines = json.loads((tmp_path / "demo" / "evaluation" / "baselines.json").read_text())
+    assert baselines["cases"] >= 80 and set(baselines["auc"]) >= {"joint model", "size baseline"}
