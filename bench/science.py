@@ -284,6 +284,8 @@ ABLATIONS: dict[str, tuple[str | None, list[str]]] = {
     "joint model (reference)": ("run", []),
     "no kinetic pathway": ("run", ["--model.model_args",
                                    '{"encoder": {"phase_time_drop": 0.2}, "pcr_head": {"kinetic": false}}']),
+    "pCR token path with dropout 0.5": ("run", ["--model.model_args",
+                                               '{"encoder": {"phase_time_drop": 0.2}, "pcr_head": {"dropout": 0.5}}']),
     "segmentation loss only": ("run", ["--model.task_weights", '{"seg": 1.0, "pcr": 0.0}']),
     "pCR loss only": ("run", ["--model.task_weights", '{"seg": 0.0, "pcr": 1.0}']),
     "joint space-time attention": (
