@@ -124,3 +124,17 @@ def test_science_summary_and_report(tmp_path):
     science.main(["report", str(result), "--out", str(tmp_path / "tables.md")])
     text = (tmp_path / "tables.md").read_text()
     assert "| joint model, as acquired |" in text and "model - model with washout removed" in text
+
+
+def test_tofts_fit_recovers_kep_of_a_noise_free_curve():
+    from mtl_breast.data.phantom import tofts_concentration
+
+    spec = importlib.util.spec_from_file_location("kinetics_ceiling", ROOT / "bench" / "kinetics_ceiling.py")
+    ceiling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ceiling)
+    times = np.array([0.0, 90.0, 180.0, 270.0, 360.0])
+    for kep in (0.3, 1.7, 6.0):
+        conc = np.asarray(tofts_concentration(np.array([1.0]), np.array([1.0 / kep]), np.array([0.0]), list(times),
+                                              15.0)).reshape(-1)
+        amplitude, fitted = ceiling.tofts_fit(0.4 * conc, times)
+        assert fitted == pytest.approx(kep, rel=0.1) and amplitude == pytest.approx(0.4, rel=0.15)
