@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -46,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _meta(command: list[str], started: float) -> dict:
-    return {"command": " ".join(command), "seconds": round(time.perf_counter() - started, 1),
+    return {"command": shlex.join(command), "seconds": round(time.perf_counter() - started, 1),
             "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
             "torch": torch.__version__}
 
@@ -342,7 +343,9 @@ def _heldout_md(r: dict) -> list[str]:
 
 
 def _variants_md(r: dict, key: str) -> list[str]:
-    lines = [f"{r['held_out_cases']} held-out phantoms (seed {HELD_OUT_SEED}); one row per run.", "",
+    known = len(r["results"][0]["raw"]["y"]) if r["results"] else 0
+    lines = [f"{r['held_out_cases']} held-out phantoms (seed {HELD_OUT_SEED}), {known} with known pCR for the AUC; "
+             "one row per run.", "",
              "| run | variant | pCR AUC | AUC, washout removed | Dice |", "|---|---|---|---|---|"]
     for row in r["results"]:
         lines.append(f"| {Path(row['run']).name} | {row['variant']} | {row['auc']:.3f} | "
