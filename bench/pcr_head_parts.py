@@ -17,7 +17,8 @@ import torch
 
 from mtl_breast.data.cache import CaseCache
 from mtl_breast.data.mamamia import read_splits
-from mtl_breast.inference import InferenceSettings, _tumour_window, load_joint_model, predict_volume
+from mtl_breast.data.window import tumour_window
+from mtl_breast.inference import InferenceSettings, load_joint_model, predict_volume
 from mtl_breast.metrics.classification import roc_auc
 from mtl_breast.models.kinetics import KINETIC_FEATURES, tumour_kinetics
 
@@ -36,7 +37,7 @@ def head_parts(run: str) -> dict:
         if case["info"].get("pcr") is None:
             continue
         prob, logit = predict_volume(model, case["image"], case["phase_time"], settings)
-        window = _tumour_window(case["image"][None].float(), torch.from_numpy(prob), settings.roi_size)
+        window = tumour_window(case["image"][None].float(), torch.from_numpy(prob), settings.roi_size)
         times = case["phase_time"][None]
         out = model(window, phase_time=times)
         tumour = out["seg_logits"].float().softmax(1)[:, 1:]

@@ -20,7 +20,7 @@ import torch
 from scipy.optimize import minimize
 
 from mtl_breast.data.cache import CaseCache
-from mtl_breast.data.window import tumour_centre, window_start
+from mtl_breast.data.window import tumour_window
 from mtl_breast.metrics.classification import roc_auc
 from mtl_breast.models.kinetics import KINETIC_FEATURES, tumour_kinetics
 
@@ -47,17 +47,11 @@ def case_features(image: np.ndarray | torch.Tensor, tumour: np.ndarray | torch.T
     Returns:
         ``{feature name: value}`` for every name in `KINETIC_FEATURES`.
     """
-    x = torch.as_tensor(np.asarray(image), dtype=torch.float32)[None]  # [1, T, D, H, W]
-    p = torch.as_tensor(np.asarray(tumour), dtype=torch.float32)[None, None]  # [1, 1, D, H, W]
-    pad = [max(0, r - s) for r, s in zip(roi, x.shape[2:], strict=True)]
-    if any(pad):
-        flat = [v for d in reversed(pad) for v in (0, d)]
-        x, p = torch.nn.functional.pad(x, flat), torch.nn.functional.pad(p, flat)
-    centre = tumour_centre(p[0, 0].numpy()) or tuple(s / 2 for s in x.shape[2:])
-    a, b, c = window_start(centre, roi, x.shape[2:])
-    window = (slice(None), slice(None), slice(a, a + roi[0]), slice(b, b + roi[1]), slice(c, c + roi[2]))
+    x = torch.as_tensor(np.asarray(image), dtype=torch.float32)  # [T, D, H, W]
+    p = torch.as_tensor(np.asarray(tumour), dtype=torch.float32)  # [D, H, W]
+    window = tumour_window(torch.cat([x, p[None]]), p, roi)[None]  # phases and mask cut alike: [1, T + 1, ...]
     times = None if phase_time is None else torch.as_tensor(np.asarray(phase_time), dtype=torch.float32)[None]
-    values = tumour_kinetics(x[window], p[window], phase_time=times)[0].tolist()
+    values = tumour_kinetics(window[:, :-1], window[:, -1:], phase_time=times)[0].tolist()
     return dict(zip(KINETIC_FEATURES, values, strict=True))
 
 

@@ -27,7 +27,7 @@ from scipy import ndimage
 
 from mtl_breast.data.case import Case, CaseError
 from mtl_breast.data.preprocess import PreprocessConfig, original_image_reference, preprocess_case, to_original_space
-from mtl_breast.data.window import tumour_centre, window_start
+from mtl_breast.data.window import tumour_window
 
 log = logging.getLogger(__name__)
 
@@ -111,35 +111,14 @@ def predict_volume(model: torch.nn.Module, image: torch.Tensor, phase_time: torc
         prob += p.flip(dims) if dims else p
     prob /= len(_flip_passes(settings.tta_flips))
 
-    window = _tumour_window(x, prob[0, 0], roi, settings.seg_threshold)
+    # The pCR window follows the rule of training's tumour crops (`data.window.tumour_window`).
+    window = tumour_window(x, prob[0, 0], roi, settings.seg_threshold)
     logits = []
     for dims in _flip_passes(settings.tta_flips):
         w = window.flip(dims) if dims else window
         logits.append(model(w, phase_mask=m, phase_time=t)["pcr_logits"].float())
     pcr_logit = float(torch.stack(logits).mean()) / settings.pcr_temperature
     return prob[0, 0].float().cpu().numpy(), pcr_logit
-
-
-def _tumour_window(x: torch.Tensor, prob: torch.Tensor, roi: tuple[int, int, int],
-                   threshold: float = 0.5) -> torch.Tensor:
-    """The roi-sized window of x [1, T, D, H, W] centred on the largest predicted tumour component.
-
-    The same rule places the tumour crops of training (`data.window.tumour_centre`): the centroid of the
-    largest connected component of ``prob >= threshold``, the most probable voxel when none reaches it, the
-    volume centre when the probability is zero everywhere.
-    """
-    spatial = x.shape[2:]
-    pad = [max(0, r - s) for r, s in zip(roi, spatial, strict=True)]
-    if any(pad):
-        # F.pad takes (last dim first) pairs; pad at the end keeps voxel indices of prob valid.
-        x = torch.nn.functional.pad(x, [p for d in reversed(pad) for p in (0, d)])
-        prob = torch.nn.functional.pad(prob, [p for d in reversed(pad) for p in (0, d)])
-        spatial = x.shape[2:]
-    centre = tumour_centre(prob.float().cpu().numpy(), threshold)
-    if centre is None:
-        centre = tuple(s / 2 for s in spatial)
-    start = window_start(centre, roi, spatial)
-    return x[:, :, start[0]:start[0] + roi[0], start[1]:start[1] + roi[1], start[2]:start[2] + roi[2]]
 
 
 def postprocess_mask(prob: np.ndarray, case: Case, settings: InferenceSettings) -> np.ndarray:

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from mtl_breast.data.window import tumour_centre, window_start
+from mtl_breast.data.window import tumour_centre, tumour_window, window_start
 from mtl_breast.hub import load_pretrained, save_pretrained
-from mtl_breast.inference import _tumour_window
 from mtl_breast.models.heads import PCRHead
 from mtl_breast.models.kinetics import KINETIC_FEATURES, tumour_kinetics
 from mtl_breast.models.registry import create_model
@@ -127,6 +126,6 @@ def test_pcr_window_follows_the_largest_component_not_the_probability_mass():
     prob = torch.zeros(32, 32, 32)
     prob[4:8, 4:8, 4:8] = 0.9  # tumour near a corner
     prob[20:32, 20:32, 20:32] = 0.3  # diffuse background probability below the threshold, much more mass
-    window = _tumour_window(x, prob, (8, 8, 8))
+    window = tumour_window(x, prob, (8, 8, 8))
     assert window.shape == (1, 2, 8, 8, 8)
     assert window[0, 0, :, 0, 0].tolist() == list(range(2, 10))  # centred on 5.5 along the first axis

@@ -12,9 +12,10 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from scipy import ndimage
 
-__all__ = ["tumour_centre", "window_start"]
+__all__ = ["tumour_centre", "tumour_window", "window_start"]
 
 
 def tumour_centre(prob: np.ndarray, threshold: float = 0.5) -> tuple[float, float, float] | None:
@@ -53,3 +54,21 @@ def window_start(centre: Sequence[float], roi: Sequence[int], spatial: Sequence[
     # The middle of a window of r voxels is at index (r - 1) / 2; floor(. + 0.5) rounds halves up on every axis.
     return tuple(int(min(max(0, math.floor(c - (r - 1) / 2 + 0.5)), s - r))  # type: ignore[return-value]
                  for c, r, s in zip(centre, roi, spatial, strict=True))
+
+
+def tumour_window(volume: torch.Tensor, prob: torch.Tensor, roi: Sequence[int], threshold: float = 0.5) -> torch.Tensor:
+    """The ``roi`` window of ``volume [..., D, H, W]`` centred on the largest component of ``prob [D, H, W]``.
+
+    The volume is zero-padded at the end of each axis smaller than ``roi`` (so voxel indices of ``prob`` stay
+    valid); the window is centred by `tumour_centre` (the volume centre when ``prob`` is zero everywhere).
+    """
+    pad = [max(0, r - s) for r, s in zip(roi, volume.shape[-3:], strict=True)]
+    if any(pad):
+        flat = [v for d in reversed(pad) for v in (0, d)]  # F.pad takes (last dim first) pairs
+        volume, prob = torch.nn.functional.pad(volume, flat), torch.nn.functional.pad(prob, flat)
+    spatial = tuple(volume.shape[-3:])
+    centre = tumour_centre(prob.float().cpu().numpy(), threshold)
+    if centre is None:
+        centre = tuple(s / 2 for s in spatial)
+    a, b, c = window_start(centre, roi, spatial)
+    return volume[..., a:a + roi[0], b:b + roi[1], c:c + roi[2]]
