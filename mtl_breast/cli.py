@@ -168,6 +168,21 @@ def _extract(args: argparse.Namespace) -> int:
     return 1 if report["skipped"] else 0
 
 
+# ---------------------------------------------------------------------------------------------- plot
+def _plot_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="training run folder (its --trainer.default_root_dir)")
+    p.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default RUN/plots)")
+
+
+@command("plot", "draw a training run's loss, learning-rate and validation curves to PNG", _plot_flags)
+def _plot(args: argparse.Namespace) -> int:
+    from mtl_breast.plot import plot_run
+
+    for path in plot_run(args.run, args.out):
+        print(path)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- fit-check
 def _fit_check_flags(p: argparse.ArgumentParser) -> None:
     from mtl_breast.fitcheck import add_arguments
@@ -205,7 +220,9 @@ def _demo(args: argparse.Namespace) -> int:
 def _lightning_cli(task: str, args: list[str]) -> int:
     """`mtl-breast pretrain|finetune <fit|validate|test> --config X.yaml ...` through LightningCLI."""
     import torch
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+    from mtl_breast.tasks.loggers import LearningRates, log_text, run_loggers
 
     if task == "pretrain":
         from mtl_breast.data.datamodule import PretrainDataModule as data_cls
@@ -214,7 +231,20 @@ def _lightning_cli(task: str, args: list[str]) -> int:
         from mtl_breast.data.datamodule import FinetuneDataModule as data_cls
         from mtl_breast.tasks.finetune import MTLFinetuneModule as model_cls
 
+    class SaveConfigToLogs(SaveConfigCallback):
+        # config.yaml in the log folder (LightningCLI's default) and the same text in TensorBoard.
+        def save_config(self, trainer, pl_module, stage: str) -> None:
+            text = self.parser.dump(self.config, skip_none=False)
+            log_text(trainer.loggers, "config", "```yaml\n" + text + "\n```")
+
     class TaskCLI(LightningCLI):
+        def instantiate_trainer(self, **kwargs):
+            # TensorBoard and CSV in one version folder, unless the config names its own logger or turns it off.
+            trainer_config = self._get(self.config_init, "trainer", default={})
+            if trainer_config.get("logger") in (None, True):
+                kwargs.setdefault("logger", run_loggers(trainer_config.get("default_root_dir")))
+            return super().instantiate_trainer(**kwargs)
+
         def add_arguments_to_parser(self, parser) -> None:
             from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -246,13 +276,15 @@ def _lightning_cli(task: str, args: list[str]) -> int:
     try:
         TaskCLI(
             model_cls, data_cls, args=args, subclass_mode_model=False, subclass_mode_data=False,
-            parser_kwargs={"prog": f"mtl-breast {task}"}, save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": f"mtl-breast {task}"}, save_config_callback=SaveConfigToLogs,
+            save_config_kwargs={"overwrite": True},
             trainer_defaults={
                 "accelerator": "auto",
                 # bf16 autocast on GPUs that support it; plain float32 on CPU, where bf16 is slow.
                 "precision": "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true",
                 "gradient_clip_val": 1.0,
                 "log_every_n_steps": 10,
+                "callbacks": [LearningRates(logging_interval="step")],
             },
         )
     finally:

@@ -86,6 +86,7 @@ def run_demo(workdir: Path | str = "runs/demo", labelled: int = 96, held_out: in
     from mtl_breast.data.synthetic import generate_dataset
     from mtl_breast.inference import predict_dataset
     from mtl_breast.metrics.mamamia import evaluate
+    from mtl_breast.plot import plot_run
     from mtl_breast.tasks.export import export_checkpoint
 
     if min(labelled, held_out, pool) < 1:
@@ -133,9 +134,11 @@ def run_demo(workdir: Path | str = "runs/demo", labelled: int = 96, held_out: in
     timings["evaluate"] = time.perf_counter() - t0
 
     _step("6/6 summary")
+    curves = [str(path) for run in ("pretrain", "finetune") for path in plot_run(work / run)]
     result = {"headline": headline(scores), "bayes_balanced_accuracy": summary.get("bayes_balanced_accuracy"),
               "test_cases": len(report["done"]), "skipped": report["skipped"],
               "scores": str(work / "evaluation" / "scores.json"), "report": str(work / "evaluation" / "report.md"),
+              "curves": curves, "tensorboard": f"tensorboard --logdir {work}",
               "seconds": {k: round(v, 1) for k, v in timings.items()}}
     print(json.dumps(result, indent=2))
     print(f"\npCR AUC on {baselines['cases']} held-out cases with known pCR ({baselines['positives']} pCR), "

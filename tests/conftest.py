@@ -49,6 +49,7 @@ PRETRAIN_FLAGS = [
 FINETUNE_FLAGS = [
     "--trainer.max_epochs", "1",
     "--trainer.limit_train_batches", "2",
+    "--trainer.log_every_n_steps", "1",
     "--data.batch_size", "2",
 ]
 

@@ -38,6 +38,7 @@ from mtl_breast.metrics.segmentation import dice, hd95, norm_hd
 from mtl_breast.metrics.subgroups import age_group, density_group, menopause_group
 from mtl_breast.models.kinetics import KINETIC_FEATURES
 from mtl_breast.models.registry import create_model
+from mtl_breast.tasks.loggers import close_figure, log_figure, overlay_figure, training_summary, validation_metrics
 from mtl_breast.tasks.optim import build_optimizer, build_scheduler
 from mtl_breast.tasks.rng import KEY as RNG_KEY
 from mtl_breast.tasks.rng import restore_rng_on_train_start, rng_state
@@ -130,6 +131,7 @@ class MTLFinetuneModule(L.LightningModule):
         self.register_buffer("pcr_threshold", torch.tensor(0.5))
         self.register_buffer("pcr_temperature", torch.tensor(1.0))
         self._val_rows: list[dict] = []
+        self._val_example: tuple | None = None  # (patient id, phase-1 image, expert mask, probability) [D, H, W]
         self._resume_rng: dict | None = None
 
     # ------------------------------------------------------------------ training
@@ -198,12 +200,20 @@ class MTLFinetuneModule(L.LightningModule):
                                          phase_mask=batch["phase_mask"][i])
             pred = prob >= 0.5
             gt = batch["label"][i, 0].cpu().numpy().astype(bool)
+            if batch_idx == 0 and i == 0:  # one case per epoch for the TensorBoard overlay
+                image = batch["image"][i, min(1, batch["image"].shape[1] - 1)].float().cpu().numpy()
+                self._val_example = (batch["patient_id"][i], image, gt, prob)
             hd = hd95(pred, gt)
             self._val_rows.append({"patient_id": batch["patient_id"][i], "dsc": dice(pred, gt), "hd95": hd,
                                    "norm_hd": norm_hd(hd), "logit": logit, "pcr": float(batch["pcr"][i]),
                                    **meta_groups(batch["meta"][i])})
 
     def on_validation_epoch_end(self) -> None:
+        example, self._val_example = self._val_example, None
+        if example is not None and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            fig = overlay_figure(example[1], example[2], example[3], str(example[0]))
+            log_figure(self, "val/overlay", fig)
+            close_figure(fig)
         rows = self._gather_rows()
         self._val_rows = []
         if not rows:
@@ -265,6 +275,8 @@ class MTLFinetuneModule(L.LightningModule):
             "preprocess": asdict(dm.preprocess_config) if dm is not None else None,
             "inference": {"roi_size": list(self.img_size), "pcr_threshold": float(self.pcr_threshold),
                           "pcr_temperature": float(self.pcr_temperature)},
+            "training": training_summary(self, "finetune"),
+            "validation": validation_metrics(self),
         }
         checkpoint[RNG_KEY] = rng_state()
 

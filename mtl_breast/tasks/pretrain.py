@@ -18,6 +18,7 @@ import lightning as L
 import torch
 
 from mtl_breast.models.registry import create_model
+from mtl_breast.tasks.loggers import close_figure, log_figure, training_summary, validation_metrics
 from mtl_breast.tasks.optim import build_optimizer, build_scheduler, effective_batch_size
 from mtl_breast.tasks.rng import KEY as RNG_KEY
 from mtl_breast.tasks.rng import restore_rng_on_train_start, rng_state
@@ -99,12 +100,18 @@ class MAEPretrainModule(L.LightningModule):
         masked, recon = self.model.reconstruct(ex["pred"].float(), ex["mask"], ex["image"].float(), ex["phase_mask"])
         out_dir = Path(log_dir or self.trainer.default_root_dir) / "reconstructions"
         path = out_dir / f"epoch_{self.current_epoch:04d}.png"
-        save_reconstruction_png(ex["image"][0], masked[0], recon[0], ex["phase_mask"][0], path)
+        fig = reconstruction_figure(ex["image"][0], masked[0], recon[0], ex["phase_mask"][0])
+        save_figure(fig, path)
+        log_figure(self, "val/reconstruction", fig)
+        close_figure(fig)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Feature extraction must preprocess new cases exactly as the encoder saw them.
+        # Feature extraction must preprocess new cases exactly as the encoder saw them; the rest goes into the
+        # exported weights' model card.
         dm = self.trainer.datamodule if self._trainer is not None else None
-        checkpoint["mtl_breast"] = {"preprocess": asdict(dm.preprocess_config) if dm is not None else None}
+        checkpoint["mtl_breast"] = {"preprocess": asdict(dm.preprocess_config) if dm is not None else None,
+                                    "training": training_summary(self, "pretrain"),
+                                    "validation": validation_metrics(self)}
         checkpoint[RNG_KEY] = rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -126,8 +133,7 @@ class MAEPretrainModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": sched}
 
 
-def save_reconstruction_png(image: torch.Tensor, masked: torch.Tensor, recon: torch.Tensor,
-                            phase_mask: torch.Tensor, path: Path) -> Path:
+def reconstruction_figure(image: torch.Tensor, masked: torch.Tensor, recon: torch.Tensor, phase_mask: torch.Tensor):
     """Central axial slice of each real phase: input | masked input | reconstruction. Tensors [T, D, H, W]."""
     import matplotlib
 
@@ -149,9 +155,19 @@ def save_reconstruction_png(image: torch.Tensor, masked: torch.Tensor, recon: to
             if col == 0:
                 ax.set_ylabel(f"phase {t}", fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path: Path) -> Path:
+    """PNG through a temporary name in the same folder, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
     fig.savefig(tmp, dpi=80)
-    plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def _close(fig) -> None:
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

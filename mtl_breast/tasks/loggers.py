@@ -1,0 +1,145 @@
+"""What a training run records: TensorBoard events and a CSV of the same scalars for people to watch, and a
+summary of its data and last validation scores for the exported weights' model card.
+
+Both loggers write into one folder, ``<run>/lightning_logs/version_N/``: ``events.out.tfevents.*`` for
+``tensorboard --logdir <run>`` (losses, learning rates, validation metrics, images, the resolved config) and
+``metrics.csv`` for scripts and for ``mtl-breast plot`` on a cluster without a browser. A restarted run gets
+the next version folder, as Lightning's default logger does; ``plot`` joins the versions of a run by step.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+
+if TYPE_CHECKING:
+    import lightning as L
+    from matplotlib.figure import Figure
+
+LOG_FOLDER = "lightning_logs"
+
+
+def next_version(root: str | Path) -> int:
+    """The first unused ``version_N`` under ``root/lightning_logs`` (0 for a new run)."""
+    folder = Path(root) / LOG_FOLDER
+    used = [int(m.group(1)) for p in folder.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
+    return max(used, default=-1) + 1
+
+
+def run_loggers(root: str | Path | None) -> list[Logger]:
+    """TensorBoard first (``trainer.log_dir`` is its folder) and CSV, both in ``root/lightning_logs/version_N``."""
+    root = Path(root or ".")
+    version = next_version(root)  # one number for both, so they share the folder
+    csv = CSVLogger(root, name=LOG_FOLDER, version=version)
+    _ = csv.experiment  # creates the folder now: later, TensorBoard's files would make it warn about deleting logs
+    return [TensorBoardLogger(root, name=LOG_FOLDER, version=version, default_hp_metric=False), csv]
+
+
+class LearningRates(LearningRateMonitor):
+    """Learning rate of every parameter group at each logged step; silent when the run has no logger
+    (``--trainer.logger false``), where Lightning's monitor would stop the run."""
+
+    def on_train_start(self, trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer, *args, **kwargs) -> None:
+        if trainer.loggers:
+            super().on_train_epoch_start(trainer, *args, **kwargs)
+
+
+def training_summary(module: L.LightningModule, task: str) -> dict[str, Any] | None:
+    """Data and schedule of the run for the model card: dataset names with training-case counts, never ids.
+
+    Returns None when the module is not attached to a trainer with a data module that has been set up.
+    """
+    trainer = module._trainer
+    dm = trainer.datamodule if trainer is not None else None
+    if dm is None or not hasattr(dm, "train_ids"):
+        return None
+    ids = tuple(dm.train_ids)
+    memo = getattr(module, "_dataset_counts", None)  # headers are read once per run, not at every checkpoint
+    if memo is None or memo[0] != ids:
+        datasets: Counter[str] = Counter()
+        for pid in ids:
+            try:
+                datasets[str(dm.cache.read_info(pid).get("meta", {}).get("dataset") or "unknown")] += 1
+            except (OSError, ValueError, KeyError):  # an unreadable header is counted, not fatal to a checkpoint
+                datasets["unknown"] += 1
+        memo = module._dataset_counts = (ids, dict(sorted(datasets.items())))
+    base = getattr(module.hparams, "pretrained", None)
+    return {"task": task, "datasets": memo[1], "train_cases": len(ids),
+            "val_cases": len(getattr(dm, "val_ids", [])), "epochs": int(trainer.current_epoch),
+            "steps": int(trainer.global_step), "base_weights": str(base) if base else None}
+
+
+def validation_metrics(module: L.LightningModule) -> dict[str, float] | None:
+    """The last logged ``val/*`` scalars (None before the first validation)."""
+    trainer = module._trainer
+    if trainer is None:
+        return None
+    values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1}
+    return dict(sorted(values.items())) or None
+
+
+def log_figure(module: L.LightningModule, tag: str, figure: Figure) -> None:
+    """Add a matplotlib figure to every TensorBoard logger of the run (rank 0 only; others have no writer)."""
+    for logger in module.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_figure(tag, figure, global_step=module.global_step, close=False)
+
+
+def close_figure(figure: Figure) -> None:
+    """Free a figure made here (pyplot keeps every open figure alive)."""
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+
+
+def log_text(module_or_loggers, tag: str, text: str) -> None:
+    """Add a text entry (markdown) to every TensorBoard logger."""
+    loggers = getattr(module_or_loggers, "loggers", module_or_loggers)
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_text(tag, text, global_step=0)
+
+
+def overlay_figure(image: np.ndarray, truth: np.ndarray, prob: np.ndarray, title: str) -> Figure:
+    """The slice with the most tumour of one validation case: the image with the expert (green) and the
+    predicted (red, probability >= 0.5) outlines, and the predicted probability.
+
+    Args:
+        image: ``[D, H, W]`` first post-contrast phase.
+        truth: ``[D, H, W]`` expert mask.
+        prob: ``[D, H, W]`` predicted tumour probability.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    area = truth.reshape(truth.shape[0], -1).sum(1) + (prob >= 0.5).reshape(prob.shape[0], -1).sum(1)
+    z = int(np.argmax(area)) if area.any() else truth.shape[0] // 2
+    fig, axes = plt.subplots(1, 2, figsize=(6, 3))
+    axes[0].imshow(image[z], cmap="gray")
+    for mask, colour in ((truth[z], "lime"), (prob[z] >= 0.5, "red")):
+        if mask.any() and not mask.all():
+            axes[0].contour(mask.astype(float), levels=[0.5], colors=colour, linewidths=1)
+    axes[1].imshow(prob[z], cmap="magma", vmin=0, vmax=1)
+    axes[0].set_title(f"{title}: expert (green), model (red)", fontsize=8)
+    axes[1].set_title("tumour probability", fontsize=8)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig
