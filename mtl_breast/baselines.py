@@ -12,7 +12,7 @@ cases it never saw (docs/RESULTS.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +22,7 @@ from scipy.optimize import minimize
 from mtl_breast.data.cache import CaseCache
 from mtl_breast.data.window import tumour_window
 from mtl_breast.metrics.classification import roc_auc
+from mtl_breast.metrics.intervals import bootstrap_interval
 from mtl_breast.models.kinetics import KINETIC_FEATURES, tumour_kinetics
 
 __all__ = ["FEATURE_SETS", "LogisticBaseline", "auc_with_interval", "bootstrap_interval", "case_features",
@@ -117,21 +118,6 @@ class LogisticBaseline:
             raise RuntimeError("fit the baseline first")
         z = np.c_[np.ones(len(rows)), (self._matrix(rows) - self.mean_) / self.std_]
         return 1.0 / (1.0 + np.exp(-(z @ self.coef_)))
-
-
-def bootstrap_interval(statistic: Callable[[np.ndarray], float], n: int, *, samples: int = 2000,
-                       seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``statistic(indices)`` over ``n`` cases resampled with replacement.
-
-    Resamples where the statistic is undefined (NaN, e.g. an AUC of a one-class resample) are left out.
-    """
-    rng = np.random.default_rng(seed)
-    values = np.array([statistic(rng.integers(0, n, n)) for _ in range(samples)], dtype=np.float64)
-    values = values[np.isfinite(values)]
-    if not len(values):
-        return (float("nan"), float("nan"))
-    tail = (1.0 - level) / 2 * 100
-    return float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))
 
 
 def auc_with_interval(y: Sequence[float], score: Sequence[float], *, seed: int = 0) -> dict[str, float]:

@@ -8,6 +8,12 @@ Plots (PNG, next to report.md, each written atomically):
     overlays.png        expert (green) and predicted (red) contours on the first post-contrast phase, central
                         slice through the expert mask, for the best and worst cases; full slice and zoom
 
+Uncertainty: when the scores carry them (`evaluate` writes them, `metrics.mamamia` describes the keys), every
+subgroup bar is labelled with its case count ("40-50 (n=7)") and carries its 95% interval as an error bar; groups
+too small to judge (`metrics.intervals.SMALL_GROUP_RULE`) are hatched and faded, and marked † in the tables,
+which give n and the interval of every group; the headline numbers show their bootstrap intervals as [low, high].
+Scores without these keys (e.g. `score_segmentation(..., intervals=False)`) are drawn as before.
+
 Figures are drawn on `matplotlib.figure.Figure` with the Agg canvas directly, so nothing here touches pyplot's
 global state or the process-wide backend.
 """
@@ -24,11 +30,15 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
+from mtl_breast.metrics.intervals import SMALL_GROUP_RULE
 from mtl_breast.metrics.subgroups import AGE_LABELS, DENSITY_LABELS, FAIRNESS_VARIABLES, MENOPAUSE_LABELS
 
 _ORDER = {"age": AGE_LABELS, "menopausal_status": MENOPAUSE_LABELS, "breast_density": DENSITY_LABELS}
 _NAMES = {"age": "Age", "menopausal_status": "Menopausal status", "breast_density": "Breast density"}
+_SMALL_MARK = "†"
+_SMALL_NOTE = f"hatched = too few cases to judge ({SMALL_GROUP_RULE}); error bars = 95% intervals"
 
 
 @dataclass
@@ -80,6 +90,25 @@ def _num(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
+def _ci(entry: dict, key: str) -> tuple[float, float]:
+    """(low, high) of `entry[key + "_ci"]`, NaN where absent or null (older scores, empty denominators)."""
+    pair = entry.get(f"{key}_ci") or (None, None)
+    return _num(pair[0]), _num(pair[1])
+
+
+def _fmt_ci(entry: dict, key: str) -> str:
+    """`entry[key]` with its 95% interval, "0.712 [0.650, 0.770]", or the bare value when there is none."""
+    low, high = _ci(entry, key)
+    if math.isnan(low) and math.isnan(high):
+        return _fmt(entry.get(key))
+    return f"{_fmt(entry.get(key))} [{_fmt(low)}, {_fmt(high)}]"
+
+
+def _tick(group: str, entry: dict) -> str:
+    """Tick label of a subgroup bar: its name and, on a second line, its case count when known: "40-50\n(n=7)"."""
+    return group if entry.get("n") is None else f"{group}\n(n={entry['n']})"
+
+
 def _ordered(variable: str, groups: dict) -> list[str]:
     order = _ORDER.get(variable, ())
     return sorted(groups, key=lambda g: (order.index(g) if g in order else len(order), g))
@@ -100,21 +129,51 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _bars(ax, labels: list[str], series: dict[str, list[float]], title: str, ylim: tuple[float, float] | None) -> None:
-    """Grouped bars, one colour per series, each bar labelled with its value."""
+def _bars(ax, labels: list[str], series: dict[str, list[float]], title: str, ylim: tuple[float, float] | None,
+          *, errors: dict[str, list[tuple[float, float]]] | None = None, small: list[bool] | None = None) -> None:
+    """Grouped bars, one colour per series, each bar labelled with its value.
+
+    Args:
+        labels: `[G]` tick labels, one per group.
+        series: {name: `[G]` bar heights}.
+        title: axes title.
+        ylim: y range, or None to fit the bars, their intervals and the value labels.
+        errors: {name: `[G]` (low, high)} 95% intervals drawn as error bars (NaN = none). They are drawn from
+            low to high, not around the bar, because an official rate can lie outside its interval.
+        small: `[G]` flags of groups too small to judge: their bars are hatched and faded so they are not read
+            like the others.
+    """
     x = np.arange(len(labels))
     width = 0.8 / max(len(series), 1)
+    small = small or [False] * len(labels)
+    tops, legend = [0.0], []
     for i, (name, values) in enumerate(series.items()):
-        bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, np.nan_to_num(values), width, label=name)
-        ax.bar_label(bars, labels=[_fmt(v) for v in values], fontsize=7, padding=1)
+        xs = x + (i - (len(series) - 1) / 2) * width
+        bars = ax.bar(xs, np.nan_to_num(values), width)
+        colour = f"C{i}"
+        legend.append(Patch(facecolor=colour, label=name))  # the plain style, whichever bar comes first
+        for bar, is_small in zip(bars, small, strict=True):
+            bar.set_facecolor(colour)
+            if is_small:
+                bar.set(hatch="///", alpha=0.45, edgecolor="dimgrey")
+        low, high = (np.array([pair[k] for pair in (errors or {}).get(name, [(np.nan, np.nan)] * len(values))],
+                              dtype=float) for k in (0, 1))
+        shown = np.isfinite(low) & np.isfinite(high)
+        if shown.any():
+            ax.errorbar(xs[shown], (low + high)[shown] / 2, yerr=(high - low)[shown] / 2, fmt="none",
+                        ecolor="black", elinewidth=1, capsize=3)
+        label_y = np.fmax(np.nan_to_num(values), np.where(shown, high, 0.0))  # above the bar and its whisker
+        for xi, yi, v in zip(xs, label_y, values, strict=True):
+            ax.annotate(_fmt(v), (xi, yi), xytext=(0, 2), textcoords="offset points", ha="center", fontsize=7)
+        tops += [float(np.nanmax(label_y))] if len(label_y) else []
     ax.set_xticks(x, labels, fontsize=8)
     ax.set_title(title, fontsize=9)
     if ylim is None:  # leave head room for the value labels
-        top = np.nanmax([v for values in series.values() for v in values] + [0.0])
+        top = max(tops)
         ylim = (0.0, 1.15 * top if top > 0 else 1.0)
     ax.set_ylim(*ylim)
     if len(series) > 1:
-        ax.legend(fontsize=7, loc="upper right")
+        ax.legend(handles=legend, fontsize=7, loc="upper right", ncols=len(legend))
 
 
 def _seg_fairness(groups: dict) -> float:
@@ -140,11 +199,15 @@ def _plot_seg_subgroups(seg: dict, path: Path) -> Path:
         groups = seg["by_variable"].get(variable, {})
         labels = _ordered(variable, groups)
         fair = _fmt(_seg_fairness(groups))
+        ticks = [_tick(g, groups[g]) for g in labels]
+        small = [bool(groups[g].get("too_small")) for g in labels]
         for col, (key, name) in enumerate((("dsc", "mean DSC"), ("norm_hd", "mean NormHD"))):
             values = [_num(groups[g][key]) for g in labels]
-            _bars(axes[row][col], labels, {name: values}, f"{_NAMES[variable]}: {name} (fairness {fair})", None)
+            _bars(axes[row][col], ticks, {name: values}, f"{_NAMES[variable]}: {name} (fairness {fair})", None,
+                  errors={name: [_ci(groups[g], key) for g in labels]}, small=small)
     fig.suptitle("Segmentation by subgroup (higher DSC, lower NormHD is better)")
-    fig.tight_layout()
+    fig.text(0.5, 0.005, _SMALL_NOTE, ha="center", va="bottom", fontsize=7)
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
     return _save(fig, path)
 
 
@@ -168,10 +231,13 @@ def _plot_pcr_subgroups(cls: dict, path: Path) -> Path:
         groups = cls["by_variable"].get(variable, {})
         labels = _ordered(variable, groups)
         series = {"TPR": [_num(groups[g]["tpr"]) for g in labels], "FPR": [_num(groups[g]["fpr"]) for g in labels]}
+        errors = {name: [_ci(groups[g], name.lower()) for g in labels] for name in series}
         title = f"{_NAMES[variable]}: disparity (TPR range + FPR range) = {_fmt(_eo_disparity(groups))}"
-        _bars(axes[row][0], labels, series, title, (0, 1.15))
+        _bars(axes[row][0], [_tick(g, groups[g]) for g in labels], series, title, (0, 1.3), errors=errors,
+              small=[bool(groups[g].get("too_small")) for g in labels])
     fig.suptitle("pCR true- and false-positive rates by subgroup (equal bars = fair)")
-    fig.tight_layout()
+    fig.text(0.5, 0.005, _SMALL_NOTE, ha="center", va="bottom", fontsize=7)
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
     return _save(fig, path)
 
 
@@ -230,16 +296,46 @@ def _variable_rows(by_variable: dict, summary) -> list[str]:
     return rows
 
 
+def _group_rows(by_variable: dict, cells) -> list[str]:
+    """One markdown row per subgroup: variable, group, n, `cells(entry)` and the too-small mark."""
+    rows = []
+    for v in FAIRNESS_VARIABLES:
+        groups = by_variable.get(v, {})
+        for g in _ordered(v, groups):
+            entry = groups[g]
+            mark = f"{_SMALL_MARK} too few cases" if entry.get("too_small") else ""
+            rows.append(f"| {_NAMES[v]} | {g} | {_fmt(entry.get('n'))} | {' | '.join(cells(entry))} | {mark} |")
+    return rows
+
+
+def _interval_lines(part: dict, what: str) -> list[str]:
+    """The sentence saying how the intervals of a table were made and what the † mark means."""
+    method = part.get("intervals")
+    if not method:
+        return []
+    small = any(e.get("too_small") for groups in part["by_variable"].values() for e in groups.values())
+    lines = [f"{what}; [low, high] = {100 * method['level']:.0f}% interval ({method['means']} for means and "
+             f"headline scores, {method['resamples']} resamples, seed {method['seed']}; {method['rates']} interval "
+             "for rates)."]
+    if small:
+        lines += ["", f"{_SMALL_MARK} Too few cases to judge ({method['too_small']}): shown hatched in the plots; "
+                  "their numbers are too uncertain to compare groups on."]
+    return ["", *lines]
+
+
 def _markdown(scores: dict, images: dict[str, Path]) -> str:
     lines = ["# MAMA-MIA scores", ""]
     seg, cls = scores.get("segmentation"), scores.get("classification")
     if seg:
         lines += ["## Segmentation", "", "| cases | DSC | NormHD | performance | fairness | ranking |",
                   "|---:|---:|---:|---:|---:|---:|",
-                  f"| {len(seg['per_case'])} | {_fmt(seg['dsc'])} | {_fmt(seg['norm_hd'])} | "
-                  f"{_fmt(seg['performance'])} | {_fmt(seg['fairness'])} | {_fmt(seg['ranking'])} |", "",
+                  f"| {len(seg['per_case'])} | {_fmt_ci(seg, 'dsc')} | {_fmt_ci(seg, 'norm_hd')} | "
+                  f"{_fmt_ci(seg, 'performance')} | {_fmt(seg['fairness'])} | {_fmt(seg['ranking'])} |", "",
                   "| variable | groups | fairness |", "|---|---|---:|"]
         lines += _variable_rows(seg["by_variable"], _seg_fairness)
+        lines += ["", "| variable | group | n | mean DSC | mean NormHD | |", "|---|---|---:|---:|---:|---|"]
+        lines += _group_rows(seg["by_variable"], lambda e: (_fmt_ci(e, "dsc"), _fmt_ci(e, "norm_hd")))
+        lines += _interval_lines(seg, "n = cases of the group")
         worst = sorted(seg["per_case"].items(), key=lambda kv: _num(kv[1]["dsc"]))[:10]
         lines += ["", "Lowest DSC (HD95 in voxels unless scored spacing-aware; n/a = one mask empty):", "",
                   "| case | DSC | HD95 | NormHD |", "|---|---:|---:|---:|"]
@@ -248,10 +344,18 @@ def _markdown(scores: dict, images: dict[str, Path]) -> str:
     else:
         lines += ["## Segmentation", "", "Not scored (no predicted masks).", ""]
     if cls:
-        lines += ["## pCR", "", "| balanced accuracy | AUC | fairness (1 - EO) | ranking |", "|---:|---:|---:|---:|",
-                  f"| {_fmt(cls['balanced_accuracy'])} | {_fmt(cls['auc'])} | {_fmt(cls['fairness'])} | "
+        lines += ["## pCR", "", "| cases (pCR / no pCR) | balanced accuracy | AUC | fairness (1 - EO) | ranking |",
+                  "|---:|---:|---:|---:|---:|",
+                  f"| {_fmt(cls.get('n'))} ({_fmt(cls.get('n_pos'))} / {_fmt(cls.get('n_neg'))}) | "
+                  f"{_fmt_ci(cls, 'balanced_accuracy')} | {_fmt_ci(cls, 'auc')} | {_fmt(cls['fairness'])} | "
                   f"{_fmt(cls['ranking'])} |", "", "| variable | groups | TPR range + FPR range |", "|---|---|---:|"]
         lines += _variable_rows(cls["by_variable"], _eo_disparity)
+        lines += ["", "| variable | group | n | pCR / no pCR | TPR | FPR | |", "|---|---|---:|---:|---:|---:|---|"]
+        lines += _group_rows(cls["by_variable"], lambda e: (f"{_fmt(e.get('n_pos'))} / {_fmt(e.get('n_neg'))}",
+                                                            _fmt_ci(e, "tpr"), _fmt_ci(e, "fpr")))
+        lines += _interval_lines(cls, "TPR and FPR as the challenge counts them (both 0 when a group holds one "
+                                 "label); their intervals bound TP out of the group's pCR cases and FP out of its "
+                                 "no-pCR cases")
         lines.append("")
     else:
         lines += ["## pCR", "", "Not scored (no predictions.csv).", ""]

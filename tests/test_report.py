@@ -67,3 +67,62 @@ def test_write_report_classification_only(tmp_path, scores):
     assert "Not scored (no predicted masks)" in text
     assert (tmp_path / "pcr_subgroups.png").stat().st_size > 0
     assert not (tmp_path / "seg_subgroups.png").exists() and not (tmp_path / "reliability.png").exists()
+
+
+@pytest.fixture
+def scores_with_intervals():
+    """24 cases: age 0-40 holds 12 (6 with pCR), 40-50 holds 3 and 50-60 holds 9, so two age groups are too small."""
+    ids = [f"P{i}" for i in range(24)]
+    groups = subgroup_table([{"patient_id": pid, "age": 35 if i < 12 else 45 if i < 15 else 55,
+                              "menopause": ["pre", "post"][i % 2], "density": None} for i, pid in enumerate(ids)])
+    per_case = pd.DataFrame({"dsc": np.linspace(0.1, 0.9, 24), "norm_hd": np.linspace(0.5, 0.0, 24),
+                             "hd95": np.linspace(75.0, 0.0, 24)}, index=ids)
+    y_true = pd.Series([float(i % 4 < 2) for i in range(24)], index=ids)
+    y_pred = pd.Series([float(i % 3 == 0) for i in range(24)], index=ids)
+    score = pd.Series(np.linspace(0.05, 0.95, 24), index=ids)
+    return json_safe({"segmentation": score_segmentation(per_case, groups, intervals=True),
+                      "classification": score_classification(y_true, y_pred, score, groups, intervals=True)})
+
+
+def _with_ci(entry, key):
+    low, high = entry[f"{key}_ci"]
+    return f"{entry[key]:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def test_report_shows_counts_and_intervals(tmp_path, scores_with_intervals):
+    text = write_report(scores_with_intervals, tmp_path).read_text()
+    seg, cls = scores_with_intervals["segmentation"], scores_with_intervals["classification"]
+    for part, key in ((seg, "dsc"), (seg, "norm_hd"), (cls, "balanced_accuracy"), (cls, "auc")):
+        assert _with_ci(part, key) in text, key  # headline numbers with their bootstrap intervals
+    young, old = seg["by_variable"]["age"]["0-40"], seg["by_variable"]["age"]["40-50"]
+    assert not young["too_small"] and old["too_small"]
+    assert f"| Age | 0-40 | 12 | {_with_ci(young, 'dsc')} | {_with_ci(young, 'norm_hd')} |  |" in text
+    assert f"| Age | 40-50 | 3 | {_with_ci(old, 'dsc')} | {_with_ci(old, 'norm_hd')} | † too few cases |" in text
+    pre = cls["by_variable"]["menopausal_status"]["pre"]
+    assert (pre["n"], pre["n_pos"], pre["n_neg"]) == (12, 6, 6)
+    assert f"| Menopausal status | pre | 12 | 6 / 6 | {_with_ci(pre, 'tpr')} | {_with_ci(pre, 'fpr')} |" in text
+    assert "† Too few cases to judge (fewer than 10 cases" in text  # the note that explains the mark
+    for name in ("seg_subgroups.png", "pcr_subgroups.png"):
+        assert (tmp_path / name).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_report_of_scores_without_intervals(tmp_path, scores):
+    text = write_report(json_safe(scores), tmp_path).read_text()  # scores made without intervals: drawn as before
+    assert "too few cases" not in text.lower() and "| Age | 0-40 | n/a |" in text
+
+
+def test_subgroup_bars_show_counts_intervals_and_small_groups():
+    from matplotlib.figure import Figure
+
+    from mtl_breast.report import _bars, _tick
+
+    ax = Figure().subplots()
+    labels = [_tick("0-40", {"n": 12}), _tick("40-50", {"n": 3})]
+    _bars(ax, labels, {"DSC": [0.6, 0.8]}, "t", None, errors={"DSC": [(0.5, 0.7), (0.3, 0.95)]},
+          small=[False, True])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0-40\n(n=12)", "40-50\n(n=3)"]
+    big, small = ax.patches
+    assert big.get_hatch() is None and small.get_hatch() == "///"  # the small group is hatched
+    (segments,) = [c.get_segments() for c in ax.collections]  # one error bar per group, from low to high
+    assert [tuple(s[:, 1]) for s in segments] == [pytest.approx((0.5, 0.7)), pytest.approx((0.3, 0.95))]
+    assert ax.get_ylim()[1] > 0.95  # room for the whole interval

@@ -18,6 +18,7 @@ from mtl_breast.metrics.classification import (
     temperature_scale,
     tpr_fpr,
 )
+from mtl_breast.metrics.intervals import mean_interval, wilson_interval
 from mtl_breast.metrics.mamamia import score_classification, score_segmentation
 from mtl_breast.metrics.segmentation import dice, hd95, label_contour, norm_hd
 from mtl_breast.metrics.subgroups import age_group, density_group, menopause_group, subgroup_table
@@ -163,6 +164,29 @@ def test_score_segmentation_by_hand():
     assert s["per_case"]["P2"] == {"dsc": 0.6, "hd95": 45.0, "norm_hd": 0.3}
 
 
+def test_score_segmentation_intervals():
+    # 14 cases: 12 aged 35 (a group big enough to judge) and 2 aged 45; menopause and density unknown
+    ids = [f"P{i}" for i in range(14)]
+    per_case = pd.DataFrame({"dsc": np.linspace(0.2, 0.9, 14), "norm_hd": np.linspace(0.3, 0.0, 14),
+                             "hd95": np.linspace(45.0, 0.0, 14)}, index=ids)
+    groups = subgroup_table([{"patient_id": pid, "age": 35 if i < 12 else 45} for i, pid in enumerate(ids)])
+    plain = score_segmentation(per_case, groups)
+    s = score_segmentation(per_case, groups, intervals=True)
+    for key in ("dsc", "norm_hd", "performance", "fairness", "ranking", "per_case"):
+        assert s[key] == plain[key]  # the scores do not move
+    old, young = s["by_variable"]["age"]["40-50"], s["by_variable"]["age"]["0-40"]
+    assert (young["n"], young["too_small"], old["n"], old["too_small"]) == (12, False, 2, True)
+    assert young["dsc_ci"] == mean_interval(per_case["dsc"].iloc[:12])
+    assert young["dsc_ci"][0] < young["dsc"] < young["dsc_ci"][1]
+    assert s["by_variable"]["menopausal_status"]["unknown"]["n"] == 14
+    assert set(s["by_variable"]["breast_density"]) == set()
+    assert s["n"] == 14 and s["intervals"]["level"] == 0.95
+    for key in ("dsc", "norm_hd", "performance"):
+        assert s[f"{key}_ci"][0] < s[key] < s[f"{key}_ci"][1]
+    assert score_segmentation(per_case, groups, intervals=True) == s  # seeded
+    assert score_segmentation(per_case, groups, intervals=True, seed=1)["dsc_ci"] != s["dsc_ci"]
+
+
 # ---------------------------------------------------------------- classification
 
 
@@ -213,6 +237,31 @@ def test_score_classification_missing_prediction_counts_as_zero():
     assert s["by_variable"]["menopausal_status"]["post"] == {"tpr": 0.0, "fpr": 0.0}
     assert s["by_variable"]["age"]["0-40"] == {"tpr": 0.5, "fpr": 0.0}
     assert math.isnan(s["auc"])
+
+
+def test_score_classification_intervals():
+    y_true, groups = _six_cases()
+    y_pred = pd.Series([1, 0, 0, 1, 0, 0], index=y_true.index)
+    plain = score_classification(y_true, y_pred, None, groups)
+    s = score_classification(y_true, y_pred, None, groups, intervals=True)
+    for key in ("balanced_accuracy", "fairness", "ranking"):
+        assert s[key] == plain[key]
+    # truth [1,1,0,1,0,0] (C6 unknown -> 0): 3 positives, 3 negatives
+    assert (s["n"], s["n_pos"], s["n_neg"]) == (6, 3, 3)
+    assert s["balanced_accuracy_ci"][0] <= s["balanced_accuracy"] <= s["balanced_accuracy_ci"][1]
+    assert all(math.isnan(v) for v in s["auc_ci"])  # no scores, no AUC
+    # age 0-40 {C1, C2, C3}: positives C1, C2 (TP 1), negative C3 (FP 0); the official rates stay as they were
+    young = s["by_variable"]["age"]["0-40"]
+    assert (young["tpr"], young["fpr"]) == (0.5, 0.0)
+    assert (young["n"], young["n_pos"], young["n_neg"], young["too_small"]) == (3, 2, 1, True)
+    assert young["tpr_ci"] == wilson_interval(1, 2) and young["fpr_ci"] == wilson_interval(0, 1)
+    # menopause post {C5, C6}: no positive, so no TPR interval (the challenge's TPR is 0 by its rule)
+    post = s["by_variable"]["menopausal_status"]["post"]
+    assert post["n"] == 2 and post["n_pos"] == 0 and math.isnan(post["tpr_ci"][0])
+    assert s["by_variable"]["breast_density"]["a"]["n"] == 2  # C3..C6 have no density and drop out
+    scored = score_classification(y_true, y_pred, pd.Series(np.linspace(0, 1, 6), index=y_true.index), groups,
+                                  intervals=True)
+    assert scored["auc_ci"][0] <= scored["auc"] <= scored["auc_ci"][1]
 
 
 def test_score_classification_missing_truth_counts_as_zero():
@@ -328,6 +377,18 @@ def test_evaluate_end_to_end(mamamia):
     report = (out / "report.md").read_text()
     assert "MAMA-MIA scores" in report and (out / "overlays.png").stat().st_size > 0
     assert (out / "reliability.png").is_file()
+
+    # Every subgroup entry carries its case count, its interval and the small-group flag.
+    assert {g: e["n"] for g, e in seg["by_variable"]["age"].items()} == {"0-40": 1, "40-50": 1, "60-70": 1}
+    assert {g: e["n"] for g, e in seg["by_variable"]["breast_density"].items()} == {"a": 1, "b": 1}
+    assert seg["by_variable"]["age"]["40-50"]["dsc_ci"] == [0.5, 0.5]  # one case: a point, and too small
+    assert all(e["too_small"] for groups in seg["by_variable"].values() for e in groups.values())
+    assert seg["n"] == 3 and seg["dsc_ci"][0] <= seg["dsc"] <= seg["dsc_ci"][1]
+    assert {g: (e["n"], e["n_pos"]) for g, e in cls["by_variable"]["menopausal_status"].items()} == \
+        {"pre": (1, 1), "post": (1, 0), "unknown": (1, 0)}
+    assert cls["by_variable"]["menopausal_status"]["post"]["tpr_ci"] == [None, None]  # no positive: null in JSON
+    assert len(cls["auc_ci"]) == 2 and cls["n"] == 3
+    assert "too few cases" in report and "[" in report
 
     mm = evaluate(pred, root, tmp := out.parent / "mm", spacing_aware=True)
     assert mm["segmentation"]["per_case"]["DUKE_002"]["hd95"] == pytest.approx(6.0)  # 2 slices x 3 mm

@@ -18,6 +18,18 @@ Choices where the official scripts are silent or broken (all deliberate, documen
   counts as 0.
 - Non-finite numbers are written to JSON as null: `hd95` is null exactly when it is infinite (one mask
   empty; `norm_hd` is then 1), `auc` is null when it is undefined (one class only).
+
+Uncertainty (`intervals=True`, which `evaluate` always asks for; `metrics.intervals` has the methods and the
+small-group rule). The scores themselves do not change; keys are only added:
+
+- headline: `n` cases and `<score>_ci` = [low, high], a 95% percentile bootstrap over cases (seeded, 2000
+  resamples) of dsc, norm_hd and performance, or of balanced_accuracy and auc (with `n_pos`, `n_neg`);
+- every subgroup entry: `n`, `too_small`, and `dsc_ci` / `norm_hd_ci` (bootstrap of the group mean) or `n_pos`,
+  `n_neg`, `tpr_ci` (Wilson, TP out of the group's positives) / `fpr_ci` (Wilson, FP out of its negatives). An
+  interval is null when its denominator is 0. The Wilson interval is that of the observed proportion: where the
+  official rule zeroes both rates of a single-label group, the reported 0 can lie outside it, and such a group
+  lacks one class, so it is always `too_small`;
+- `intervals`: how they were made ({"level", "means", "rates", "resamples", "seed", "too_small"}).
 """
 # References:
 #   LidiaGarrucho/MAMA-MIA, src/challenge/scoring_task1.py (segmentation performance, fairness, ranking)
@@ -40,6 +52,14 @@ import SimpleITK as sitk
 
 from mtl_breast.data.case import Case, CaseError
 from mtl_breast.metrics.classification import balanced_accuracy, equalized_odds, reliability_curve, roc_auc
+from mtl_breast.metrics.intervals import (
+    bootstrap_interval,
+    describe,
+    group_means,
+    group_rates,
+    percentile_interval,
+    resample_indices,
+)
 from mtl_breast.metrics.segmentation import segmentation_case_metrics
 from mtl_breast.metrics.subgroups import FAIRNESS_VARIABLES, subgroup_table
 
@@ -55,12 +75,31 @@ def _aligned_groups(groups: pd.DataFrame, index: pd.Index) -> pd.DataFrame:
     return groups.reindex(index)[list(FAIRNESS_VARIABLES)]
 
 
-def score_segmentation(per_case: pd.DataFrame, groups: pd.DataFrame) -> dict[str, Any]:
+def _segmentation_intervals(dsc: np.ndarray, nhd: np.ndarray, seed: int) -> dict[str, Any]:
+    """Headline `n` and bootstrap intervals of mean DSC, mean NormHD and performance.
+
+    Args:
+        dsc, nhd: `[N]` per-case DSC and NormHD (finite: NormHD is 1 where HD95 is infinite).
+        seed: resampling seed; the three intervals share the same resamples.
+    """
+    idx = resample_indices(len(dsc), seed=seed)  # [RESAMPLES, N]
+    mean_dsc, mean_nhd = dsc[idx].mean(axis=1), nhd[idx].mean(axis=1)
+    return {"n": len(dsc), "dsc_ci": percentile_interval(mean_dsc), "norm_hd_ci": percentile_interval(mean_nhd),
+            "performance_ci": percentile_interval(0.5 * (mean_dsc + (1.0 - mean_nhd))),
+            "intervals": describe(seed)}
+
+
+def score_segmentation(
+    per_case: pd.DataFrame, groups: pd.DataFrame, *, intervals: bool = False, seed: int = 0
+) -> dict[str, Any]:
     """Task-1 scores from per-case metrics.
 
     Args:
         per_case: indexed by patient_id, columns dsc and norm_hd (hd95 optional, copied to the output).
         groups: `subgroup_table(...)` output, indexed by patient_id.
+        intervals: also return case counts and 95% intervals (module docstring); off by default because a
+            validation loop needs only the scores.
+        seed: bootstrap seed when `intervals`.
 
     Returns:
         {"dsc", "norm_hd", "performance", "fairness", "ranking", "per_case": {pid: {"dsc", "hd95",
@@ -82,11 +121,15 @@ def score_segmentation(per_case: pd.DataFrame, groups: pd.DataFrame) -> dict[str
         table = pd.DataFrame({"dsc": dsc, "norm_hd": nhd, "group": labels[variable]}).dropna(subset=["group"])
         means = table.groupby(table["group"].astype(str), sort=True)[["dsc", "norm_hd"]].mean()
         by_variable[variable] = {g: {"dsc": float(r.dsc), "norm_hd": float(r.norm_hd)} for g, r in means.iterrows()}
+        if intervals:
+            for g, rows in table.groupby(table["group"].astype(str), sort=True):
+                by_variable[variable][g].update(group_means({k: rows[k].to_numpy() for k in ("dsc", "norm_hd")}, seed))
         if len(means):
             spread = (means["dsc"].max() - means["dsc"].min()) + (means["norm_hd"].max() - means["norm_hd"].min())
             fairness_v.append(1.0 - 0.5 * spread)
     fairness = float(np.mean(fairness_v)) if fairness_v else math.nan
     hd = per_case["hd95"].astype(float) if "hd95" in per_case else pd.Series(math.nan, index=per_case.index)
+    extra = _segmentation_intervals(dsc.to_numpy(), nhd.to_numpy(), seed) if intervals else {}
     return {
         "dsc": float(dsc.mean()),
         "norm_hd": float(nhd.mean()),
@@ -98,11 +141,30 @@ def score_segmentation(per_case: pd.DataFrame, groups: pd.DataFrame) -> dict[str
             for pid in per_case.index
         },
         "by_variable": by_variable,
+        **extra,
     }
 
 
+def _classification_intervals(yt: np.ndarray, yp: np.ndarray, s: np.ndarray | None, seed: int) -> dict[str, Any]:
+    """Headline counts and bootstrap intervals of balanced accuracy and AUC.
+
+    Args:
+        yt, yp: `[N]` 0/1 truth (unknown already 0) and hard predictions.
+        s: `[N]` scores for the AUC, or None. Resamples holding one class only leave the AUC undefined and are
+            left out of its interval.
+        seed: resampling seed; both intervals share the same resamples.
+    """
+    n_pos = int((yt == 1).sum())
+    ba_ci = bootstrap_interval(lambda i: balanced_accuracy(yt[i], yp[i]), len(yt), seed=seed)
+    auc_ci = (math.nan, math.nan) if s is None else bootstrap_interval(lambda i: roc_auc(yt[i], s[i]), len(yt),
+                                                                       seed=seed)
+    return {"n": len(yt), "n_pos": n_pos, "n_neg": len(yt) - n_pos, "balanced_accuracy_ci": ba_ci, "auc_ci": auc_ci,
+            "intervals": describe(seed)}
+
+
 def score_classification(
-    y_true: pd.Series, y_pred: pd.Series, score: pd.Series | None, groups: pd.DataFrame
+    y_true: pd.Series, y_pred: pd.Series, score: pd.Series | None, groups: pd.DataFrame, *, intervals: bool = False,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Task-2 scores of hard pCR predictions.
 
@@ -111,6 +173,8 @@ def score_classification(
         y_pred: 0/1 predictions indexed by patient_id; a case without one counts as 0.
         score: probabilities/logits for the AUC (not part of the ranking), or None.
         groups: `subgroup_table(...)` output, indexed by patient_id.
+        intervals: also return case counts and 95% intervals (module docstring).
+        seed: bootstrap seed when `intervals`.
 
     Returns:
         {"balanced_accuracy", "fairness", "ranking", "auc", "by_variable": {variable: {group: {"tpr", "fpr"}}}},
@@ -125,13 +189,24 @@ def score_classification(
     ba = balanced_accuracy(yt, yp)
     labels = _aligned_groups(groups, index)
     eo = equalized_odds(yt, yp, {v: labels[v].tolist() for v in FAIRNESS_VARIABLES})
-    auc = math.nan if score is None else roc_auc(yt, score.reindex(index).astype(float).to_numpy())
+    s = None if score is None else score.reindex(index).astype(float).to_numpy()
+    auc = math.nan if s is None else roc_auc(yt, s)
+    extra = {}
+    if intervals:
+        extra = _classification_intervals(yt, yp, s, seed)
+        for variable in FAIRNESS_VARIABLES:
+            named = labels[variable].notna().to_numpy()
+            names = labels[variable].astype(str).to_numpy()
+            for g, entry in eo["by_variable"][variable].items():
+                member = named & (names == g)
+                entry.update(group_rates(yt[member], yp[member]))
     return {
         "balanced_accuracy": ba,
         "fairness": eo["fairness"],
         "ranking": float((1 - ALPHA) * ba + ALPHA * eo["fairness"]),
         "auc": auc,
         "by_variable": eo["by_variable"],
+        **extra,
     }
 
 
@@ -317,7 +392,7 @@ def evaluate(
         notes += [f"segmentation: {c.patient_id} has no expert mask; not scored" for c in pool if c.mask_path is None]
         if seg_cases:
             per_case = _score_masks(seg_cases, seg_preds, spacing_aware, notes)
-            scores["segmentation"] = score_segmentation(per_case, groups)
+            scores["segmentation"] = score_segmentation(per_case, groups, intervals=True)
             overlays = _overlays(seg_cases, seg_preds, per_case)
         else:
             notes.append("segmentation: no case with both an expert mask and a prediction; not scored")
@@ -331,7 +406,7 @@ def evaluate(
         pool = selected if selected is not None else [by_key[k] for k in table.index if k in by_key]
         if pool:
             y_true, y_pred, score = _classification_inputs(pool, table, notes)
-            scores["classification"] = score_classification(y_true, y_pred, score, groups)
+            scores["classification"] = score_classification(y_true, y_pred, score, groups, intervals=True)
             if score is not None and score.dropna().between(0, 1).all():
                 reliability = reliability_curve(y_true.to_numpy(), score.to_numpy())
             elif score is not None:
