@@ -1,8 +1,13 @@
 """Released weights: a directory with ``model.safetensors`` + ``config.json``.
 
-``config.json`` = ``{"arch", "model_args", "format_version", "weights_sha256", ...extra keys}``; the model is
-rebuilt with ``create_model(arch, **model_args)`` and loaded strictly. Weights are only ever read as
+``config.json`` = ``{"arch", "model_args", "format_version", "num_parameters", "weights_sha256", ...extra keys}``;
+the model is rebuilt with ``create_model(arch, **model_args)`` and loaded strictly. Weights are only ever read as
 safetensors: a pickle (e.g. a ``torch.save`` file renamed ``model.safetensors``) is refused, never unpickled.
+Every exported folder also holds ``README.md``, a model card rendered from ``config.json`` (``modelcard``).
+
+Weights are named by a local path or by a Hugging Face Hub id (``org/name[@revision]``) already in the local
+Hub cache; nothing is downloaded at run time (clinical machines are often offline, and a silent download would
+make a run depend on whatever the Hub serves that day).
 """
 # References:
 #   timm _hub.py (save_for_hf: safetensors + config.json) and checkpoint_filter_fn; MAE util/pos_embed.py
@@ -13,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from fnmatch import fnmatchcase
@@ -22,27 +28,34 @@ from typing import Any
 import safetensors.torch
 from torch import Tensor, nn
 
+from mtl_breast.modelcard import render_model_card
 from mtl_breast.models.encoder import ViTEncoder3d
 from mtl_breast.models.layers import resample_pos_embed_3d, to_3tuple
 from mtl_breast.models.registry import create_model
 
 __all__ = [
+    "CARD_NAME",
     "CONFIG_NAME",
     "FORMAT_VERSION",
     "WEIGHTS_NAME",
     "WeightsError",
     "checkpoint_filter_fn",
     "clean_state_dict",
+    "hf_cache_dir",
     "load_encoder_into",
     "load_pretrained",
     "read_safetensors",
+    "resolve_weights",
     "save_pretrained",
 ]
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-_RESERVED = ("arch", "model_args", "format_version", "weights_sha256")
+CARD_NAME = "README.md"
+_RESERVED = ("arch", "model_args", "format_version", "num_parameters", "weights_sha256")
+# "org/name" or "org/name@revision": the shape of a Hub id (the revision may be a branch, tag or commit).
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
 # Keys of an MAE export that are not the encoder: dropped when only the encoder is wanted.
 _MAE_DECODER_PATTERNS = ("decoder_*", "mask_token")
 
@@ -158,9 +171,63 @@ def read_safetensors(path: str | Path, *, expected_sha256: str | None = None) ->
         raise WeightsError(f"{path} is a corrupted or truncated safetensors file: {err}") from err
 
 
+def hf_cache_dir() -> Path:
+    """The Hugging Face Hub cache folder, read from the environment now rather than at import.
+
+    ``huggingface_hub.constants`` freezes ``HF_HUB_CACHE`` when first imported; reading the variables here
+    (with the same precedence: ``HF_HUB_CACHE``, ``HUGGINGFACE_HUB_CACHE``, ``HF_HOME/hub``,
+    ``XDG_CACHE_HOME/huggingface/hub``) lets a caller or a test point at another cache at any time.
+    """
+    env = os.environ
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface")
+    cache = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    return Path(os.path.expandvars(os.path.expanduser(cache)))
+
+
+def _from_hf_cache(repo_id: str, revision: str | None, name: str) -> Path:
+    """The cached snapshot folder of a Hub model, or a WeightsError saying where it was looked for."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
+
+    cache = hf_cache_dir()
+    download = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
+    not_cached = (
+        f"{name!r} is neither a local weights folder nor a Hugging Face model id in the local cache "
+        f"(searched {cache / ('models--' + repo_id.replace('/', '--'))}, revision {revision or 'main'}). "
+        f"Weights are never downloaded at run time: fetch them first where the network is allowed (`{download}`), "
+        "or set HF_HUB_CACHE / HF_HOME to the cache that holds them"
+    )
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True))
+    except IncompleteSnapshotError as err:
+        raise WeightsError(f"{not_cached}. {err}") from err
+    except LocalEntryNotFoundError as err:  # its own message suggests downloading, which is what we refuse
+        raise WeightsError(f"{not_cached}.") from err
+    except ValueError as err:  # huggingface_hub's HFValidationError: not a valid repo id or revision
+        raise WeightsError(f"{not_cached}. {err}") from err
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise WeightsError(f"{not_cached}: the cached snapshot {folder} has no {WEIGHTS_NAME}")
+    return folder
+
+
+def resolve_weights(path: str | Path) -> Path:
+    """A local weights path as is; an ``org/name[@revision]`` with no local file of that name from the Hub cache.
+
+    A local path always wins, so an existing folder called ``org/name`` is never shadowed by the cache.
+
+    Raises:
+        WeightsError: a Hub-style id that is not in the local cache (it names the cache folder searched).
+    """
+    local = Path(path)
+    match = _HUB_ID.match(str(path))
+    if local.exists() or match is None or ".." in match["repo"]:
+        return local
+    return _from_hf_cache(match["repo"], match["revision"], str(path))
+
+
 def _weights_and_config(path: str | Path) -> tuple[Path, dict[str, Any]]:
-    """``(weights file, config dict or {})`` for a weights directory or a ``.safetensors`` file."""
-    path = Path(path)
+    """``(weights file, config dict or {})`` for a weights directory, a ``.safetensors`` file or a cached Hub id."""
+    path = resolve_weights(path)
     weights = path / WEIGHTS_NAME if path.is_dir() else path
     config_path = weights.parent / CONFIG_NAME
     if not config_path.is_file():
@@ -189,7 +256,10 @@ def _check_shapes(model: nn.Module, sd: Mapping[str, Tensor], source: Path | str
 
 
 def save_pretrained(model: nn.Module, out_dir: str | Path, extra_config: dict[str, Any] | None = None) -> Path:
-    """Export ``model.safetensors`` + ``config.json`` to ``out_dir`` (created), each written atomically.
+    """Export ``model.safetensors`` + ``config.json`` + ``README.md`` to ``out_dir`` (created), each atomically.
+
+    The model card is rendered from the final config (after the checksum), so it states nothing the config
+    does not.
 
     Args:
         model: a module built by ``create_model`` (it carries ``arch`` and ``model_args``); a torch.compile
@@ -208,7 +278,9 @@ def save_pretrained(model: nn.Module, out_dir: str | Path, extra_config: dict[st
     clash = sorted(set(extra) & set(_RESERVED))
     if clash:
         raise ValueError(f"extra_config may not set reserved key(s) {clash}")
-    config = {"arch": arch, "model_args": model_args, "format_version": FORMAT_VERSION, **extra}
+    num_parameters = sum(p.numel() for p in model.parameters())
+    config = {"arch": arch, "model_args": model_args, "format_version": FORMAT_VERSION,
+              "num_parameters": num_parameters, **extra}
     json.dumps(config)  # fail before writing anything if a value is not JSON-serialisable
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -220,6 +292,7 @@ def save_pretrained(model: nn.Module, out_dir: str | Path, extra_config: dict[st
 
     _atomic_write(out / WEIGHTS_NAME, write_weights)
     _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    _atomic_write(out / CARD_NAME, lambda tmp: Path(tmp).write_text(render_model_card(config)))
     return out
 
 
@@ -227,7 +300,8 @@ def load_pretrained(path: str | Path, arch: str | None = None, strict: bool = Tr
     """Rebuild a model from ``config.json`` and load its weights.
 
     Args:
-        path: weights directory, or a ``.safetensors`` file (its folder's ``config.json`` is used when present).
+        path: weights directory, or a ``.safetensors`` file (its folder's ``config.json`` is used when present),
+            or a Hub id ``org/name[@revision]`` already in the local Hugging Face cache (see :func:`resolve_weights`).
         arch: registry name; defaults to the config's (required when there is no config).
         strict: require the exact key set (shape mismatches always raise).
         **overrides: ``model_args`` replacements (e.g. ``img_size``: learnable position embeddings are resampled,
@@ -277,7 +351,7 @@ def load_encoder_into(
 
     Args:
         model: the target; its encoder sits at attribute ``encoder_attr`` ("" = the model is the encoder).
-        source: weights directory / ``.safetensors`` file, or a state dict.
+        source: weights directory / ``.safetensors`` file / cached Hub id, or a state dict.
         expected_missing_prefixes: key prefixes (or fnmatch patterns, e.g. ``"encoder.blocks.*.time_attn.*"``) of
             model keys the source does not provide; None = every key outside the encoder.
         expected_unexpected_prefixes: prefixes/patterns (in the model's key space, e.g. ``"encoder.pos_embed"``) of

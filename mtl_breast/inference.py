@@ -198,15 +198,16 @@ def run_predictions(model: torch.nn.Module, cases: list[Case], out_dir: Path, se
 
 
 def read_weights_config(weights: Path | str) -> dict:
-    """`config.json` of an exported weights folder, with a message that says what to do when it is not one.
+    """`config.json` of an exported weights folder (or a Hub id in the local cache), with a message that says
+    what to do when it is not one.
 
     Raises:
         FileNotFoundError: the folder, its config.json or its model.safetensors is missing.
-        WeightsError: config.json is not a JSON object.
+        WeightsError: config.json is not a JSON object; a Hub-style id that is not in the local cache.
     """
-    from mtl_breast.hub import WeightsError
+    from mtl_breast.hub import WeightsError, resolve_weights
 
-    weights = Path(weights)
+    weights = resolve_weights(weights)
     if not weights.is_dir():
         raise FileNotFoundError(f"weights folder {weights} does not exist")
     missing = [name for name in ("config.json", "model.safetensors") if not (weights / name).is_file()]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import socket
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from mtl_breast.hub import (
     load_encoder_into,
     load_pretrained,
     read_safetensors,
+    resolve_weights,
     save_pretrained,
 )
 from mtl_breast.models.layers import resample_pos_embed_3d
@@ -54,9 +57,11 @@ def test_registry_names_and_round_trip():
 def test_save_load_bit_exact(tmp_path, arch):
     model = create_model(arch, pos_embed_type="learnable")
     save_pretrained(model, tmp_path / "w", extra_config={"preprocessing": {"spacing": [1.0, 1.0, 1.0]}})
-    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["config.json", "model.safetensors"]  # no temp
+    # The model card travels with the weights; no temp files are left behind.
+    assert sorted(p.name for p in (tmp_path / "w").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((tmp_path / "w" / "config.json").read_text())
     assert config["arch"] == arch and config["format_version"] == 1
+    assert config["num_parameters"] == sum(p.numel() for p in model.parameters())
     assert config["model_args"] == model.model_args and config["preprocessing"]["spacing"] == [1.0, 1.0, 1.0]
     loaded = load_pretrained(tmp_path / "w")
     assert loaded.pretrained_config["preprocessing"] == config["preprocessing"] and not loaded.training
@@ -171,3 +176,96 @@ def test_bad_weight_files_give_clear_errors(tmp_path, monkeypatch):
         load_encoder_into(JointToy(), tmp_path / "ok")
     with pytest.raises(FileNotFoundError):
         load_pretrained(tmp_path / "missing", arch="vit_test")
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _hf_cache(root, weights_dir, repo_id="org/name", commit=COMMIT, ref="main"):
+    """A Hugging Face Hub cache as `snapshot_download` leaves it: blobs, symlinked snapshot files, refs/<ref>."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for name in ("model.safetensors", "config.json"):
+        blob = repo / "blobs" / f"blob-{name}"
+        shutil.copyfile(weights_dir / name, blob)
+        (snapshot / name).symlink_to(blob)
+    (repo / "refs").mkdir()
+    (repo / "refs" / ref).write_text(commit)
+    return snapshot
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """A cache under tmp_path selected through the environment, offline, with any network connection failing."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)  # so a relative "org/name" is not a local folder
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("weights lookup tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    return tmp_path / "hf" / "hub"
+
+
+def test_load_pretrained_resolves_hub_id_from_local_cache(tmp_path, offline_hub):
+    model = create_model("mae_vit_test", pos_embed_type="learnable")
+    save_pretrained(model, tmp_path / "export")
+    snapshot = _hf_cache(offline_hub, tmp_path / "export")
+    assert resolve_weights("org/name") == snapshot
+    for name in ("org/name", f"org/name@{COMMIT}", "org/name@main"):
+        loaded = load_pretrained(name)
+        ref, got = model.state_dict(), loaded.state_dict()
+        assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+        assert loaded.pretrained_config["arch"] == "mae_vit_test"
+    joint = JointToy(pos_embed_type="learnable")  # the encoder helpers accept an id too
+    load_encoder_into(joint, "org/name")
+    assert torch.equal(joint.encoder.pos_embed, model.encoder.pos_embed)
+
+
+def test_hub_cache_found_through_hf_home(tmp_path, offline_hub, monkeypatch):
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    save_pretrained(create_model("vit_test"), tmp_path / "export")
+    _hf_cache(tmp_path / "hf" / "hub", tmp_path / "export", repo_id="lab/encoder")
+    assert load_pretrained("lab/encoder").arch == "vit_test"
+
+
+def test_local_folder_wins_over_hub_id(tmp_path, offline_hub):
+    save_pretrained(create_model("vit_test"), tmp_path / "export")
+    _hf_cache(offline_hub, tmp_path / "export")
+    save_pretrained(create_model("mae_vit_test"), tmp_path / "org" / "name")  # cwd is tmp_path
+    assert load_pretrained("org/name").arch == "mae_vit_test"
+
+
+def test_uncached_hub_id_gives_a_clear_error(tmp_path, offline_hub):
+    searched = str(offline_hub / "models--org--missing")
+    with pytest.raises(WeightsError, match="never downloaded") as err:
+        load_pretrained("org/missing")
+    assert "'org/missing'" in str(err.value) and searched in str(err.value)
+    save_pretrained(create_model("vit_test"), tmp_path / "export")
+    _hf_cache(offline_hub, tmp_path / "export")
+    with pytest.raises(WeightsError, match="revision v2.*never downloaded"):
+        load_pretrained("org/name@v2")  # cached, but not at this revision
+    # A snapshot without the weights file is not taken for weights.
+    (offline_hub / "models--org--name" / "snapshots" / COMMIT / "model.safetensors").unlink()
+    with pytest.raises(WeightsError, match="has no model.safetensors"):
+        load_pretrained("org/name")
+    # Anything not shaped like an id is a plain path, with the plain error.
+    with pytest.raises(FileNotFoundError):
+        load_pretrained("a/b/c", arch="vit_test")
+
+
+def test_jobs_read_the_config_of_a_cached_hub_id(tmp_path, offline_hub):
+    # predict / extract start from `read_weights_config`: `--weights org/name` works like a folder.
+    from mtl_breast.inference import read_weights_config
+
+    model = create_model("mae_vit_test", pos_embed_type="learnable")
+    save_pretrained(model, tmp_path / "export", extra_config={"preprocess": {"spacing": [1.0, 1.0, 1.0]}})
+    _hf_cache(offline_hub, tmp_path / "export")
+    assert read_weights_config("org/name") == json.loads((tmp_path / "export" / "config.json").read_text())
+    with pytest.raises(WeightsError, match="never downloaded"):
+        read_weights_config("org/other")

@@ -94,6 +94,7 @@ def test_checkpoint_records_training_data_and_validation_for_the_model_card(fine
         ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
         training = ckpt["mtl_breast"]["training"]
         assert training["task"] == task
+        assert training["synthetic"] is True  # the phantoms' root holds synthetic.json
         assert sum(training["datasets"].values()) == training["train_cases"] > 0
         assert training["steps"] == ckpt["global_step"]
         assert not any("_" in name and name[-1].isdigit() for name in training["datasets"]), "ids, not dataset names"

@@ -18,6 +18,8 @@ import numpy as np
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
+from mtl_breast.data.synthetic import MANIFEST as SYNTHETIC_MANIFEST
+
 if TYPE_CHECKING:
     import lightning as L
     from matplotlib.figure import Figure
@@ -80,7 +82,8 @@ def training_summary(module: L.LightningModule, task: str) -> dict[str, Any] | N
     base = getattr(module.hparams, "pretrained", None)
     return {"task": task, "datasets": memo[1], "train_cases": len(ids),
             "val_cases": len(getattr(dm, "val_ids", [])), "epochs": int(trainer.current_epoch),
-            "steps": int(trainer.global_step), "base_weights": str(base) if base else None}
+            "steps": int(trainer.global_step), "base_weights": str(base) if base else None,
+            "synthetic": any((Path(root) / SYNTHETIC_MANIFEST).is_file() for root in getattr(dm, "roots", []))}
 
 
 def validation_metrics(module: L.LightningModule) -> dict[str, float] | None:
