@@ -3,7 +3,7 @@
 Cross-validated logistic regressions on the labelled TRAINING cases of one or more demo runs (no held-out case is
 read): features under the expert mask (curve summaries of `models.kinetics`, a Tofts fit of the mean
 relative-enhancement curve, and the tumour's contrast concentration from inverting the spoiled-gradient-echo
-signal equation with the case's TR, flip angle and field strength) next to the generating model's own tumour
+signal equation, `models.kinetics.tumour_concentration`) next to the generating model's own tumour
 radius, Ktrans and kep read from the phantoms' `patient_info_files/*.json`, and next to the same concentration
 features computed from the noise-free Tofts curve at the case's acquisition times (what a perfect estimate from
 the images could reach: Ktrans and kep themselves are not identifiable from 3-6 late samples). The gaps say how
@@ -25,11 +25,10 @@ from mtl_breast.data.mamamia import read_splits
 from mtl_breast.data.phantom import tofts_concentration
 from mtl_breast.inference import InferenceSettings, read_weights_config
 from mtl_breast.metrics.classification import roc_auc
+from mtl_breast.models.kinetics import CONCENTRATION_FEATURES, acquisition_vector
 
 _KEP_GRID = np.logspace(-1, 1.3, 48)  # /min
 _ARRIVAL_S = 15.0  # assumed bolus arrival after the pre-contrast acquisition
-_TUMOUR_T10_S = {1.5: 1.1, 3.0: 1.3}  # assumed native T1 of the tumour (literature values, as a reader would)
-_R1 = {1.5: 4.5, 3.0: 4.0}  # Gd relaxivity /mM/s
 
 FEATURE_SETS = {
     "log volume": ("log_volume",),
@@ -39,8 +38,9 @@ FEATURE_SETS = {
                                  "contrast_to_surround"),
     "log volume + Tofts ln kep": ("log_volume", "tofts_ln_kep"),
     "log volume + Tofts ln kep + ln amplitude": ("log_volume", "tofts_ln_kep", "tofts_ln_amplitude"),
-    "log volume + SPGR concentration (phase 1, last, log slope)": ("log_volume", "conc_ln_first", "conc_ln_last",
-                                                                   "conc_log_slope"),
+    "log volume + concentration (phase 1, last, log slope)": ("log_volume", "ln_conc_first", "ln_conc_last",
+                                                              "conc_log_slope"),
+    "concentration baseline (the same + core ratio)": CONCENTRATION_FEATURES,
     "TRUE radius + noise-free concentration (phase 1, last, log slope)": ("true_radius", "ideal_ln_first",
                                                                           "ideal_ln_last", "ideal_log_slope"),
     "log volume + noise-free concentration (phase 1, last, log slope)": ("log_volume", "ideal_ln_first",
@@ -66,21 +66,8 @@ def tofts_fit(relative: np.ndarray, times_s: np.ndarray) -> tuple[float, float]:
     return best[1], best[2]
 
 
-def spgr_concentration(ratio: np.ndarray, field_t: float, tr_ms: float, flip_deg: float) -> np.ndarray:
-    """Contrast concentration (mM) from the post/pre-contrast signal ratio of spoiled gradient echo.
-
-    S = M0 sin(a) (1 - E) / (1 - cos(a) E), E = exp(-TR R1), R1 = 1/T10 + r1 C: the ratio fixes E(t) given the
-    pre-contrast E0, hence R1(t) and C(t). Ratios beyond the signal's saturation are clipped to it.
-    """
-    a, tr = np.deg2rad(flip_deg), tr_ms / 1000.0
-    e0 = np.exp(-tr / _TUMOUR_T10_S[field_t])
-    y = np.clip(ratio * (1 - e0) / (1 - np.cos(a) * e0), 0.0, 0.999)  # (1 - E) / (1 - cos(a) E)
-    e = np.clip((1 - y) / (1 - y * np.cos(a)), 1e-6, 1 - 1e-9)
-    return (-np.log(e) / tr - 1.0 / _TUMOUR_T10_S[field_t]) / _R1[field_t]
-
-
 def concentration_features(curve: np.ndarray, times_s: np.ndarray, prefix: str) -> dict[str, float]:
-    """ln C at phase 1 and at the last phase, and ln(C_last / C_1) per minute between them."""
+    """ln C at phase 1 and at the last phase, and ln(C_last / C_1) per minute between them (noise-free curve)."""
     first, last = max(float(curve[1]), 1e-3), max(float(curve[-1]), 1e-3)
     minutes = max((float(times_s[-1]) - float(times_s[1])) / 60.0, 1e-3)
     return {f"{prefix}_ln_first": np.log(first), f"{prefix}_ln_last": np.log(last),
@@ -103,14 +90,13 @@ def training_rows(run: str) -> tuple[list[dict], list[float]]:
         info = json.loads(open(f"{run}/data/patient_info_files/{pid.lower()}.json").read())
         truth, imaging = info["phantom"], info["imaging_data"]
         times = case["phase_time"].numpy()
-        # Per-voxel concentration under the expert mask; the tumour curve is their mean.
-        voxels = case["image"].float()[:, mask].numpy() * norm["std"] + norm["mean"]  # [T, V] original units
-        conc = spgr_concentration(voxels / np.maximum(voxels[:1], 1e-3), imaging["field_strength"],
-                                  imaging["repetition_time"], imaging["flip_angle"]).mean(axis=1)
+        # The sequence parameters from the case's JSON (caches written before the reader kept them lack them).
+        meta = {**case["info"]["meta"], "repetition_time": imaging["repetition_time"],
+                "flip_angle": imaging["flip_angle"]}
         ideal = np.asarray(tofts_concentration(np.array([truth["ktrans"]]), np.array([truth["ve"]]),
                                                np.array([truth["vp"]]), list(times), truth["bolus_arrival_s"]))
-        rows.append({**case_features(case["image"], case["label"], case["phase_time"], settings.roi_size),
-                     **concentration_features(conc, times, "conc"),
+        rows.append({**case_features(case["image"], case["label"], case["phase_time"], settings.roi_size,
+                                     acquisition_vector(case["info"]["normalization"], meta)),
                      **concentration_features(ideal.reshape(-1), times, "ideal"),
                      "pattern": truth["enhancement_pattern"],
                      "tofts_ln_kep": float(np.log(kep)), "tofts_ln_amplitude": float(np.log(max(amplitude, 1e-3))),
@@ -155,8 +141,9 @@ def main() -> None:
     for pattern in sorted({r["pattern"] for r in rows}):
         sub = [r for r in rows if r["pattern"] == pattern]
         by_pattern[pattern] = {"cases": len(sub)}
-        for part in ("ln_first", "ln_last", "log_slope"):
-            image, ideal = [r[f"conc_{part}"] for r in sub], [r[f"ideal_{part}"] for r in sub]
+        for part, feature in (("ln_first", "ln_conc_first"), ("ln_last", "ln_conc_last"),
+                              ("log_slope", "conc_log_slope")):
+            image, ideal = [r[feature] for r in sub], [r[f"ideal_{part}"] for r in sub]
             by_pattern[pattern][f"corr {part}"] = float(np.corrcoef(image, ideal)[0, 1])
     print(json.dumps({"runs": args.runs, "cases": len(y), "positives": int(y.sum()), "folds": 5,
                       "repeats": args.repeats, "table": table, "correlation": correlation,

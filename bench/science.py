@@ -33,7 +33,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mtl_breast.baselines import FEATURE_SETS, LogisticBaseline, bootstrap_interval, case_features, labelled_features
+from mtl_breast.baselines import (
+    FEATURE_SETS,
+    LogisticBaseline,
+    bootstrap_interval,
+    case_acquisition,
+    case_features,
+    labelled_features,
+)
 from mtl_breast.data.cache import CaseCache
 from mtl_breast.data.mamamia import read_splits
 from mtl_breast.data.preprocess import preprocess_dataset
@@ -106,7 +113,8 @@ def score_run(run: Path, weights: Path, data: Path, cache: CaseCache,
             prob, logit = predict_volume(model, VARIANTS[name](case["image"]), case["phase_time"], settings)
             scores[name].append(float(1.0 / (1.0 + np.exp(-logit))))
             if name == "as acquired":
-                predicted_rows.append(case_features(case["image"], prob, case["phase_time"], roi))
+                predicted_rows.append(case_features(case["image"], prob, case["phase_time"], roi,
+                                                    case_acquisition(case["info"])))
                 dice.append(dice_score(prob >= settings.seg_threshold, case["label"].numpy().astype(bool)))
     result = {f"joint model, {k}": v for k, v in scores.items()}
     prevalence = float(np.mean(y_train))

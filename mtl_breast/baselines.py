@@ -1,13 +1,16 @@
 """The baselines a user tries before a foundation model: logistic regression on tumour size and kinetics.
 
-Features come from `models.kinetics.tumour_kinetics`, the same numbers the pCR head's kinetic pathway sees,
-computed on the same window (centred on the tumour's largest component, `data.window`) of the preprocessed
-case, under the expert mask or a predicted probability. A pCR model earns its keep only if it beats these on
-cases it never saw (docs/RESULTS.md).
+Features come from `models.kinetics`: the curve summaries of `tumour_kinetics` (the same numbers the pCR head's
+kinetic pathway sees) and the contrast concentration of `tumour_concentration`, computed on the same window
+(centred on the tumour's largest component, `data.window`) of the preprocessed case, under the expert mask or a
+predicted probability. A pCR model earns its keep only if it beats these on cases it never saw
+(docs/RESULTS.md).
 
-    size      log tumour volume
-    kinetic   log volume + wash-in + washout ratio of the mean tumour curve
-    kinetic+  all six kinetic features
+    size           log tumour volume
+    kinetic        log volume + wash-in + washout ratio of the mean tumour curve
+    kinetic+       all six curve features
+    concentration  log volume + the tumour's concentration at phase 1 and at the last phase, its log slope per
+                   minute and the core/whole enhancement ratio (signal equation inverted per voxel)
 """
 
 from __future__ import annotations
@@ -23,37 +26,56 @@ from mtl_breast.data.cache import CaseCache
 from mtl_breast.data.window import tumour_window
 from mtl_breast.metrics.classification import roc_auc
 from mtl_breast.metrics.intervals import bootstrap_interval
-from mtl_breast.models.kinetics import KINETIC_FEATURES, tumour_kinetics
+from mtl_breast.models.kinetics import (
+    CONCENTRATION_FEATURES,
+    KINETIC_FEATURES,
+    acquisition_vector,
+    tumour_concentration,
+    tumour_kinetics,
+)
 
-__all__ = ["FEATURE_SETS", "LogisticBaseline", "auc_with_interval", "bootstrap_interval", "case_features",
-           "labelled_features"]
+__all__ = ["FEATURE_SETS", "LogisticBaseline", "auc_with_interval", "bootstrap_interval", "case_acquisition",
+           "case_features", "labelled_features"]
 
 FEATURE_SETS: dict[str, tuple[str, ...]] = {
     "size": ("log_volume",),
     "kinetic": ("log_volume", "wash_in", "washout_ratio"),
     "kinetic+": KINETIC_FEATURES,
+    "concentration": CONCENTRATION_FEATURES,
 }
 
 
 def case_features(image: np.ndarray | torch.Tensor, tumour: np.ndarray | torch.Tensor,
-                  phase_time: np.ndarray | torch.Tensor | None, roi: Sequence[int]) -> dict[str, float]:
+                  phase_time: np.ndarray | torch.Tensor | None, roi: Sequence[int],
+                  acquisition: torch.Tensor | None = None) -> dict[str, float]:
     """Kinetic features of one preprocessed case on the pCR window.
 
     Args:
         image: ``[T, D, H, W]`` preprocessed phases.
-        tumour: ``[D, H, W]`` expert mask or predicted probability on the same grid.
+        tumour: ``[D, H, W]`` expert mask or predicted probability on the same grid (> 0.5 = tumour for the
+            concentration features).
         phase_time: ``[T]`` seconds after pre-contrast (NaN unknown), or None.
         roi: the window size (the model's training crop).
+        acquisition: ``[5]`` `models.kinetics.acquisition_vector` of the case; None leaves the concentration
+            features NaN.
 
     Returns:
-        ``{feature name: value}`` for every name in `KINETIC_FEATURES`.
+        ``{feature name: value}`` for every name in `KINETIC_FEATURES` and `CONCENTRATION_FEATURES`.
     """
     x = torch.as_tensor(np.asarray(image), dtype=torch.float32)  # [T, D, H, W]
     p = torch.as_tensor(np.asarray(tumour), dtype=torch.float32)  # [D, H, W]
     window = tumour_window(torch.cat([x, p[None]]), p, roi)[None]  # phases and mask cut alike: [1, T + 1, ...]
     times = None if phase_time is None else torch.as_tensor(np.asarray(phase_time), dtype=torch.float32)[None]
     values = tumour_kinetics(window[:, :-1], window[:, -1:], phase_time=times)[0].tolist()
-    return dict(zip(KINETIC_FEATURES, values, strict=True))
+    acq = None if acquisition is None else torch.as_tensor(acquisition, dtype=torch.float32).reshape(1, -1)
+    conc = tumour_concentration(window[:, :-1], window[:, -1:], phase_time=times, acquisition=acq)[0].tolist()
+    # Both sets start with log_volume; the curve set's (soft weights) is kept.
+    return {**dict(zip(CONCENTRATION_FEATURES, conc, strict=True)), **dict(zip(KINETIC_FEATURES, values, strict=True))}
+
+
+def case_acquisition(info: dict) -> torch.Tensor:
+    """The ``[5]`` acquisition vector of a cached case's ``info`` (its normalisation and sequence metadata)."""
+    return acquisition_vector(info.get("normalization"), info.get("meta"))
 
 
 def labelled_features(cache: CaseCache, patient_ids: Sequence[str],
@@ -72,7 +94,8 @@ def labelled_features(cache: CaseCache, patient_ids: Sequence[str],
         if pcr is None or case["label"] is None:
             continue
         keep.append(pid)
-        rows.append(case_features(case["image"], case["label"], case["phase_time"], roi))
+        rows.append(case_features(case["image"], case["label"], case["phase_time"], roi,
+                                  case_acquisition(case["info"])))
         labels.append(float(pcr))
     return keep, rows, labels
 

@@ -9,10 +9,19 @@ import numpy as np
 import pytest
 import torch
 
+from mtl_breast.data.phantom import R1_RELAXIVITY, spgr_signal
 from mtl_breast.data.window import tumour_centre, tumour_window, window_start
 from mtl_breast.hub import load_pretrained, save_pretrained
 from mtl_breast.models.heads import PCRHead
-from mtl_breast.models.kinetics import KINETIC_FEATURES, tumour_kinetics
+from mtl_breast.models.kinetics import (
+    ACQUISITION_FIELDS,
+    CONCENTRATION_FEATURES,
+    KINETIC_FEATURES,
+    acquisition_vector,
+    spgr_concentration,
+    tumour_concentration,
+    tumour_kinetics,
+)
 from mtl_breast.models.registry import create_model
 
 
@@ -129,3 +138,83 @@ def test_pcr_window_follows_the_largest_component_not_the_probability_mass():
     window = tumour_window(x, prob, (8, 8, 8))
     assert window.shape == (1, 2, 8, 8, 8)
     assert window[0, 0, :, 0, 0].tolist() == list(range(2, 10))  # centred on 5.5 along the first axis
+
+
+# ---------------------------------------------------------------------------------------------- concentration
+_SEQUENCE = {1.5: dict(tr_ms=4.5, flip_deg=10.0, t10=1.1), 3.0: dict(tr_ms=8.0, flip_deg=20.0, t10=1.3)}
+
+
+@pytest.mark.parametrize("field", [1.5, 3.0])
+def test_spgr_inversion_recovers_the_phantoms_concentration(field):
+    seq = _SEQUENCE[field]
+    conc = np.array([0.0, 0.05, 0.3, 1.0, 2.5])  # mM
+    signal = spgr_signal(0.9, seq["t10"], conc, tr_ms=seq["tr_ms"], flip_deg=seq["flip_deg"], r1=R1_RELAXIVITY[field])
+    s = torch.tensor(signal, dtype=torch.float32).reshape(1, -1, 1) * 500.0  # any receiver gain
+    got = spgr_concentration(s, s[:, :1], torch.tensor([field]), torch.tensor([seq["tr_ms"]]),
+                             torch.tensor([seq["flip_deg"]]))[0, :, 0]
+    assert got.tolist() == pytest.approx(conc.tolist(), abs=2e-3, rel=2e-3)
+
+
+def _scanner_case(curves, size=12, field=1.5):
+    """[1, T, size^3] scanner signal: background tissue without contrast, a tumour cube whose shell follows
+    curves[0] and whose core (2 voxels in) follows curves[1]; its mask; the signal z-scored as preprocessing
+    does, and the acquisition vector that undoes it."""
+    seq = _SEQUENCE[field]
+    kw = dict(tr_ms=seq["tr_ms"], flip_deg=seq["flip_deg"], r1=R1_RELAXIVITY[field])
+    shell, core = (np.asarray(c, dtype=np.float64) for c in curves)
+    t = len(shell)
+    signal = torch.full((1, t, size, size, size), float(spgr_signal(1.0, 1.3, 0.0, **kw)) * 300)
+    mask = torch.zeros(1, 1, size, size, size)
+    mask[0, 0, 2:10, 2:10, 2:10] = 1
+    for k in range(t):
+        signal[0, k, 2:10, 2:10, 2:10] = float(spgr_signal(1.0, seq["t10"], shell[k], **kw)) * 300
+        signal[0, k, 4:8, 4:8, 4:8] = float(spgr_signal(1.0, seq["t10"], core[k], **kw)) * 300
+    mean, std = float(signal.mean()), float(signal.std())
+    acquisition = acquisition_vector({"mean": mean, "std": std},
+                                     {"field_strength": field, "repetition_time": seq["tr_ms"],
+                                      "flip_angle": seq["flip_deg"]})
+    return (signal - mean) / std, mask, acquisition[None]
+
+
+def test_concentration_features_by_hand_from_the_normalised_image():
+    curve = [0.0, 0.8, 0.6, 0.4]  # mM: wash-in, then washout
+    image, mask, acquisition = _scanner_case([curve, curve])
+    times = torch.tensor([[0.0, 90.0, 180.0, 270.0]])
+    f = dict(zip(CONCENTRATION_FEATURES, tumour_concentration(image, mask, None, times, acquisition)[0].tolist(),
+                 strict=True))
+    assert f["log_volume"] == pytest.approx(math.log1p(512) - 6.0)
+    assert f["ln_conc_first"] == pytest.approx(math.log(0.8), abs=0.01)
+    assert f["ln_conc_last"] == pytest.approx(math.log(0.4), abs=0.01)
+    assert f["conc_log_slope"] == pytest.approx(math.log(0.4 / 0.8) / 3.0, abs=0.01)  # per minute, 180 s
+    assert f["core_ratio"] == pytest.approx(0.0, abs=0.01)
+    # The same tumour without its washout (post-contrast phases flattened to the first): the slope is gone.
+    flat = image.clone()
+    flat[:, 2:] = flat[:, 1:2]
+    g = dict(zip(CONCENTRATION_FEATURES, tumour_concentration(flat, mask, None, times, acquisition)[0].tolist(),
+                 strict=True))
+    assert g["conc_log_slope"] == pytest.approx(0.0, abs=1e-4)
+    assert g["ln_conc_last"] == pytest.approx(g["ln_conc_first"])
+
+
+def test_concentration_features_see_a_rim_and_read_its_enhancing_part():
+    rim, necrotic = [0.0, 0.9, 0.7, 0.5], [0.0, 0.05, 0.1, 0.15]
+    image, mask, acquisition = _scanner_case([rim, necrotic])
+    f = dict(zip(CONCENTRATION_FEATURES, tumour_concentration(image, mask, None, None, acquisition)[0].tolist(),
+                 strict=True))
+    assert f["core_ratio"] < -0.5  # the core enhances far less than the tumour as a whole
+    # 448 of the 512 voxels are shell: the enhancing half is all rim, so the curve is the rim's.
+    assert f["ln_conc_first"] == pytest.approx(math.log(0.9), abs=0.01)
+    assert f["conc_log_slope"] < 0  # washout of the rim, not the core's slow rise
+
+
+def test_concentration_features_need_the_intensity_normalisation():
+    image, mask, acquisition = _scanner_case([[0.0, 0.8, 0.6], [0.0, 0.8, 0.6]])
+    acquisition[0, ACQUISITION_FIELDS.index("intensity_offset")] = float("nan")
+    f = tumour_concentration(image, mask, None, None, acquisition)[0]
+    assert math.isfinite(f[0]) and torch.isnan(f[1:]).all()  # size is known; the concentration is not
+    assert torch.isnan(acquisition_vector(None, None)).all()
+    # Unknown sequence parameters fall back to a typical protocol: finite, and close for a similar one.
+    image, mask, acquisition = _scanner_case([[0.0, 0.8, 0.6], [0.0, 0.8, 0.6]])
+    acquisition[0, 3:] = float("nan")
+    f = tumour_concentration(image, mask, None, None, acquisition)[0]
+    assert torch.isfinite(f).all() and f[1].item() == pytest.approx(math.log(0.8), abs=0.3)

@@ -31,7 +31,7 @@ SPREADSHEET = "clinical_and_imaging_info"
 SPLITS = "train_test_splits.csv"
 BOX_KEYS = ("x_min", "x_max", "y_min", "y_max", "z_min", "z_max")
 META_KEYS = ("dataset", "site", "age", "menopause", "density", "tumor_subtype", "field_strength", "manufacturer",
-             "bilateral")
+             "bilateral", "repetition_time", "flip_angle")
 _PHASE = re.compile(r"^(?P<pid>.+)_(?P<index>\d{4})\.nii(\.gz)?$", re.IGNORECASE)
 
 
@@ -250,6 +250,10 @@ def _build_case(patient_id: str, images: list[Path], row: dict[str, Any], masks:
         "field_strength": _to_float(_first(get("field_strength"), imaging.get("field_strength"))),
         "manufacturer": _first(get("manufacturer"), imaging.get("scanner_manufacturer")),
         "bilateral": _to_bool(_first(get("bilateral"), get("bilateral_mri"), imaging.get("bilateral"))),
+        # Sequence parameters of the spoiled gradient echo: with the field strength they turn signal into contrast
+        # concentration (models.kinetics); ms and degrees.
+        "repetition_time": _to_float(_first(get("repetition_time"), imaging.get("repetition_time"))),
+        "flip_angle": _to_float(_first(get("flip_angle"), imaging.get("flip_angle"))),
     }
     meta = {k: (str(v).strip() if isinstance(v, str) else _plain(v)) for k, v in meta.items()}
     times = _first(get("acquisition_times"), imaging.get("acquisition_times"))

@@ -6,23 +6,60 @@ the first post-contrast phase (wash-in), whether its signal keeps rising, platea
 ratio, curve type); the pCR head gets them as an explicit pathway next to the pooled encoder tokens, and the
 baselines in ``bench/science`` fit a logistic regression on the same numbers from the expert mask.
 
-Intensities are those of the preprocessed case: all phases normalised with ONE mean/std, so differences
-between phases are enhancement in units of the case's intensity spread. The ratios below are invariant to that
-affine normalisation.
+Two feature sets:
+
+- "curve" (`KINETIC_FEATURES`, `tumour_kinetics`), the pCR head's kinetic pathway and the kinetic baselines:
+  summaries of the tumour curve in the preprocessed intensities
+  (all phases normalised with ONE mean/std, so differences between phases are enhancement in units of the case's
+  intensity spread). They need nothing but the image, and they mix the enhancement with the breast's composition
+  (the z-scoring), the site's flip angle and TR (the signal is not linear in contrast) and its timing.
+- "concentration" (`CONCENTRATION_FEATURES`, `tumour_concentration`): the contrast-agent concentration of the
+  tumour, from inverting the spoiled-gradient-echo signal equation voxel by voxel with the case's field strength,
+  TR and flip angle and its intensity normalisation (`acquisition_vector`). On the phantoms this recovers the
+  noise-free concentration curve of homogeneous and heterogeneous tumours almost exactly (bench/kinetics_ceiling.py,
+  docs/RESULTS.md), where the curve summaries do not. The concentration baseline uses them; the head does not yet
+  (it would need the acquisition vector at every forward).
+
+References:
+    Hylton N., Vascular and contrast kinetics in breast MRI (signal enhancement ratio, curve types). 2006.
+    Schabel M.C., Parker D.L., Uncertainty and bias in contrast concentration measurements using spoiled gradient
+    echo pulse sequences. Phys Med Biol 53:2345-2373 (2008).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["KINETIC_FEATURES", "tumour_kinetics"]
+__all__ = ["ACQUISITION_FIELDS", "CONCENTRATION_FEATURES", "KINETIC_FEATURES", "acquisition_vector",
+           "spgr_concentration", "tumour_concentration", "tumour_kinetics"]
 
 # Names of the columns returned by `tumour_kinetics`, in order.
 KINETIC_FEATURES = ("log_volume", "wash_in", "peak_enhancement", "washout_ratio", "washout_per_min",
                     "contrast_to_surround")
+# Names of the columns returned by `tumour_concentration`, in order.
+CONCENTRATION_FEATURES = ("log_volume", "ln_conc_first", "ln_conc_last", "conc_log_slope", "core_ratio")
+# Columns of the per-case acquisition vector [B, 5] (`acquisition_vector`); NaN = unknown.
+ACQUISITION_FIELDS = ("intensity_offset", "intensity_scale", "field_strength", "repetition_time", "flip_angle")
+# Used where the case does not say: 1.5 T, and a TR/flip angle typical of breast DCE-MRI (3D spoiled gradient echo).
+_DEFAULT_FIELD_T, _DEFAULT_TR_MS, _DEFAULT_FLIP_DEG = 1.5, 5.0, 12.0
+# Native T1 of breast tumours (s) and Gd relaxivity (/mM/s) by field strength: literature values, as a reader
+# without a T1 map would assume (Rakow-Penner 2006; Rohrer 2005).
+_TUMOUR_T10_S = {1.5: 1.1, 3.0: 1.3}
+_R1 = {1.5: 4.5, 3.0: 4.0}
 _DEFAULT_INTERVAL_S = 90.0  # assumed spacing between post-contrast phases when acquisition times are unknown
 _EPS = 1e-6
+
+
+def _check_inputs(image: Tensor, tumour_prob: Tensor) -> None:
+    if image.ndim != 5 or tumour_prob.ndim != 5 or tumour_prob.shape[1] != 1:
+        raise ValueError(f"need image [B, T, D, H, W] and tumour_prob [B, 1, D, H, W], got {tuple(image.shape)} "
+                         f"and {tuple(tumour_prob.shape)}")
+    if image.shape[1] < 2:
+        raise ValueError(f"kinetics need a pre-contrast and a post-contrast phase, got T = {image.shape[1]}")
 
 
 def tumour_kinetics(image: Tensor, tumour_prob: Tensor, phase_mask: Tensor | None = None,
@@ -45,11 +82,7 @@ def tumour_kinetics(image: Tensor, tumour_prob: Tensor, phase_mask: Tensor | Non
         contrast_to_surround: wash-in of the tumour minus wash-in of the rest of the volume.
         With fewer than 3 real phases the washout columns are 0; with no tumour probability all are finite.
     """
-    if image.ndim != 5 or tumour_prob.ndim != 5 or tumour_prob.shape[1] != 1:
-        raise ValueError(f"need image [B, T, D, H, W] and tumour_prob [B, 1, D, H, W], got {tuple(image.shape)} "
-                         f"and {tuple(tumour_prob.shape)}")
-    if image.shape[1] < 2:
-        raise ValueError(f"kinetics need a pre-contrast and a post-contrast phase, got T = {image.shape[1]}")
+    _check_inputs(image, tumour_prob)
     b, t = image.shape[:2]
     x = image.float().flatten(2)  # [B, T, V]
     p = tumour_prob.float().flatten(1)  # [B, V]
@@ -83,3 +116,123 @@ def tumour_kinetics(image: Tensor, tumour_prob: Tensor, phase_mask: Tensor | Non
     contrast = wash_in - (surround[:, 1] - surround[:, 0])
     log_volume = torch.log1p(mass) - 6.0
     return torch.stack([log_volume, wash_in, peak, ratio, per_min, contrast], dim=1)
+
+
+def acquisition_vector(normalization: dict | None, meta: dict | None) -> Tensor:
+    """``[5]`` float32 in `ACQUISITION_FIELDS` order from a preprocessed case's ``info["normalization"]`` (the
+    mean/std every phase was normalised with) and ``info["meta"]`` (field_strength T, repetition_time ms,
+    flip_angle deg). Missing values are NaN."""
+    norm, meta = normalization or {}, meta or {}
+
+    def number(value) -> float:
+        try:
+            out = float(value)
+        except (TypeError, ValueError):
+            return float("nan")
+        return out if math.isfinite(out) else float("nan")
+
+    return torch.tensor([number(norm.get("mean")), number(norm.get("std")), number(meta.get("field_strength")),
+                         number(meta.get("repetition_time")), number(meta.get("flip_angle"))], dtype=torch.float32)
+
+
+def spgr_concentration(signal: Tensor, baseline: Tensor, field_t: Tensor, tr_ms: Tensor, flip_deg: Tensor) -> Tensor:
+    """Contrast concentration (mM) from spoiled-gradient-echo signal and its pre-contrast baseline.
+
+    S = M0 sin(a) (1 - E) / (1 - cos(a) E) with E = exp(-TR R1) and R1 = 1/T10 + r1 C: the ratio S / S0 fixes E
+    given the pre-contrast E0 = exp(-TR / T10), hence R1 and C. Ratios beyond the signal's saturation are clipped
+    to it; a non-positive baseline (background) gives C = 0 there.
+
+    Args:
+        signal: ``[B, T, V]`` signal in scanner units (all phases of a case in the same units).
+        baseline: ``[B, 1, V]`` pre-contrast signal, same units.
+        field_t, tr_ms, flip_deg: ``[B]`` field strength (T), repetition time (ms) and flip angle (degrees).
+
+    Returns:
+        ``[B, T, V]`` float32 concentration.
+    """
+    high = field_t >= 2.25  # 1.5 T or 3 T tables
+    t10 = torch.where(high, _TUMOUR_T10_S[3.0], _TUMOUR_T10_S[1.5])[:, None, None]
+    r1 = torch.where(high, _R1[3.0], _R1[1.5])[:, None, None]
+    tr = (tr_ms / 1000.0)[:, None, None]
+    cos_a = torch.cos(torch.deg2rad(flip_deg))[:, None, None]
+    e0 = torch.exp(-tr / t10)
+    ratio = torch.where(baseline > 0, signal / baseline.clamp_min(_EPS), 1.0)
+    y = (ratio * (1 - e0) / (1 - cos_a * e0)).clamp(0.0, 0.999)  # (1 - E) / (1 - cos(a) E)
+    e = ((1 - y) / (1 - y * cos_a)).clamp(1e-6, 1 - 1e-9)
+    return (-torch.log(e) / tr - 1.0 / t10) / r1
+
+
+def tumour_concentration(image: Tensor, tumour_prob: Tensor, phase_mask: Tensor | None = None,
+                         phase_time: Tensor | None = None, acquisition: Tensor | None = None) -> Tensor:
+    """Concentration features of the tumour in each volume.
+
+    The enhancing half of the tumour (voxels whose phase-1 concentration is at least the tumour's median) gives
+    the curve, as a reader places the region of interest on the most enhancing part of a lesion: a rim-enhancing
+    tumour's necrotic core would otherwise mix a second, slow curve into it.
+
+    Args:
+        image: ``[B, T, D, H, W]`` preprocessed phases (normalised with the case's offset and scale).
+        tumour_prob: ``[B, 1, D, H, W]`` tumour mask (voxels with weight > 0.5 are the tumour).
+        phase_mask: bool ``[B, T]``, False = padded/missing phase; None = all real.
+        phase_time: ``[B, T]`` seconds after pre-contrast, NaN unknown; None = unknown.
+        acquisition: ``[B, 5]`` in `ACQUISITION_FIELDS` order; None or NaN offset/scale = unknown.
+
+    Returns:
+        ``[B, 5]`` float32, columns `CONCENTRATION_FEATURES`:
+        log_volume: as in `tumour_kinetics`;
+        ln_conc_first, ln_conc_last: ln of the mean concentration (mM, floored at 1e-3) of the enhancing half at
+            phase 1 and at the last real phase;
+        conc_log_slope: ``ln(C_last / C_1)`` per minute between them (0 with fewer than 3 real phases), clipped to
+            [-1, 1];
+        core_ratio: ln of the phase-1 concentration of the tumour's core (the mask eroded by 2 voxels) over that of
+            the whole tumour (0 when the core is empty): negative for rim enhancement.
+        Columns 1-4 are NaN where the intensity offset/scale is unknown; a missing field strength, TR or flip angle
+        takes the default of a typical protocol.
+    """
+    _check_inputs(image, tumour_prob)
+    b, t = image.shape[:2]
+    device = image.device
+    acq = torch.full((b, len(ACQUISITION_FIELDS)), float("nan"), device=device) if acquisition is None \
+        else acquisition.to(device=device, dtype=torch.float32)
+    offset, scale = acq[:, 0], acq[:, 1]
+    field = torch.nan_to_num(acq[:, 2], nan=_DEFAULT_FIELD_T)
+    tr = torch.nan_to_num(acq[:, 3], nan=_DEFAULT_TR_MS)
+    flip = torch.nan_to_num(acq[:, 4], nan=_DEFAULT_FLIP_DEG)
+    known = torch.isfinite(offset) & torch.isfinite(scale)
+    signal = image.float().flatten(2) * torch.nan_to_num(scale, nan=1.0)[:, None, None] \
+        + torch.nan_to_num(offset, nan=0.0)[:, None, None]  # [B, T, V] scanner units
+    conc = spgr_concentration(signal, signal[:, :1], field, tr, flip)  # [B, T, V]
+
+    mask = tumour_prob.float() > 0.5  # [B, 1, D, H, W]
+    # Core: erosion by 2 voxels (a 5^3 minimum filter of the mask).
+    core = -F.max_pool3d(-mask.float(), kernel_size=5, stride=1, padding=2) > 0.5
+    mask, core = mask.flatten(1), core.flatten(1)  # [B, V]
+    real = torch.ones(b, t, dtype=torch.bool, device=device) if phase_mask is None else phase_mask.bool()
+    index = torch.arange(t, device=device)
+    last = torch.where(real, index, 0).amax(dim=1)  # last real phase [B]
+    if phase_time is None:
+        phase_time = torch.full((b, t), float("nan"), device=device)
+    minutes = (phase_time.float().gather(1, last[:, None])[:, 0] - phase_time.float()[:, 1]) / 60.0
+    minutes = torch.where(torch.isfinite(minutes) & (minutes > 0), minutes,
+                          (last - 1).clamp_min(1).float() * _DEFAULT_INTERVAL_S / 60.0)
+
+    rows = []
+    for i in range(b):  # tumours differ in size: one at a time, B is small
+        first = conc[i, 1, mask[i]]
+        if first.numel() == 0:
+            rows.append(torch.zeros(4, device=device))
+            continue
+        enhancing = mask[i].clone()
+        enhancing[mask[i]] = first >= first.median()
+        c1 = conc[i, 1, enhancing].mean().clamp_min(1e-3)
+        c_last = conc[i, last[i], enhancing].mean().clamp_min(1e-3)
+        slope = torch.log(c_last / c1) / minutes[i] if bool(last[i] >= 2) else torch.zeros((), device=device)
+        core_first = conc[i, 1, core[i]]
+        core_ratio = torch.log(core_first.mean().clamp_min(1e-3) / first.mean().clamp_min(1e-3)) \
+            if core_first.numel() else torch.zeros((), device=device)
+        rows.append(torch.stack([torch.log(c1), torch.log(c_last), slope.clamp(-1.0, 1.0), core_ratio]))
+    values = torch.stack(rows)  # [B, 4]
+    values = torch.where(known[:, None], values, float("nan"))
+    log_volume = torch.log1p(mask.float().sum(dim=1)) - 6.0
+    return torch.cat([log_volume[:, None], values], dim=1)
+
