@@ -222,6 +222,7 @@ def _lightning_cli(task: str, args: list[str]) -> int:
     import torch
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+    from mtl_breast.tasks.checkpointing import LastCheckpoint
     from mtl_breast.tasks.loggers import LearningRates, log_text, run_loggers
 
     if task == "pretrain":
@@ -253,10 +254,14 @@ def _lightning_cli(task: str, args: list[str]) -> int:
             # Checkpoints live at a fixed place under the run folder, so `--ckpt_path last` finds them
             # again after a restart (the logger's version folder changes on every start).
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-            parser.set_defaults({"checkpoint.save_last": True, "checkpoint.monitor": model_cls.monitor,
+            parser.set_defaults({"checkpoint.save_last": False, "checkpoint.monitor": model_cls.monitor,
                                  "checkpoint.mode": model_cls.monitor_mode,
                                  "checkpoint.filename": "best-{epoch:03d}", "checkpoint.save_top_k": 1})
             parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath",
+                                  compute_fn=lambda root: str(Path(root or ".") / "checkpoints"))
+            # last.ckpt is LastCheckpoint's: every few minutes, after each validation and at the end, atomically.
+            parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
+            parser.link_arguments("trainer.default_root_dir", "last_checkpoint.dirpath",
                                   compute_fn=lambda root: str(Path(root or ".") / "checkpoints"))
 
         def parse_arguments(self, parser, args) -> None:

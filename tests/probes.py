@@ -69,3 +69,16 @@ class SaveEncoderAtStart(L.Callback):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             torch.save({k: v.detach().cpu().clone() for k, v in pl_module.model.encoder.state_dict().items()},
                        self.path)
+
+
+class RecordLastCheckpoint(L.Callback):
+    """Before each training step, the global step stored in RUN/checkpoints/last.ckpt (or None): written to `path`."""
+
+    def __init__(self, path: str):
+        self.path, self.seen = Path(path), []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        last = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        step = torch.load(last, map_location="cpu", weights_only=True)["global_step"] if last.is_file() else None
+        self.seen.append([trainer.global_step, step])
+        self.path.write_text(json.dumps(self.seen))

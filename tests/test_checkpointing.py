@@ -1,0 +1,76 @@
+"""last.ckpt is the run's latest state: written every few minutes or steps, at epoch ends and at the end of fit,
+independent of validation, and never half-written."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import run_cli
+
+from mtl_breast.tasks.checkpointing import LastCheckpoint
+
+
+def _ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_last_checkpoint_is_the_final_state_when_training_stops_between_validations(pretrain_argv, tmp_path):
+    # 3 steps of 2 per epoch, validation only every 10 epochs: ModelCheckpoint alone never writes last.ckpt here.
+    run = tmp_path / "run"
+    probe = '{"class_path": "probes.RecordLastCheckpoint", "init_args": {"path": "%s"}}' % (tmp_path / "seen.json")
+    assert run_cli(pretrain_argv(run, "--trainer.max_steps", "3", "--trainer.check_val_every_n_epoch", "10",
+                                 "--last_checkpoint.every_n_steps", "1", f"--trainer.callbacks+={probe}")) == 0
+    assert _ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 3
+    # Before every step the file already held the previous one (written every step here).
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    assert seen == [[0, None], [1, 1], [2, 2]]
+    assert not list((run / "checkpoints").glob(".*")), "temporary files left behind"
+
+
+def test_default_last_checkpoint_is_written_at_epoch_ends_without_validation(pretrain_argv, tmp_path):
+    run = tmp_path / "run"
+    probe = '{"class_path": "probes.RecordLastCheckpoint", "init_args": {"path": "%s"}}' % (tmp_path / "seen.json")
+    assert run_cli(pretrain_argv(run, "--trainer.max_steps", "4", "--trainer.check_val_every_n_epoch", "10",
+                                 f"--trainer.callbacks+={probe}")) == 0
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    assert seen == [[0, None], [1, None], [2, 2], [3, 2]]  # epochs of 2 steps; the 5-minute timer never fired
+    assert _ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 4
+
+
+class _Strategy:
+    def broadcast(self, value, src=0):
+        return value
+
+    def barrier(self, name=None):
+        pass
+
+
+def _trainer(root, step, save):
+    return SimpleNamespace(default_root_dir=str(root), global_step=step, is_global_zero=True, strategy=_Strategy(),
+                           save_checkpoint=save)
+
+
+def test_a_failed_write_leaves_the_previous_last_checkpoint(tmp_path):
+    callback = LastCheckpoint(every_n_minutes=None, every_n_steps=1)
+    path = callback.save(_trainer(tmp_path, 1, lambda p: torch.save({"global_step": 1}, p)))
+    before = path.read_bytes()
+
+    def killed_half_way(p):
+        with open(p, "wb") as f:
+            f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        callback.save(_trainer(tmp_path, 2, killed_half_way))
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+
+
+def test_last_checkpoint_settings_are_checked():
+    with pytest.raises(ValueError, match="every_n_minutes"):
+        LastCheckpoint(every_n_minutes=0)
+    with pytest.raises(ValueError, match="every_n_steps"):
+        LastCheckpoint(every_n_steps=0)
