@@ -7,7 +7,9 @@ been interrupted, and pin the data module's augmentation random state per epoch.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import pickle
 from pathlib import Path
 
 import lightning as L
@@ -20,16 +22,25 @@ class RecordSeen(L.Callback):
     def __init__(self, out_dir: str):
         self.out_dir = Path(out_dir)
         self.seen: list[str] = []
+        self.generators: dict[str, str] = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # The augmentation's generator as the data module seeded it (before probes.PinAugmentation pins it).
+        transform = trainer.train_dataloader.dataset.transform
+        self.generators["transform"] = hashlib.sha256(pickle.dumps(transform.R.get_state())).hexdigest()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.seen.extend(str(p) for p in batch["patient_id"])
+        if batch_idx == 0 and "torch" not in self.generators:  # the generator of MAE masks and phase dropout
+            self.generators["torch"] = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         rank = trainer.global_rank
         (self.out_dir / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "world_size": trainer.world_size,
                                                                    "global_step": trainer.global_step,
-                                                                   "seen": self.seen}))
+                                                                   "seen": self.seen,
+                                                                   "generators": self.generators}))
         state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
         torch.save(state, self.out_dir / f"rank{rank}.pt")
 

@@ -74,3 +74,26 @@ def test_last_checkpoint_settings_are_checked():
         LastCheckpoint(every_n_minutes=0)
     with pytest.raises(ValueError, match="every_n_steps"):
         LastCheckpoint(every_n_steps=0)
+
+
+def test_each_ddp_rank_resumes_its_own_generators():
+    from mtl_breast.tasks.rng import restore_rng_on_train_start, rng_state
+
+    torch.manual_seed(1)
+    state_0 = rng_state()
+    torch.manual_seed(2)
+    state_1 = rng_state()
+
+    def resumed(rank, world, saved):
+        module = SimpleNamespace(_trainer=SimpleNamespace(global_rank=rank, world_size=world), _resume_rng=saved)
+        restore_rng_on_train_start(module)
+        assert module._resume_rng is None  # once
+        return torch.rand(3)
+
+    saved = {"ranks": [state_0, state_1]}
+    torch.set_rng_state(state_1["torch"])
+    expected = torch.rand(3)
+    assert torch.equal(resumed(1, 2, saved), expected)  # rank 1 continues rank 1's sequence
+    # Another world size: rank 0's states, made different per rank, the same on every restart.
+    a, b, a_again = resumed(0, 4, saved), resumed(1, 4, saved), resumed(0, 4, saved)
+    assert not torch.equal(a, b) and torch.equal(a, a_again)

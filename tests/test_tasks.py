@@ -112,7 +112,12 @@ def test_ddp_pretraining_on_two_cpu_processes(pretrain_argv, tmp_path):
     assert all(len(r["seen"]) == 3 for r in ranks)
     assert not seen[0] & seen[1], "both ranks trained on the same cases"
     assert len(seen[0] | seen[1]) == 6
-    assert _ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 2
+    # seed_everything seeds both ranks alike; their MAE masks and augmentation must still differ.
+    assert ranks[0]["generators"]["torch"] != ranks[1]["generators"]["torch"]
+    assert ranks[0]["generators"]["transform"] != ranks[1]["generators"]["transform"]
+    ckpt = _ckpt(run / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 2
+    assert len(ckpt["mtl_breast_rng"]["ranks"]) == 2  # each rank's generators, for an exact DDP resume
 
 
 def test_ddp_finetuning_on_two_cpu_processes(finetune_argv, tmp_path):

@@ -103,8 +103,13 @@ class _CachedDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: CachedCaseDataset, shuffle: bool, batch_size: int | None = None) -> DataLoader:
         if self.num_workers == 0:
-            # Seed the transforms from torch's generator, so `seed_everything` makes the augmentation reproducible.
-            _seed_transforms(dataset, int(torch.randint(0, 2**32, (), dtype=torch.int64)))
+            # Seed the transforms from torch's generator, so `seed_everything` makes the augmentation reproducible,
+            # and from the DDP rank, which `seed_everything` seeds alike: each rank augments its cases its own way.
+            # (Workers get their own seeds from torch when each epoch's iterator starts: after the ranks'
+            # generators are decorrelated, `tasks.rng`.)
+            trainer = getattr(self, "trainer", None)
+            rank = trainer.global_rank if trainer is not None else 0
+            _seed_transforms(dataset, int(torch.randint(0, 2**32, (), dtype=torch.int64)) + 7919 * rank)
         return DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=shuffle,
                           num_workers=self.num_workers, collate_fn=collate_cases,
                           worker_init_fn=_worker_init if self.num_workers > 0 else None,

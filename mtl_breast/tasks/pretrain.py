@@ -21,7 +21,7 @@ from mtl_breast.models.registry import create_model
 from mtl_breast.tasks.loggers import close_figure, log_figure, training_summary, validation_metrics
 from mtl_breast.tasks.optim import build_optimizer, build_scheduler, effective_batch_size
 from mtl_breast.tasks.rng import KEY as RNG_KEY
-from mtl_breast.tasks.rng import restore_rng_on_train_start, rng_state
+from mtl_breast.tasks.rng import checkpoint_rng_state, restore_rng_on_train_start
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class MAEPretrainModule(L.LightningModule):
         checkpoint["mtl_breast"] = {"preprocess": asdict(dm.preprocess_config) if dm is not None else None,
                                     "training": training_summary(self, "pretrain"),
                                     "validation": validation_metrics(self)}
-        checkpoint[RNG_KEY] = rng_state()
+        checkpoint[RNG_KEY] = checkpoint_rng_state(self)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Resuming a fit: the generators go back in `on_train_start` (Lightning does not store them).

@@ -49,8 +49,44 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def checkpoint_rng_state(module) -> dict[str, Any]:
+    """What a checkpoint keeps: `rng_state()`, or under DDP every rank's, as ``{"ranks": [state of rank 0, ...]}``.
+
+    Called from `on_save_checkpoint`, which every rank runs (the save is collective; rank 0 writes the file).
+    """
+    state = rng_state()
+    trainer = getattr(module, "_trainer", None)
+    if trainer is not None and trainer.world_size > 1 and torch.distributed.is_initialized():
+        states: list[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(states, state)
+        return {"ranks": states}
+    return state
+
+
+def decorrelate_ranks(rank: int) -> None:
+    """Give each DDP rank its own generator sequences, derived from the shared (seeded) state and the rank.
+
+    `seed_everything` seeds every rank alike, so without this all ranks draw the same MAE masks, phase dropout
+    and worker seeds. Every rank takes one draw from the shared state, so the result depends only on the run's
+    seed and the rank.
+    """
+    seed = int(torch.randint(0, 2**31, (), dtype=torch.int64)) * 1_000_003 + int(rank)
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 def restore_rng_on_train_start(module) -> None:
-    """Set the states a resumed `module` kept from its checkpoint (`module._resume_rng`), once."""
+    """Set the states a resumed `module` kept from its checkpoint (`module._resume_rng`), once; under DDP give each
+    rank its own: the one it saved when the world size is unchanged, else rank 0's decorrelated by rank."""
     state, module._resume_rng = getattr(module, "_resume_rng", None), None
+    trainer = getattr(module, "_trainer", None)
+    rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
     if state is not None:
-        set_rng_state(state)
+        ranks = state.get("ranks")
+        if ranks is not None and len(ranks) == world:
+            set_rng_state(ranks[rank])  # each rank continues its own sequence
+            return
+        set_rng_state(ranks[0] if ranks else state)
+    if world > 1:
+        decorrelate_ranks(rank)
