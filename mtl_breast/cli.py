@@ -128,6 +128,9 @@ def _evaluate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, required=True, help="MAMA-MIA root with expert masks and clinical data")
     p.add_argument("--out", type=Path, required=True, help="where scores.json and report.md go")
     p.add_argument("--spacing-aware", action="store_true", help="HD95 in mm instead of voxel indices")
+    p.add_argument("--cases", type=Path, default=None, metavar="FILE",
+                   help="patient ids to score, one per line (default: the test split of the dataset's split file, "
+                        "or every case without one); a case without a prediction is scored as a failure")
 
 
 @command("evaluate", "score predictions exactly as the MAMA-MIA challenge does", _evaluate_flags)
@@ -137,9 +140,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     for flag, folder in (("--pred", args.pred), ("--data", args.data)):
         if not folder.is_dir():
             raise FileNotFoundError(f"{flag} {folder}: no such folder")
-    scores = evaluate(args.pred, args.data, args.out, spacing_aware=args.spacing_aware)
-    print(json.dumps(headline(scores), indent=2))
+    scores = evaluate(args.pred, args.data, args.out, spacing_aware=args.spacing_aware, cases=args.cases)
+    summary = headline(scores)
+    for part in summary.values():  # the ids are in scores.json; the summary says how many
+        if isinstance(part.get("missing_predictions"), list):
+            part["missing_predictions"] = len(part["missing_predictions"])
+    print(json.dumps(summary, indent=2))
     print(f"scores: {args.out / 'scores.json'}  report: {args.out / 'report.md'}")
+    missing = scores.get("missing_predictions") or []
+    if missing:
+        print(f"mtl-breast evaluate: warning: {len(missing)} of {scores['scored_cases']['n']} case(s) have no "
+              f"prediction and were scored as failures (missing_predictions in {args.out / 'scores.json'})",
+              file=sys.stderr)
     return 0
 
 
@@ -313,9 +325,10 @@ def _is_input_error(err: BaseException) -> bool:
     """Errors about the user's files and settings, whose message says what is wrong (no traceback needed)."""
     from mtl_breast.data.case import CaseError
     from mtl_breast.hub import WeightsError
+    from mtl_breast.metrics.mamamia import PredictionsError
 
-    return isinstance(err, (CaseError, WeightsError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-                            PermissionError))
+    return isinstance(err, (CaseError, WeightsError, PredictionsError, FileNotFoundError, NotADirectoryError,
+                            IsADirectoryError, PermissionError))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -26,12 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import safetensors.torch
+import torch
 from torch import Tensor, nn
 
 from mtl_breast.modelcard import render_model_card
 from mtl_breast.models.encoder import ViTEncoder3d
 from mtl_breast.models.layers import resample_pos_embed_3d, to_3tuple
-from mtl_breast.models.registry import create_model
+from mtl_breast.models.registry import MODELS, create_model
 
 __all__ = [
     "CARD_NAME",
@@ -45,6 +47,7 @@ __all__ = [
     "load_encoder_into",
     "load_pretrained",
     "read_safetensors",
+    "read_safetensors_shapes",
     "resolve_weights",
     "save_pretrained",
 ]
@@ -58,6 +61,12 @@ _RESERVED = ("arch", "model_args", "format_version", "num_parameters", "weights_
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
 # Keys of an MAE export that are not the encoder: dropped when only the encoder is wanted.
 _MAE_DECODER_PATTERNS = ("decoder_*", "mask_token")
+# model_args keys that set how many modules a model holds: building on the meta device still makes one Python
+# object per module, so an absurd value is refused from the header alone before anything is built.
+_COUNT_KEY = re.compile(r"(^|_)(depth|num_skips|num_layers|num_blocks)$")
+# What each family of registry names is, for messages about weights of the wrong kind.
+_FAMILIES = {"mtl_": "a joint segmentation + pCR model", "mae_": "an MAE pretrainer",
+             "vit_": "a bare encoder"}
 
 
 class WeightsError(ValueError):
@@ -141,14 +150,8 @@ def checkpoint_filter_fn(
     return sd
 
 
-def read_safetensors(path: str | Path, *, expected_sha256: str | None = None) -> dict[str, Tensor]:
-    """Read a safetensors file on CPU, refusing anything else.
-
-    Raises:
-        FileNotFoundError: no such file.
-        WeightsError: a pickle/``torch.save`` file, not safetensors, corrupted/truncated, or a checksum mismatch.
-    """
-    path = Path(path)
+def _check_safetensors_file(path: Path) -> None:
+    """Refuse what is not a safetensors file from its first bytes: a pickle, garbage, a truncated header."""
     if not path.is_file():
         raise FileNotFoundError(f"no weights file at {path}")
     size = path.stat().st_size
@@ -163,10 +166,40 @@ def read_safetensors(path: str | Path, *, expected_sha256: str | None = None) ->
     header_len = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
     if len(head) < 9 or head[8:9] != b"{" or header_len + 8 > size:
         raise WeightsError(f"{path} is not a safetensors file, or is truncated ({size} bytes)")
+
+
+def read_safetensors(path: str | Path, *, expected_sha256: str | None = None) -> dict[str, Tensor]:
+    """Read a safetensors file on CPU, refusing anything else.
+
+    Raises:
+        FileNotFoundError: no such file.
+        WeightsError: a pickle/``torch.save`` file, not safetensors, corrupted/truncated, or a checksum mismatch.
+    """
+    path = Path(path)
+    _check_safetensors_file(path)
     if expected_sha256 is not None and _sha256(path) != expected_sha256:
         raise WeightsError(f"{path} is corrupted or does not belong to its config.json: sha256 mismatch")
     try:
         return safetensors.torch.load_file(str(path), device="cpu")
+    except Exception as err:  # safetensors raises its own error types for bad headers and short files
+        raise WeightsError(f"{path} is a corrupted or truncated safetensors file: {err}") from err
+
+
+def read_safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes recorded in a safetensors header, read without touching the tensor data.
+
+    safetensors checks on opening that the header's offsets cover the file's data exactly, so the shapes (and their
+    total element count) are bounded by the bytes really on disk: a header claiming more is refused here.
+
+    Raises:
+        FileNotFoundError: no such file.
+        WeightsError: a pickle/``torch.save`` file, not safetensors, or a corrupted/truncated header.
+    """
+    path = Path(path)
+    _check_safetensors_file(path)
+    try:
+        with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as err:  # safetensors raises its own error types for bad headers and short files
         raise WeightsError(f"{path} is a corrupted or truncated safetensors file: {err}") from err
 
@@ -244,15 +277,91 @@ def _weights_and_config(path: str | Path) -> tuple[Path, dict[str, Any]]:
     return weights, config
 
 
+def _shape_mismatches(target: Mapping[str, Sequence[int]], source: Mapping[str, Sequence[int]]) -> list[str]:
+    """``key: weights (shape) vs model (shape)`` for every key both hold with different shapes."""
+    return [f"{k}: weights {tuple(v)} vs model {tuple(target[k])}" for k, v in source.items()
+            if k in target and tuple(v) != tuple(target[k])]
+
+
 def _check_shapes(model: nn.Module, sd: Mapping[str, Tensor], source: Path | str) -> None:
-    target = model.state_dict()
-    bad = [
-        f"{k}: weights {tuple(v.shape)} vs model {tuple(target[k].shape)}"
-        for k, v in sd.items()
-        if k in target and v.shape != target[k].shape
-    ]
+    target = {k: v.shape for k, v in model.state_dict().items()}
+    bad = _shape_mismatches(target, {k: v.shape for k, v in sd.items()})
     if bad:
         raise WeightsError(f"{source}: tensors do not match the model built from the config:\n  " + "\n  ".join(bad))
+
+
+def _family(arch: str) -> str:
+    """What a registry name builds ("a joint segmentation + pCR model", ...), or the name itself when unknown."""
+    return next((what for prefix, what in _FAMILIES.items() if arch.startswith(prefix)), arch)
+
+
+def _count_args(args: Any, where: str = "model_args") -> list[tuple[str, int]]:
+    """``(path, value)`` of every integer in ``args`` (nested dicts too) whose key sets a number of modules."""
+    if not isinstance(args, Mapping):
+        return []
+    found = []
+    for key, value in args.items():
+        if isinstance(value, Mapping):
+            found += _count_args(value, f"{where}.{key}")
+        elif _COUNT_KEY.search(str(key)) and isinstance(value, int) and not isinstance(value, bool):
+            found.append((f"{where}.{key}", value))
+    return found
+
+
+def _check_arch(weights: Path, config: dict[str, Any], arch: str | None) -> str:
+    """The registry name to build: the config's, checked against the registry and against ``arch`` when given."""
+    found = config.get("arch")
+    where = weights.parent if weights.name == WEIGHTS_NAME else weights
+    if found is not None and not isinstance(found, str):
+        raise WeightsError(f"{where / CONFIG_NAME}: 'arch' must be a registry name, got {found!r}")
+    name = arch or found
+    if not name:
+        raise ValueError(f"no {CONFIG_NAME} next to {weights}: pass arch=")
+    if name not in MODELS:
+        said = f"its {CONFIG_NAME} names arch {name!r}" if name == found else f"arch {name!r} was asked for"
+        raise WeightsError(f"{where}: {said}, which this version of mtl-breast does not know; known archs: "
+                           f"{', '.join(sorted(MODELS))}")
+    if found and arch and _family(found) != _family(arch):
+        raise WeightsError(f"{where} holds {found!r} weights ({_family(found)}), but {arch!r} "
+                           f"({_family(arch)}) was asked for")
+    return name
+
+
+def _check_before_building(weights: Path, arch: str, model_args: dict[str, Any], strict: bool) -> None:
+    """Refuse a config that does not describe the weights file, from its header alone and without allocating.
+
+    The header's shapes are compared with those of the model built on the ``meta`` device (no memory, no init): a
+    config asking for a bigger model than the file holds (``depth: 100000``, ``embed_dim: 10**6``) is refused before
+    the real model is allocated. Counts of modules are bounded first by the number of tensors in the header, since
+    even a meta build makes one Python object per module.
+    """
+    shapes = read_safetensors_shapes(weights)
+    config_path = weights.parent / CONFIG_NAME
+    too_many = [(k, v) for k, v in _count_args(model_args) if v > len(shapes)]
+    if too_many:
+        detail = ", ".join(f"{k}={v}" for k, v in too_many)
+        raise WeightsError(f"{config_path}: {detail} asks for more layers than {weights} holds tensors "
+                           f"({len(shapes)}); refusing to build that model")
+    try:
+        with torch.device("meta"):
+            meta = create_model(arch, **model_args)
+    except (TypeError, ValueError) as err:
+        raise WeightsError(f"{config_path}: model_args do not build {arch!r}: {err}") from err
+    target = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    source = clean_state_dict(shapes, meta)
+    # A position embedding of another token grid is resampled on load (checkpoint_filter_fn): same width is enough.
+    source = {k: (target[k] if k.endswith("pos_embed") and k in target and len(v) == 3 == len(target[k])
+                  and v[-1] == target[k][-1] else v) for k, v in source.items()}
+    bad = _shape_mismatches(target, source)
+    if bad:
+        wanted, held = sum(math.prod(s) for s in target.values()), sum(math.prod(s) for s in source.values())
+        more = [f"... and {len(bad) - 50} more"] if len(bad) > 50 else []
+        raise WeightsError(f"{weights}: tensors do not match the model built from the config ({config_path} asks "
+                           f"for {wanted:,} elements, the file holds {held:,}); not built:\n  "
+                           + "\n  ".join(bad[:50] + more))
+    missing, unexpected = sorted(set(target) - set(source)), sorted(set(source) - set(target))
+    if strict and (missing or unexpected):
+        raise WeightsError(f"{weights} does not fit {arch!r}: missing keys {missing}, unexpected keys {unexpected}")
 
 
 def save_pretrained(model: nn.Module, out_dir: str | Path, extra_config: dict[str, Any] | None = None) -> Path:
@@ -302,22 +411,29 @@ def load_pretrained(path: str | Path, arch: str | None = None, strict: bool = Tr
     Args:
         path: weights directory, or a ``.safetensors`` file (its folder's ``config.json`` is used when present),
             or a Hub id ``org/name[@revision]`` already in the local Hugging Face cache (see :func:`resolve_weights`).
-        arch: registry name; defaults to the config's (required when there is no config).
+        arch: registry name; defaults to the config's (required when there is no config). When both are given they
+            must name the same kind of model (joint / MAE / encoder).
         strict: require the exact key set (shape mismatches always raise).
         **overrides: ``model_args`` replacements (e.g. ``img_size``: learnable position embeddings are resampled,
             ``grad_checkpointing``, ``drop_path_rate``).
 
     Returns:
         The model in eval mode, with the config dict at ``model.pretrained_config``.
+
+    Raises:
+        WeightsError: an arch the registry does not know or of another kind than ``arch``; a config whose model does
+            not match the tensors of the file (checked from the file's header on the ``meta`` device, before the
+            model is allocated); bad or foreign weight files.
     """
     weights, config = _weights_and_config(path)
-    arch = arch or config.get("arch")
-    if not arch:
-        raise ValueError(f"no {CONFIG_NAME} next to {weights}: pass arch=")
+    arch = _check_arch(weights, config, arch)
+    if not isinstance(config.get("model_args", {}), dict):
+        raise WeightsError(f"{weights.parent / CONFIG_NAME}: model_args must be a JSON object")
     model_args = dict(config.get("model_args", {}))
     if isinstance(model_args.get("pcr_head"), dict) and "kinetic" not in model_args["pcr_head"]:
         # Joint-model weights exported before the kinetic pathway existed have no `pcr_head.kinetic_fc`.
         model_args["pcr_head"] = {**model_args["pcr_head"], "kinetic": False}
+    _check_before_building(weights, arch, {**model_args, **overrides}, strict)
     model = create_model(arch, **{**model_args, **overrides})
     sd = read_safetensors(weights, expected_sha256=config.get("weights_sha256"))
     sd = checkpoint_filter_fn(sd, model, src_grid=_grid_from_args(config.get("model_args")))
@@ -368,6 +484,8 @@ def load_encoder_into(
         weights, config = _weights_and_config(source)
         sd, name = clean_state_dict(read_safetensors(weights, expected_sha256=config.get("weights_sha256"))), weights
         src_grid = src_grid or _grid_from_args(config.get("model_args"))
+        if isinstance(config.get("arch"), str):  # say what the folder holds: the key lists alone do not
+            name = f"{weights} ({config['arch']!r}: {_family(config['arch'])})"
     if any(k.startswith("encoder.") for k in sd):
         # A model holding the encoder (MAE export): keep the encoder; the MAE decoder is expected to be dropped.
         sd = {k: v for k, v in sd.items() if not _matches(k, _MAE_DECODER_PATTERNS)}

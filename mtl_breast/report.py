@@ -323,8 +323,26 @@ def _interval_lines(part: dict, what: str) -> list[str]:
     return ["", *lines]
 
 
+def _missing_lines(scores: dict, shown: int = 50) -> list[str]:
+    """The "Missing predictions" section: cases scored as failures because they have no prediction."""
+    missing = scores.get("missing_predictions")
+    if not missing:
+        return []
+    total = (scores.get("scored_cases") or {}).get("n")
+    lines = ["## Missing predictions", "",
+             f"**{len(missing)}{f' of {total}' if total else ''} scored case(s) have no prediction** and are scored "
+             "as the challenge scores a failed case: segmentation as an empty mask (DSC 0, HD95 infinite, NormHD 1), "
+             "pCR as 0 with score 0. They are listed in scores.json (`missing_predictions`).", ""]
+    for part, name in (("segmentation", "Segmentation"), ("classification", "pCR")):
+        ids = (scores.get(part) or {}).get("missing_predictions") or []
+        if ids:
+            more = f" ... and {len(ids) - shown} more" if len(ids) > shown else ""
+            lines.append(f"- {name} ({len(ids)}): {', '.join(ids[:shown])}{more}")
+    return lines + [""]
+
+
 def _markdown(scores: dict, images: dict[str, Path]) -> str:
-    lines = ["# MAMA-MIA scores", ""]
+    lines = ["# MAMA-MIA scores", "", *_missing_lines(scores)]
     seg, cls = scores.get("segmentation"), scores.get("classification")
     if seg:
         lines += ["## Segmentation", "", "| cases | DSC | NormHD | performance | fairness | ranking |",

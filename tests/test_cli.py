@@ -107,6 +107,33 @@ def test_evaluate_scores_only_the_part_that_was_predicted(predictions, phantoms,
     assert (out / "report.md").is_file()
 
 
+def test_evaluate_scores_a_case_that_failed_in_predict_as_a_failure(predictions, phantoms, tmp_path, capsys):
+    # Drop one test case's outputs, as when predict skipped it: it must be scored 0, not vanish from the score.
+    partial = tmp_path / "partial"
+    shutil.copytree(predictions, partial)
+    rows = list(csv.DictReader(open(partial / "predictions.csv")))
+    failed = rows[0]["patient_id"]
+    with open(partial / "predictions.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows[1:])
+    (partial / "pred_segmentations" / f"{failed}.nii.gz").unlink()
+    out = tmp_path / "evaluation"
+    assert run_cli(["evaluate", "--pred", partial, "--data", phantoms, "--out", out]) == 0
+    err = capsys.readouterr().err
+    assert f"mtl-breast evaluate: warning: 1 of {len(rows)} case(s) have no prediction" in err
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["missing_predictions"] == [failed] and scores["classification"]["n"] == len(rows)
+    assert scores["segmentation"]["per_case"][failed] == {"dsc": 0.0, "hd95": None, "norm_hd": 1.0}
+    assert failed in (out / "report.md").read_text().split("## Segmentation")[0]
+    # A bad predictions.csv ends in one line and exit code 2.
+    (partial / "predictions.csv").write_text(f"patient_id,pcr,score\n{rows[1]['patient_id']},maybe,0.5\n")
+    assert run_cli(["evaluate", "--pred", partial, "--data", phantoms, "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "'maybe'" in err and rows[1]["patient_id"] in err and "predictions.csv" in err
+    _no_traceback(err)
+
+
 # ---------------------------------------------------------------------------------------------- extract
 def test_extract_writes_one_file_per_case_and_a_table(mae_weights, phantoms, tmp_path):
     from safetensors.torch import load_file

@@ -16,6 +16,7 @@ from mtl_breast.hub import (
     load_encoder_into,
     load_pretrained,
     read_safetensors,
+    read_safetensors_shapes,
     resolve_weights,
     save_pretrained,
 )
@@ -140,6 +141,68 @@ def test_config_not_matching_tensors_names_key_and_shapes(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(WeightsError, match=r"norm.weight: weights \(64,\) vs model \(32,\)"):
         load_pretrained(tmp_path)
+
+
+
+def _edit_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in changes.items():
+        target = config["model_args"].get("encoder", config["model_args"]) if key != "arch" else config
+        target[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_header_shapes_are_read_without_the_data(tmp_path):
+    model = create_model("mae_vit_test")
+    save_pretrained(model, tmp_path)
+    shapes = read_safetensors_shapes(tmp_path / "model.safetensors")
+    assert shapes == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    good = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(good[:-100])  # the header claims more data than the file holds
+    with pytest.raises(WeightsError, match="cut.safetensors.*corrupted or truncated"):
+        read_safetensors_shapes(tmp_path / "cut.safetensors")
+
+
+@pytest.mark.parametrize(("arch", "change", "match"), [
+    ("vit_test", {"depth": 100_000}, r"model_args.depth=100000 asks for more layers than .*model.safetensors holds "
+                                     r"tensors \(45\)"),
+    ("mtl_vit_test", {"depth": 100_000}, r"model_args.encoder.depth=100000"),
+    ("vit_test", {"embed_dim": 10**6, "num_heads": 2}, r"asks for [\d,]+ elements, the file holds 175,296.*\n"
+                                                       r"  .*: weights \(64,\) vs model \(1000000,\)"),
+    ("mae_vit_test", {"depth": 3}, r"does not fit 'mae_vit_test': missing keys \['encoder.blocks.2"),
+])
+def test_absurd_config_is_refused_before_the_model_is_allocated(tmp_path, monkeypatch, arch, change, match):
+    save_pretrained(create_model(arch), tmp_path)
+    _edit_config(tmp_path, **change)
+
+    def meta_only(name, **kwargs):
+        if torch.empty(0).device.type != "meta":  # inside `with torch.device("meta")` new tensors are meta
+            raise AssertionError(f"{name} was built with real memory before the config was checked")
+        return create_model(name, **kwargs)
+
+    monkeypatch.setattr("mtl_breast.hub.create_model", meta_only)
+    with pytest.raises(WeightsError, match=match):
+        load_pretrained(tmp_path)
+
+
+def test_weights_of_another_or_unknown_arch_name_folder_and_archs(tmp_path):
+    save_pretrained(create_model("mae_vit_test"), tmp_path / "mae")
+    with pytest.raises(WeightsError, match=r"mae holds 'mae_vit_test' weights \(an MAE pretrainer\), but "
+                                           r"'mtl_vit_test' \(a joint segmentation \+ pCR model\) was asked for"):
+        load_pretrained(tmp_path / "mae", arch="mtl_vit_test")
+    assert type(load_pretrained(tmp_path / "mae", arch="mae_vit_small")).__name__ == "MAEPretrainer"  # same kind
+    _edit_config(tmp_path / "mae", arch="mae_vit_huge")
+    with pytest.raises(WeightsError, match=r"mae: its config.json names arch 'mae_vit_huge', which .* does not know; "
+                                           r"known archs: .*mae_vit_base.*mtl_vit_test"):
+        load_pretrained(tmp_path / "mae")
+    _edit_config(tmp_path / "mae", arch="mae_vit_test", embed_dims=32)
+    with pytest.raises(WeightsError, match=r"mae/config.json: model_args do not build 'mae_vit_test'.*embed_dims"):
+        load_pretrained(tmp_path / "mae")
+    # A joint export given where an encoder is wanted: the message says what the folder holds.
+    save_pretrained(create_model("mtl_vit_test"), tmp_path / "mtl")
+    with pytest.raises(WeightsError, match=r"mtl/model.safetensors \('mtl_vit_test': a joint segmentation \+ pCR "
+                                           r"model\) do not fit JointToy"):
+        load_encoder_into(JointToy(), tmp_path / "mtl")
 
 
 def test_bad_weight_files_give_clear_errors(tmp_path, monkeypatch):

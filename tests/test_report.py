@@ -126,3 +126,14 @@ def test_subgroup_bars_show_counts_intervals_and_small_groups():
     (segments,) = [c.get_segments() for c in ax.collections]  # one error bar per group, from low to high
     assert [tuple(s[:, 1]) for s in segments] == [pytest.approx((0.5, 0.7)), pytest.approx((0.3, 0.95))]
     assert ax.get_ylim()[1] > 0.95  # room for the whole interval
+
+
+def test_report_lists_missing_predictions_first(tmp_path, scores):
+    missing = {**json_safe(scores), "missing_predictions": ["P2", "P5"], "scored_cases": {"source": "test", "n": 8}}
+    missing["segmentation"] = {**missing["segmentation"], "missing_predictions": ["P2", "P5"]}
+    missing["classification"] = {**missing["classification"], "missing_predictions": ["P5"]}
+    text = write_report(missing, tmp_path / "m").read_text()
+    section = text[text.index("## Missing predictions"):text.index("## Segmentation")]  # before the scores
+    assert "**2 of 8 scored case(s) have no prediction**" in section and "DSC 0" in section
+    assert "- Segmentation (2): P2, P5" in section and "- pCR (1): P5" in section
+    assert "Missing predictions" not in write_report(json_safe(scores), tmp_path / "ok").read_text()

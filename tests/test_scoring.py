@@ -364,30 +364,39 @@ def test_evaluate_end_to_end(mamamia):
     root, pred, out = mamamia
     scores = evaluate(pred, root, out)
     seg, cls = scores["segmentation"], scores["classification"]
-    assert set(seg["per_case"]) == {"DUKE_001", "DUKE_002", "ISPY1_003"}  # NACT_004 has no prediction
+    # No split file: every dataset case is scored, and NACT_004 (never predicted) as a failure, not left out.
+    assert scores["scored_cases"] == {"source": "every dataset case (no split file)", "n": 4}
+    assert scores["missing_predictions"] == seg["missing_predictions"] == cls["missing_predictions"] == ["NACT_004"]
+    assert set(seg["per_case"]) == {"DUKE_001", "DUKE_002", "ISPY1_003", "NACT_004"}
     assert seg["per_case"]["DUKE_001"] == {"dsc": 1.0, "hd95": 0.0, "norm_hd": 0.0}
     assert seg["per_case"]["DUKE_002"]["dsc"] == pytest.approx(0.5)  # 2 of 4 slices overlap
     assert seg["per_case"]["DUKE_002"]["hd95"] == pytest.approx(2.0)  # voxel units by default
     assert seg["per_case"]["ISPY1_003"] == {"dsc": 0.0, "hd95": None, "norm_hd": 1.0}  # inf written as null
-    assert seg["dsc"] == pytest.approx(0.5)
-    # truth [1, 0, unknown -> 0], prediction [1, 0, 1]: recall 1, specificity 1/2
-    assert cls["balanced_accuracy"] == pytest.approx(0.75)
+    assert seg["per_case"]["NACT_004"] == {"dsc": 0.0, "hd95": None, "norm_hd": 1.0}  # missing = empty mask
+    assert seg["dsc"] == pytest.approx((1.0 + 0.5 + 0.0 + 0.0) / 4)
+    # truth [1, 0, unknown -> 0, 1], prediction [1, 0, 1, missing -> 0]: recall 1/2, specificity 1/2
+    assert cls["balanced_accuracy"] == pytest.approx(0.5)
+    # scores [0.9, 0.2, 0.6, missing -> 0]: positives 0.9, 0 vs negatives 0.2, 0.6 -> 2 of 4 pairs ordered
+    assert cls["auc"] == pytest.approx(0.5)
     on_disk = json.loads((out / "scores.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert on_disk == scores
     report = (out / "report.md").read_text()
     assert "MAMA-MIA scores" in report and (out / "overlays.png").stat().st_size > 0
+    assert "## Missing predictions" in report and "1 of 4 scored case(s) have no prediction" in report
+    assert "- Segmentation (1): NACT_004" in report and "- pCR (1): NACT_004" in report
     assert (out / "reliability.png").is_file()
 
     # Every subgroup entry carries its case count, its interval and the small-group flag.
-    assert {g: e["n"] for g, e in seg["by_variable"]["age"].items()} == {"0-40": 1, "40-50": 1, "60-70": 1}
-    assert {g: e["n"] for g, e in seg["by_variable"]["breast_density"].items()} == {"a": 1, "b": 1}
+    assert {g: e["n"] for g, e in seg["by_variable"]["age"].items()} == {"0-40": 1, "40-50": 1, "60-70": 1,
+                                                                          "70-100": 1}
+    assert {g: e["n"] for g, e in seg["by_variable"]["breast_density"].items()} == {"a": 1, "b": 1, "c": 1}
     assert seg["by_variable"]["age"]["40-50"]["dsc_ci"] == [0.5, 0.5]  # one case: a point, and too small
     assert all(e["too_small"] for groups in seg["by_variable"].values() for e in groups.values())
-    assert seg["n"] == 3 and seg["dsc_ci"][0] <= seg["dsc"] <= seg["dsc_ci"][1]
+    assert seg["n"] == 4 and seg["dsc_ci"][0] <= seg["dsc"] <= seg["dsc_ci"][1]
     assert {g: (e["n"], e["n_pos"]) for g, e in cls["by_variable"]["menopausal_status"].items()} == \
-        {"pre": (1, 1), "post": (1, 0), "unknown": (1, 0)}
-    assert cls["by_variable"]["menopausal_status"]["post"]["tpr_ci"] == [None, None]  # no positive: null in JSON
-    assert len(cls["auc_ci"]) == 2 and cls["n"] == 3
+        {"pre": (1, 1), "post": (2, 1), "unknown": (1, 0)}
+    assert cls["by_variable"]["menopausal_status"]["unknown"]["tpr_ci"] == [None, None]  # no positive: null in JSON
+    assert len(cls["auc_ci"]) == 2 and cls["n"] == 4
     assert "too few cases" in report and "[" in report
 
     mm = evaluate(pred, root, tmp := out.parent / "mm", spacing_aware=True)
@@ -403,6 +412,7 @@ def test_evaluate_selected_cases_and_missing_parts(mamamia):
     scores = evaluate(pred, root, out, cases=["duke_001", "NACT_004"])
     assert "classification" not in scores
     assert scores["segmentation"]["per_case"]["NACT_004"] == {"dsc": 0.0, "hd95": None, "norm_hd": 1.0}
+    assert scores["missing_predictions"] == ["NACT_004"] and scores["scored_cases"]["n"] == 2
     assert any("NACT_004" in note and "empty" in note for note in scores["notes"])
     with pytest.raises(ValueError, match="not in the dataset"):
         evaluate(pred, root, out, cases=["NOPE_999"])

@@ -11,11 +11,18 @@ Choices where the official scripts are silent or broken (all deliberate, documen
 - Only groups that hold at least one case enter a max-min disparity (the official `groupby` on a
   categorical age column also lists empty age bins). A variable with no labelled case at all is left out
   of the fairness mean (the official scripts crash on it); fairness is NaN (null) when none is left.
-- Without `cases`, every dataset case that has a prediction is scored. A case named in `cases` whose
-  predicted mask is missing is scored as an empty prediction (DSC 0, NormHD 1) and listed in `notes` (the
-  official script stops with a file error); a task with no predictions at all is skipped, not scored as
-  empty. A missing pCR prediction counts as 0, as the official `fillna(0)` does; unknown pCR truth
-  counts as 0.
+- The cases scored come from `cases` (ids, or a file of one id per line), else from the test split of the
+  dataset's `train_test_splits.csv` (what `predict` predicts), else (no split file) from every dataset case. A case
+  whose prediction is missing (e.g. it failed in `predict`) is scored as the challenge scores a failure, never
+  dropped: an empty mask (DSC 0, HD95 infinite, NormHD 1; the official script stops with a file error instead) and
+  pCR 0, as the official `fillna(0)` does. Its AUC score is 0 as well (our choice: the AUC is not part of the
+  ranking, and a missing score counted as a confident "no pCR", like the hard prediction, keeps a failure from
+  improving the AUC by dropping out of it). Such cases are listed in `missing_predictions` (top level: any task;
+  per task: that task's) and in the report. A task with no prediction file at all (no `pred_segmentations/`, no
+  `predictions.csv`) is skipped, not scored as failed. Unknown pCR truth counts as 0.
+- predictions.csv is validated before scoring (`PredictionsError` naming the file, line, patient and value): columns
+  patient_id and pcr (score optional; a score column left entirely empty counts as absent), pcr exactly 0 or 1,
+  score a finite number in [0, 1], no patient twice, no patient unknown to the dataset.
 - Non-finite numbers are written to JSON as null: `hd95` is null exactly when it is infinite (one mask
   empty; `norm_hd` is then 1), `auc` is null when it is undefined (one class only).
 
@@ -42,7 +49,7 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +72,17 @@ from mtl_breast.metrics.subgroups import FAIRNESS_VARIABLES, subgroup_table
 
 log = logging.getLogger(__name__)
 ALPHA = 0.5  # weight of fairness against performance in the ranking score
+_LISTED = 10  # ids named in one error message
+
+
+class PredictionsError(ValueError):
+    """Predictions or a case list that cannot be scored: a bad value, a missing column, an unknown or repeated id."""
+
+
+def _some(items: list[str]) -> str:
+    """The first few of `items`, with how many more there are."""
+    more = f" and {len(items) - _LISTED} more" if len(items) > _LISTED else ""
+    return ", ".join(items[:_LISTED]) + more
 
 
 def _aligned_groups(groups: pd.DataFrame, index: pd.Index) -> pd.DataFrame:
@@ -256,30 +274,101 @@ def _nifti_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def _read_predictions(path: Path) -> pd.DataFrame:
-    """predictions.csv indexed by lower-case patient id, columns pcr (0/1) and score (NaN when absent)."""
-    table = pd.read_csv(path)
+def read_case_list(path: str | Path) -> list[str]:
+    """Patient ids of a case-list file: one per line; blank lines and `#` comments are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"case list {path}: no such file")
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    if not ids:
+        raise PredictionsError(f"case list {path}: no patient ids in it (one per line)")
+    return ids
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
+def _repeated(ids: list[str]) -> list[str]:
+    """Ids present more than once, compared case-insensitively, in first-seen order."""
+    seen: dict[str, int] = {}
+    for pid in ids:
+        seen[pid.lower()] = seen.get(pid.lower(), 0) + 1
+    return list(dict.fromkeys(pid for pid in ids if seen[pid.lower()] > 1))
+
+
+def _read_predictions(path: Path, known: Collection[str]) -> tuple[pd.DataFrame, bool]:
+    """predictions.csv, checked, indexed by lower-case patient id: (columns pcr 0/1 and score, has scores).
+
+    Args:
+        path: the CSV (patient_id, pcr[, score]).
+        known: lower-case ids of the dataset; any other id is an error.
+    """
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise PredictionsError(f"{path}: not a CSV table with columns patient_id, pcr[, score]: {err}") from err
     table.columns = [str(c).strip().lower() for c in table.columns]
-    if "patient_id" not in table or "pcr" not in table:
-        raise ValueError(f"{path}: needs columns patient_id, pcr[, score]; found {list(table.columns)}")
-    table["key"] = table["patient_id"].astype(str).str.strip().str.lower()
-    if table["key"].duplicated().any():
-        raise ValueError(f"{path}: patients listed twice: {table['patient_id'][table['key'].duplicated()].tolist()}")
-    pcr = pd.to_numeric(table["pcr"], errors="coerce")
-    bad = table["patient_id"][pcr.notna() & ~pcr.isin([0, 1])].tolist()
-    if bad:
-        raise ValueError(f"{path}: pcr must be 0 or 1 (hard predictions); bad rows for {bad[:5]}")
-    score = pd.to_numeric(table["score"], errors="coerce") if "score" in table else math.nan
-    return pd.DataFrame({"pcr": pcr, "score": score}).set_axis(table["key"])
-
-
-def _select(ids: Iterable[str] | None, by_key: dict[str, Case]) -> list[Case] | None:
-    if ids is None:
-        return None
-    unknown = [pid for pid in ids if pid.lower() not in by_key]
+    absent = [c for c in ("patient_id", "pcr") if c not in table.columns]
+    if absent:
+        raise PredictionsError(f"{path}: missing column(s) {absent}; needs patient_id, pcr[, score]; "
+                               f"found {list(table.columns)}")
+    # A score column left entirely empty is no score at all; one blank among numbers is a bad value.
+    has_score = "score" in table and (table.empty or (table["score"].str.strip() != "").any())
+    rows = [{k: str(v).strip() for k, v in row.items()} for row in table.to_dict("records")]
+    ids = [row["patient_id"] for row in rows]
+    blank = [f"line {i + 2}" for i, pid in enumerate(ids) if not pid]  # line 1 is the header
+    if blank:
+        raise PredictionsError(f"{path}: empty patient_id on {_some(blank)}")
+    if _repeated(ids):
+        raise PredictionsError(f"{path}: patient(s) listed more than once: {_some(_repeated(ids))}")
+    unknown = [pid for pid in ids if pid.lower() not in known]
     if unknown:
-        raise ValueError(f"cases not in the dataset: {unknown[:10]}")
-    return [by_key[pid.lower()] for pid in ids]
+        raise PredictionsError(f"{path}: {len(unknown)} patient id(s) not in the dataset: {_some(unknown)}")
+    pcr = [_number(row["pcr"]) for row in rows]
+    score = [_number(row["score"]) if has_score else math.nan for row in rows]
+    bad = []
+    for i, row in enumerate(rows):
+        if pcr[i] not in (0.0, 1.0):
+            bad.append(f"line {i + 2} ({row['patient_id']}): pcr {row['pcr']!r}")
+        if has_score and not 0.0 <= score[i] <= 1.0:  # NaN, inf and text fail too
+            bad.append(f"line {i + 2} ({row['patient_id']}): score {row['score']!r}")
+    if bad:
+        raise PredictionsError(f"{path}: pcr must be 0 or 1 and score a number in [0, 1]; bad values on "
+                               f"{_some(bad)}")
+    return pd.DataFrame({"pcr": pcr, "score": score}, index=[pid.lower() for pid in ids], dtype=float), has_score
+
+
+def _case_list(cases: Iterable[str] | str | Path | None, data_dir: Path, by_key: dict[str, Case],
+               unreadable: set[str], notes: list[str]) -> tuple[list[Case], str]:
+    """(cases to score, where the list came from): `cases`, else the test split, else every dataset case."""
+    from mtl_breast.data.mamamia import SPLITS, read_splits
+
+    if cases is not None:
+        source = f"case list {cases}" if isinstance(cases, str | Path) else "cases given"
+        ids = read_case_list(cases) if isinstance(cases, str | Path) else list(cases)
+        unknown = [pid for pid in ids if pid.lower() not in by_key]
+        if unknown:
+            raise PredictionsError(f"{source}: {len(unknown)} case(s) not in the dataset {data_dir}: {_some(unknown)}")
+    else:
+        try:
+            ids, source = read_splits(data_dir)["test"], f"test split of {SPLITS}"
+        except FileNotFoundError:
+            ids, source = [c.patient_id for c in by_key.values()], "every dataset case (no split file)"
+        except ValueError as err:
+            raise PredictionsError(str(err)) from err
+        for pid in (pid for pid in ids if pid.lower() not in by_key):
+            why = "unreadable in the dataset" if pid.lower() in unreadable else "not in the dataset"
+            notes.append(f"cases: {pid} is in the {SPLITS} test split but {why}; not scored")
+        ids = [pid for pid in ids if pid.lower() in by_key]
+    if _repeated(ids):
+        raise PredictionsError(f"{source}: case(s) listed more than once: {_some(_repeated(ids))}")
+    if not ids:
+        raise PredictionsError(f"{source}: no case to score in {data_dir}")
+    return [by_key[pid.lower()] for pid in ids], source
 
 
 def _score_masks(cases: list[Case], preds: dict[str, Path], spacing_aware: bool, notes: list[str]) -> pd.DataFrame:
@@ -288,8 +377,7 @@ def _score_masks(cases: list[Case], preds: dict[str, Path], spacing_aware: bool,
     for case in cases:
         expert, spacing = _read_mask(case.mask_path, case.patient_id)
         pred_path = preds.get(case.patient_id.lower())
-        if pred_path is None:
-            notes.append(f"segmentation: no predicted mask for {case.patient_id}; scored as an empty prediction")
+        if pred_path is None:  # a failed case: scored as an empty prediction, as the challenge scores it
             pred = np.zeros_like(expert)
         else:
             pred, _ = _read_mask(pred_path, case.patient_id)
@@ -330,18 +418,20 @@ def _overlays(cases: list[Case], preds: dict[str, Path], per_case: pd.DataFrame)
 
 
 def _classification_inputs(
-    pool: list[Case], table: pd.DataFrame, notes: list[str]
-) -> tuple[pd.Series, pd.Series, pd.Series | None]:
-    """(truth, hard prediction, score) indexed by the dataset's patient ids, with notes on fallbacks."""
+    pool: list[Case], table: pd.DataFrame, has_score: bool, notes: list[str]
+) -> tuple[pd.Series, pd.Series, pd.Series | None, list[str]]:
+    """(truth, hard prediction, score, ids without a prediction) indexed by the dataset's patient ids.
+
+    A case without a prediction gets pCR 0 and score 0 (module docstring); score is None without a score column.
+    """
     ids = pd.Index([c.patient_id for c in pool], name="patient_id")
     rows = table.reindex([c.patient_id.lower() for c in pool]).set_axis(ids)
-    notes += [f"classification: no pCR prediction for {pid}; counted as 0" for pid in ids[rows["pcr"].isna()]]
+    missing = ids[rows["pcr"].isna()].tolist()
     y_true = pd.Series([c.pcr for c in pool], index=ids, dtype=float)
     unknown = ids[y_true.isna()].tolist()
     if unknown:
         notes.append(f"classification: pCR truth unknown for {len(unknown)} case(s), counted as 0: {unknown[:10]}")
-    score = rows["score"] if rows["score"].notna().any() else None
-    return y_true, rows["pcr"], score
+    return y_true, rows["pcr"].fillna(0.0), rows["score"].fillna(0.0) if has_score else None, missing
 
 
 def evaluate(
@@ -349,7 +439,7 @@ def evaluate(
     data_dir: str | Path,
     out_dir: str | Path,
     spacing_aware: bool = False,
-    cases: Iterable[str] | None = None,
+    cases: Iterable[str] | str | Path | None = None,
 ) -> dict[str, Any]:
     """Score a prediction folder against a MAMA-MIA root; write `scores.json` and `report.md`.
 
@@ -358,12 +448,18 @@ def evaluate(
         data_dir: MAMA-MIA root with expert masks and clinical metadata.
         out_dir: where scores.json, report.md and the plots go (created).
         spacing_aware: measure HD95 in mm (expert mask spacing) instead of voxel indices (official).
-        cases: patient ids to score; a selected case without a prediction is scored as empty (segmentation)
-            or 0 (pCR). None scores every dataset case that has a prediction.
+        cases: patient ids to score, or the path of a file of them (one per line). None: the test split of the
+            dataset's split file, or every dataset case when it has none. A case without a prediction is scored
+            as a failure (module docstring), never left out.
 
     Returns:
-        The dict written to scores.json: "segmentation" and/or "classification" (absent when their
-        predictions are absent), and "notes" (skipped inputs, fallbacks).
+        The dict written to scores.json: "segmentation" and/or "classification" (absent when their prediction
+        file or folder is absent), each with its "missing_predictions"; "missing_predictions" (ids missing in any
+        task), "scored_cases" ({"source", "n"}) and "notes" (skipped inputs, fallbacks).
+
+    Raises:
+        PredictionsError: a bad predictions.csv or case list (named, with the offending rows or ids).
+        CaseError: an unreadable mask, or a predicted mask on another grid than the expert one.
     """
     from mtl_breast.data.mamamia import read_mamamia
     from mtl_breast.report import write_report
@@ -374,48 +470,59 @@ def evaluate(
     dataset = read_mamamia(data_dir, require_images=False, skipped=skipped)
     notes += [f"dataset: skipped {s['patient_id']}: {s['reason']}" for s in skipped]
     by_key = {c.patient_id.lower(): c for c in dataset}
-    selected = _select(cases, by_key)
+    known = set(by_key) | {str(s["patient_id"]).lower() for s in skipped}
+    selected, source = _case_list(cases, data_dir, by_key, known - set(by_key), notes)
+    scored = {c.patient_id.lower() for c in selected}
     groups = subgroup_table(
         [{"patient_id": c.patient_id, **{k: c.meta.get(k) for k in ("age", "menopause", "density")}} for c in dataset]
     )
     scores: dict[str, Any] = {}
-    overlays, reliability = [], None
+    overlays, reliability, missing = [], None, set()
 
-    seg_preds = _nifti_files(pred_dir / "pred_segmentations")
-    if not seg_preds:
-        notes.append(f"segmentation: no predicted masks in {pred_dir / 'pred_segmentations'}; not scored")
+    seg_dir = pred_dir / "pred_segmentations"
+    if not seg_dir.is_dir():
+        notes.append(f"segmentation: no folder {seg_dir}; not scored")
     else:
-        notes += [f"segmentation: {p.name} matches no dataset case; ignored" for k, p in seg_preds.items()
-                  if k not in by_key]
-        pool = selected if selected is not None else [by_key[k] for k in seg_preds if k in by_key]
-        seg_cases = [c for c in pool if c.mask_path is not None]
-        notes += [f"segmentation: {c.patient_id} has no expert mask; not scored" for c in pool if c.mask_path is None]
+        seg_preds = _nifti_files(seg_dir)
+        notes += [f"segmentation: {p.name} " + ("is not among the scored cases" if k in known else
+                  "matches no dataset case") + "; ignored" for k, p in seg_preds.items() if k not in scored]
+        seg_cases = [c for c in selected if c.mask_path is not None]
+        notes += [f"segmentation: {c.patient_id} has no expert mask; not scored" for c in selected
+                  if c.mask_path is None]
         if seg_cases:
             per_case = _score_masks(seg_cases, seg_preds, spacing_aware, notes)
-            scores["segmentation"] = score_segmentation(per_case, groups, intervals=True)
-            overlays = _overlays(seg_cases, seg_preds, per_case)
+            absent = [c.patient_id for c in seg_cases if c.patient_id.lower() not in seg_preds]
+            if absent:
+                notes.append(f"segmentation: no predicted mask for {len(absent)} case(s), each scored as an empty "
+                             f"prediction (DSC 0, NormHD 1): {_some(absent)}")
+            scores["segmentation"] = {**score_segmentation(per_case, groups, intervals=True),
+                                      "missing_predictions": absent}
+            overlays, missing = _overlays(seg_cases, seg_preds, per_case), missing | set(absent)
         else:
-            notes.append("segmentation: no case with both an expert mask and a prediction; not scored")
+            notes.append("segmentation: no scored case has an expert mask; not scored")
 
     csv_path = pred_dir / "predictions.csv"
     if not csv_path.is_file():
         notes.append(f"classification: {csv_path} not found; not scored")
     else:
-        table = _read_predictions(csv_path)
-        notes += [f"classification: {k} matches no dataset case; ignored" for k in table.index if k not in by_key]
-        pool = selected if selected is not None else [by_key[k] for k in table.index if k in by_key]
-        if pool:
-            y_true, y_pred, score = _classification_inputs(pool, table, notes)
-            scores["classification"] = score_classification(y_true, y_pred, score, groups, intervals=True)
-            if score is not None and score.dropna().between(0, 1).all():
-                reliability = reliability_curve(y_true.to_numpy(), score.to_numpy())
-            elif score is not None:
-                notes.append("classification: scores are not probabilities in [0, 1]; no reliability diagram")
-        else:
-            notes.append("classification: no dataset case among the predictions; not scored")
+        table, has_score = _read_predictions(csv_path, known)
+        notes += [f"classification: {k} is not among the scored cases; ignored" for k in table.index
+                  if k not in scored]
+        y_true, y_pred, score, absent = _classification_inputs(selected, table, has_score, notes)
+        if absent:
+            notes.append(f"classification: no pCR prediction for {len(absent)} case(s), each counted as pCR 0"
+                         + (" with score 0" if has_score else "") + f": {_some(absent)}")
+        scores["classification"] = {**score_classification(y_true, y_pred, score, groups, intervals=True),
+                                    "missing_predictions": absent}
+        missing |= set(absent)
+        if score is not None:  # calibration of the probabilities really predicted, not of the failures' zeros
+            present = ~y_true.index.isin(absent)
+            reliability = reliability_curve(y_true.to_numpy()[present], score.to_numpy()[present])
 
     for note in notes:
         log.warning(note)
+    scores["missing_predictions"] = [c.patient_id for c in selected if c.patient_id in missing]
+    scores["scored_cases"] = {"source": source, "n": len(selected)}
     scores["notes"] = notes
     scores = json_safe(scores)
     out_dir.mkdir(parents=True, exist_ok=True)
