@@ -97,3 +97,16 @@ def test_each_ddp_rank_resumes_its_own_generators():
     # Another world size: rank 0's states, made different per rank, the same on every restart.
     a, b, a_again = resumed(0, 4, saved), resumed(1, 4, saved), resumed(0, 4, saved)
     assert not torch.equal(a, b) and torch.equal(a, a_again)
+
+
+def test_fairness_weights_are_in_the_checkpoint_and_come_back():
+    from mtl_breast.tasks.finetune import MTLFinetuneModule
+
+    module = MTLFinetuneModule(arch="mtl_vit_test", img_size=16, fairness=True)
+    module.reweighter.update({"age": {"(0,40]": 0.5, "(40,50]": 0.9}})
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    resumed = MTLFinetuneModule(arch="mtl_vit_test", img_size=16, fairness=True)
+    assert resumed.reweighter.state_dict() != module.reweighter.state_dict()  # a fresh run starts at 1
+    resumed.on_load_checkpoint(checkpoint)
+    assert resumed.reweighter.state_dict() == module.reweighter.state_dict()

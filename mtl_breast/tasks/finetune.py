@@ -44,6 +44,7 @@ from mtl_breast.tasks.rng import KEY as RNG_KEY
 from mtl_breast.tasks.rng import checkpoint_rng_state, restore_rng_on_train_start
 
 log = logging.getLogger(__name__)
+FAIRNESS_KEY = "mtl_breast_fairness"  # checkpoint entry of the subgroup loss weights
 
 
 def meta_groups(meta: dict) -> dict[str, str | None]:
@@ -279,8 +280,12 @@ class MTLFinetuneModule(L.LightningModule):
             "validation": validation_metrics(self),
         }
         checkpoint[RNG_KEY] = checkpoint_rng_state(self)
+        if self.reweighter is not None:  # the subgroup weights learned so far: a resumed run must not restart at 1
+            checkpoint[FAIRNESS_KEY] = self.reweighter.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Resuming a fit: the generators go back in `on_train_start` (Lightning does not store them).
         if self._trainer is not None and self.trainer.state.fn == "fit":
             self._resume_rng = checkpoint.get(RNG_KEY)
+        if self.reweighter is not None and FAIRNESS_KEY in checkpoint:
+            self.reweighter.load_state_dict(checkpoint[FAIRNESS_KEY])
