@@ -28,6 +28,14 @@ def command(name: str, help: str, configure: Callable[[argparse.ArgumentParser],
     return register
 
 
+def _print_skipped(skipped: list[dict[str, str]]) -> None:
+    """One stderr line per skipped case, naming it and its file ("case X (file): why" -> "skipped X (file): why")."""
+    for item in skipped:
+        pid, reason = item["patient_id"], item["reason"]
+        detail = reason[len(f"case {pid}"):] if reason.startswith(f"case {pid} ") else f": {reason}"
+        print(f"  skipped {pid}{detail}", file=sys.stderr)
+
+
 # ---------------------------------------------------------------------------------------------- synth
 def _synth_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="output root (MAMA-MIA layout)")
@@ -76,9 +84,12 @@ def _preprocess(args: argparse.Namespace) -> int:
     if args.no_crop:
         overrides["crop_to_breast"] = False
     report = preprocess_dataset(args.data, args.cache, PreprocessConfig(**overrides), workers=args.workers)
-    print(f"done {len(report['done'])}, skipped {len(report['skipped'])}; report: {report['report_path']}")
-    for item in report["skipped"]:
-        print(f"  skipped {item['patient_id']}: {item['reason']}", file=sys.stderr)
+    print(f"done {len(report['done'])}, skipped {len(report['skipped'])}, already cached {len(report['cached'])}; "
+          f"report: {report['report_path']}")
+    _print_skipped(report["skipped"])
+    if report["skipped"]:
+        print(f"mtl-breast preprocess: {len(report['skipped'])} case(s) skipped (listed above and in "
+              f"{report['report_path']})", file=sys.stderr)
     return 1 if report["skipped"] else 0
 
 
@@ -111,14 +122,25 @@ def _predict_flags(p: argparse.ArgumentParser) -> None:
 
 @command("predict", "predict tumour masks (NIfTI) and pCR (CSV) for new cases", _predict_flags)
 def _predict(args: argparse.Namespace) -> int:
+    import logging
+
     from mtl_breast.inference import predict_dataset
 
-    report = predict_dataset(args.weights, args.data, args.out, device=args.device,
-                             split=None if args.split == "all" else args.split, tta_flips=args.tta or None,
-                             largest_component=args.largest_component or None, overlap=args.overlap)
+    # The skipped cases are listed below, one line each; the library's log line per case would repeat each one.
+    library_log = logging.getLogger("mtl_breast.inference")
+    level = library_log.level
+    library_log.setLevel(logging.CRITICAL)
+    try:
+        report = predict_dataset(args.weights, args.data, args.out, device=args.device,
+                                 split=None if args.split == "all" else args.split, tta_flips=args.tta or None,
+                                 largest_component=args.largest_component or None, overlap=args.overlap)
+    finally:
+        library_log.setLevel(level)
     print(f"predicted {len(report['done'])} cases into {args.out}; skipped {len(report['skipped'])}")
-    for item in report["skipped"]:
-        print(f"  skipped {item['patient_id']}: {item['reason']}", file=sys.stderr)
+    _print_skipped(report["skipped"])
+    if report["skipped"]:
+        print(f"mtl-breast predict: {len(report['skipped'])} case(s) skipped (listed above); no mask or pCR row "
+              "was written for them", file=sys.stderr)
     return 1 if report["skipped"] else 0
 
 
@@ -175,8 +197,7 @@ def _extract(args: argparse.Namespace) -> int:
 
     report = extract_dataset(args.weights, args.data, args.out, device=args.device)
     print(f"features of {len(report['done'])} cases in {args.out}; table {report['table']}")
-    for item in report["skipped"]:
-        print(f"  skipped {item['patient_id']}: {item['reason']}", file=sys.stderr)
+    _print_skipped(report["skipped"])
     return 1 if report["skipped"] else 0
 
 

@@ -262,8 +262,11 @@ def predict_dataset(weights: Path | str, data: Path | str, out: Path | str, *, d
     settings = InferenceSettings.from_config(config, **overrides)
     if not data.is_dir():
         raise FileNotFoundError(f"data folder {data} does not exist")
+    # Cases the reader could not even list (a missing phase file, an empty case folder, a split id without a
+    # folder ...) are skipped too, and said so: every requested case is predicted or reported.
     unreadable: list[dict[str, str]] = []
     cases = read_dataset(data, skipped=unreadable)
+    what = f"in {data}"
     if split and is_mamamia_root(data) and (data / "train_test_splits.csv").exists():
         splits = read_splits(data)
         if split not in splits:
@@ -271,8 +274,11 @@ def predict_dataset(weights: Path | str, data: Path | str, out: Path | str, *, d
         wanted = {p.lower() for p in splits[split]}
         cases = [c for c in cases if c.patient_id.lower() in wanted]
         unreadable = [s for s in unreadable if str(s["patient_id"]).lower() in wanted]
+        what = f"in the {split} split of {data / 'train_test_splits.csv'}"
+    if not cases and not unreadable:  # nothing to predict is an error of the job, not an empty success
+        raise FileNotFoundError(f"no cases to predict {what} (expected images/<PID>/<pid>_0000.nii.gz, or one "
+                                "folder of phase files per case)")
     report = run_predictions(model, cases, out, settings)
-    # Cases the reader could not even list (e.g. a missing phase file) are skipped too, and said so.
     report["skipped"] = unreadable + report["skipped"]
     report["out"] = str(out)
     return report

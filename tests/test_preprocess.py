@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import struct
 from pathlib import Path
 
 import nibabel as nib
@@ -168,13 +170,44 @@ def _bad(tmp_path: Path, kind: str) -> tuple[Case, str]:
         target = write_nifti(case.mask_path, ellipsoid((16, 18, 19)))
     elif kind == "mask_geometry":
         target = write_nifti(case.mask_path, ellipsoid(), spacing=(2, 1, 1))
+    elif kind == "mask_labels":
+        labels = ellipsoid()
+        labels[SHAPE[0] // 2:] *= 2  # {0, 1, 2}: a multi-label mask
+        target = write_nifti(case.mask_path, labels)
+    elif kind == "series":  # 4-D: two volumes in one file
+        nib.save(nib.Nifti1Image(np.stack([phantom().T] * 2, -1), np.eye(4)), target)
+    elif kind == "slice":
+        write_nifti(target, phantom()[5:6])
+    elif kind == "slab":
+        # A thin slab along the diagonal: its bounding box holds the reference, its voxels cover a fifth of it.
+        c = np.sqrt(0.5)
+        write_nifti(target, phantom((16, 3, 60)), direction=[[c, -c, 0], [c, c, 0], [0, 0, 1]])
+    elif kind in ("spacing_zero", "spacing_negative", "spacing_nan"):
+        set_pixdim(target, 1, {"spacing_zero": 0.0, "spacing_negative": -2.0, "spacing_nan": float("nan")}[kind])
+    elif kind == "ref_spacing_zero":
+        target = set_pixdim(case.image_paths[1], 3, 0.0)
     return case, target.name
+
+
+def set_pixdim(path: Path, axis: int, value: float) -> Path:
+    """Write `value` into pixdim[axis] of a .nii.gz header as stored, bypassing the writers' own repairs."""
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    struct.pack_into("<f", raw, 76 + 4 * axis, value)  # NIfTI-1: pixdim is float32[8] at byte 76
+    path.write_bytes(gzip.compress(bytes(raw)))
+    return path
 
 
 BAD = {"garbage": "cannot read image", "truncated": "cannot read image", "missing": "cannot read image",
        "disjoint": "covers 0% of the reference", "flat": "expected a 3-D image", "nan": "1 NaN/Inf voxels",
        "inf": "1 NaN/Inf voxels", "empty": "image is empty", "mask_shape": "mask size",
-       "mask_geometry": "mask geometry"}
+       "mask_geometry": "mask geometry",
+       "mask_labels": "mask labels must be 0 (background) and 1 (tumour), found {0, 1, 2}",
+       "series": "expected a 3-D image, got a 4-D one of shape (20, 18, 16, 2)",
+       "slice": "expected a 3-D image, got a single slice", "slab": "of the reference phase's field of view",
+       "spacing_zero": "voxel spacing (0, 1, 1) in the header (pixdim) must be positive and finite",
+       "spacing_negative": "voxel spacing (-2, 1, 1) in the header",
+       "spacing_nan": "voxel spacing (nan, 1, 1) in the header",
+       "ref_spacing_zero": "voxel spacing (1, 1, 0) in the header"}
 
 
 @pytest.mark.parametrize("kind", sorted(BAD))
@@ -366,3 +399,38 @@ def test_phantom_dataset_through_the_cli(tmp_path, capsys):
         back = to_original_space(item["label"].numpy().astype(bool), item["info"]["geometry"], "nearest")
         original = sitk.GetArrayFromImage(sitk.ReadImage(str(case.mask_path))) > 0
         assert dice(back, original) > 0.8, case.patient_id
+
+
+def test_slab_is_refused_on_what_it_covers(tmp_path):
+    case, _ = _bad(tmp_path, "slab")
+    with pytest.raises(CaseError, match=r"covers (1\d|2\d)% of the reference phase's field of view"):
+        preprocess_case(case, PreprocessConfig())
+
+
+def test_mask_of_zeros_and_near_integer_labels_are_accepted(tmp_path):
+    case = make_case(tmp_path)
+    write_nifti(case.mask_path, np.zeros(SHAPE, np.uint8))
+    assert preprocess_case(case, PreprocessConfig()).label.sum() == 0
+    write_nifti(case.mask_path, ellipsoid().astype(np.float32) * np.float32(0.99999))
+    assert preprocess_case(case, PreprocessConfig()).label.max() == 1
+
+
+@pytest.mark.parametrize("times", [[0.0, 90.0, 90.0], [0.0, 180.0, 90.0], [0.0, float("nan"), 90.0], [0.0, 90.0]])
+def test_acquisition_times_must_be_one_per_phase_and_increasing(tmp_path, times):
+    case = make_case(tmp_path)
+    case.acquisition_times, case.info_path = times, tmp_path / "p1.json"
+    with pytest.raises(CaseError, match=r"case P1 \(.*p1\.json\): .*(strictly increasing|finite|2 acquisition times)"):
+        preprocess_case(case, PreprocessConfig())
+
+
+def test_preprocess_dataset_lists_empty_case_folders_and_refuses_an_empty_dataset(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    (data / "images" / "EMPTY_5").mkdir()
+    report = preprocess_dataset(data, tmp_path / "cache", PreprocessConfig(), progress=False)
+    reasons = {s["patient_id"]: s["reason"] for s in report["skipped"]}
+    assert report["done"] == ["OK_1", "OK_2"] and sorted(reasons) == ["EMPTY_5", "GAP_4", "NAN_3"]
+    assert reasons["EMPTY_5"] == f"case EMPTY_5 ({data / 'images' / 'EMPTY_5'}): case folder is empty " \
+                                 "(expected phase files empty_5_0000.nii.gz, empty_5_0001.nii.gz, ...)"
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no cases found in .*nothing"):
+        preprocess_dataset(tmp_path / "nothing", tmp_path / "cache", PreprocessConfig(), progress=False)

@@ -217,3 +217,56 @@ def test_several_roots_and_mamamia_delegation(tmp_path):
     assert cases[-1].pcr == 1.0 and cases[-1].breast_box is not None
     assert [c.patient_id for c in read_dataset(mamamia)] == ["DUKE_001"]
     assert [c.patient_id for c in read_dataset(tmp_path / "site_b")] == ["p001", "p002"]
+
+
+def test_empty_case_folder_and_split_id_without_folder_are_reported(tmp_path):
+    root = make_root(tmp_path, [{"folder": "H_1", "files": "h_1"}, {"folder": "H_3", "files": "h_3"}], table=None)
+    (root / "images" / "H_2").mkdir()  # a test case whose files never arrived
+    write_nifti(root / "images" / "H_3" / "scan.nii.gz")
+    for phase in (root / "images" / "H_3").glob("h_3_*.nii.gz"):  # files named otherwise are not phases
+        phase.unlink()
+    (root / "images" / "__MACOSX").mkdir()  # archive debris, not a case
+    pd.DataFrame({"train_split": ["H_1", "H_3"], "test_split": ["H_2", "H_9"]}).to_csv(
+        root / "train_test_splits.csv", index=False)
+    skipped = []
+    assert [c.patient_id for c in read_mamamia(root, skipped=skipped)] == ["H_1"]
+    reasons = {s["patient_id"]: s["reason"] for s in skipped}
+    assert sorted(reasons) == ["H_2", "H_3", "H_9"]
+    assert reasons["H_2"].startswith(f"case H_2 ({root / 'images' / 'H_2'}): case folder is empty")
+    assert "no phase files named h_3_0000.nii.gz" in reasons["H_3"] and "scan.nii.gz" in reasons["H_3"]
+    assert reasons["H_9"].startswith(f"case H_9 ({root / 'train_test_splits.csv'}): listed in the test split")
+    assert str(root / "images" / "H_9") in reasons["H_9"]
+    with pytest.raises(CaseError, match=r"case H_2 .*case folder is empty"):
+        read_mamamia(root)
+    # Reading labels alone (evaluation) still lists every patient, with or without images.
+    assert "H_2" in {c.patient_id for c in read_mamamia(root, require_images=False, skipped=[])}
+
+
+@pytest.mark.parametrize("times", ["[0, 90, 90]", "[0, 180, 90]"])
+def test_acquisition_times_out_of_order_name_the_spreadsheet_or_json(tmp_path, times):
+    root = make_root(tmp_path, [{"folder": "T_1", "files": "t_1"}, {"folder": "T_2", "files": "t_2"}],
+                     rows=[{"patient_id": "T_1", "acquisition_times": times},
+                           {"patient_id": "T_2", "acquisition_times": "[0, 90, 180]"}])
+    with pytest.raises(CaseError, match=r"case T_1 \(.*clinical_and_imaging_info\.xlsx\): acquisition_times "
+                                        r".* must be strictly increasing"):
+        read_mamamia(root)
+    skipped = []
+    assert [c.patient_id for c in read_mamamia(root, skipped=skipped)] == ["T_2"]
+    assert skipped[0]["patient_id"] == "T_1" and times in skipped[0]["reason"]
+    # From the JSON when the spreadsheet has no times.
+    (root / "clinical_and_imaging_info.xlsx").unlink()
+    write_json = root / "patient_info_files" / "t_1.json"
+    write_json.parent.mkdir(parents=True, exist_ok=True)
+    write_json.write_text(json.dumps(box_json(imaging_data={"acquisition_times": json.loads(times)})))
+    with pytest.raises(CaseError, match=r"case T_1 \(.*t_1\.json\): acquisition_times"):
+        read_mamamia(root)
+
+
+def test_folder_manifest_times_out_of_order(tmp_path):
+    for name in ("pre.nii.gz", "post.nii.gz", "late.nii.gz"):
+        write_nifti(tmp_path / "root" / "case_t" / name)
+    manifest = tmp_path / "root" / "case_t" / "manifest.json"
+    manifest.write_text(json.dumps({"phases": ["pre.nii.gz", "post.nii.gz", "late.nii.gz"], "times": [0, 180, 90]}))
+    with pytest.raises(CaseError, match=r"case case_t \(.*manifest\.json\): acquisition_times \[0, 180, 90\] must be "
+                                        r"strictly increasing.*phase 2 at 90 s is not after phase 1 at 180 s"):
+        read_folder(tmp_path / "root")

@@ -7,6 +7,7 @@ dataset root, `preprocess.py` turns them into arrays on one grid, `cache.py` sto
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,27 @@ class CaseError(ValueError):
         self.reason = reason
         where = f" ({self.path})" if self.path else ""
         super().__init__(f"case {patient_id}{where}: {reason}")
+
+
+def check_times(times: Sequence[float], patient_id: str, source: str | Path | None) -> list[float]:
+    """Acquisition times as floats, refused unless finite and strictly increasing (one per phase, in phase order).
+
+    Out-of-order or repeated times mean the phases and the times were paired wrongly: the model would read the
+    enhancement curve backwards, so such a case is refused rather than guessed.
+
+    Raises:
+        CaseError: naming the case and `source` (the spreadsheet, JSON or manifest the times came from).
+    """
+    values = [float(t) for t in times]
+    shown = "[" + ", ".join(f"{t:g}" for t in values) + "]"
+    if not all(math.isfinite(t) for t in values):
+        raise CaseError(patient_id, source, f"acquisition_times {shown} must be finite numbers")
+    for k in range(1, len(values)):
+        if not values[k] > values[k - 1]:
+            raise CaseError(patient_id, source,
+                            f"acquisition_times {shown} must be strictly increasing, one per phase in phase order "
+                            f"(phase {k} at {values[k]:g} s is not after phase {k - 1} at {values[k - 1]:g} s)")
+    return values
 
 
 @dataclass

@@ -7,7 +7,7 @@ Layout: each root holds one sub-folder per case; the sub-folder holds that case'
 - a `manifest.json` in the case folder, which wins when present:
   `{"phases": ["pre.nii.gz", "post1.nii.gz", ...], "times": [0, 90, ...]}`; `phases` lists file
   names relative to the case folder, pre-contrast first; `times` (seconds after the pre-contrast
-  acquisition, one per phase) is optional.
+  acquisition, one per phase, strictly increasing) is optional.
 
 Sub-folders without image files are ignored. Several roots combine; when two roots hold the same case
 name the ids of the colliding cases become `<root name>_<case name>`. A root in the MAMA-MIA layout is
@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from mtl_breast.data.case import Case, CaseError
+from mtl_breast.data.case import Case, CaseError, check_times
 from mtl_breast.data.mamamia import META_KEYS, is_mamamia_root, read_mamamia
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
@@ -52,6 +52,8 @@ def _read_manifest(path: Path, patient_id: str) -> tuple[list[Path], list[float]
         raise CaseError(patient_id, path, f"bad manifest ({type(err).__name__}: {err})") from err
     if times is not None and len(times) != len(names):
         raise CaseError(patient_id, path, f"{len(times)} times for {len(names)} phases")
+    if times is not None:
+        times = check_times(times, patient_id, path)
     paths = [path.parent / name for name in names]
     for phase in paths:
         if not phase.is_file():

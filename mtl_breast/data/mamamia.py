@@ -10,7 +10,9 @@
 Copies of the dataset spell the same patient in different cases (folder `DUKE_001`, files
 `duke_001_0000.nii.gz`), so every name is resolved case-insensitively. Extra files and folders are
 ignored, spreadsheet rows without images are skipped (`require_images`), and images without a
-spreadsheet row are read with whatever their JSON provides.
+spreadsheet row are read with whatever their JSON provides. A case the layout promises but that cannot be
+read -- an `images/<PID>` folder without phase files, an id of the split file without a folder -- is bad
+input of that case, reported like any other (see `read_mamamia`'s `skipped`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 import pandas as pd
 
-from mtl_breast.data.case import Case, CaseError
+from mtl_breast.data.case import Case, CaseError, check_times
 
 SPREADSHEET = "clinical_and_imaging_info"
 SPLITS = "train_test_splits.csv"
@@ -166,8 +168,11 @@ def _pcr(value: Any, patient_id: str, path: Path | None) -> float:
     return number
 
 
-def _times(value: Any, num_phases: int, patient_id: str) -> list[float] | None:
-    """Parse acquisition times ("[0, 584, 714]" or a list); None with a warning when unusable."""
+def _times(value: Any, num_phases: int, patient_id: str, source: Path | None) -> list[float] | None:
+    """Parse acquisition times ("[0, 584, 714]" or a list); None with a warning when unusable.
+
+    Times that parse but are out of order or repeated raise a `CaseError` naming `source` (`check_times`).
+    """
     if value is None:
         return None
     try:
@@ -180,7 +185,7 @@ def _times(value: Any, num_phases: int, patient_id: str) -> list[float] | None:
         warnings.warn(f"case {patient_id}: {len(times)} acquisition times for {num_phases} phases; ignoring them",
                       stacklevel=3)
         return None
-    return times
+    return check_times(times, patient_id, source)
 
 
 def _read_json(path: Path, patient_id: str) -> tuple[dict[str, Any], tuple[int, ...] | None]:
@@ -225,6 +230,36 @@ def _phases(folder: Path, patient_id: str) -> list[Path]:
     return [found[i] for i in range(len(found))]
 
 
+def _no_phases(folder: Path, patient_id: str) -> CaseError:
+    """The error of a case folder that holds no `<pid>_0000.nii[.gz]` (empty, or files named otherwise)."""
+    names = sorted(c.name for c in folder.iterdir() if not c.name.startswith("."))
+    expected = f"{folder.name.lower()}_0000.nii.gz, {folder.name.lower()}_0001.nii.gz, ..."
+    if not names:
+        return CaseError(patient_id, folder, f"case folder is empty (expected phase files {expected})")
+    listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return CaseError(patient_id, folder, f"no phase files named {expected} in the case folder (it holds {listed})")
+
+
+def _split_ids_without_folder(root: Path, folders: dict[str, Path], images_dir: Path) -> list[CaseError]:
+    """One error per id of the split file that has no folder under images/ (each id once)."""
+    path = _find(root, SPLITS)
+    if path is None:
+        return []
+    try:
+        splits = read_splits(root)
+    except ValueError as err:  # a split file without its columns; whoever selects cases by split says so
+        warnings.warn(f"cannot check the split file against images/: {err}", stacklevel=3)
+        return []
+    errors, seen = [], set()
+    for name, ids in splits.items():
+        for pid in ids:
+            if pid.lower() not in folders and pid.lower() not in seen:
+                errors.append(CaseError(pid, path, f"listed in the {name} split, but {images_dir} has no folder "
+                                                   f"{pid} (expected {images_dir / pid}/{pid.lower()}_0000.nii.gz)"))
+            seen.add(pid.lower())
+    return errors
+
+
 def _build_case(patient_id: str, images: list[Path], row: dict[str, Any], masks: dict[str, Path],
                 infos: dict[str, Path], table_path: Path | None) -> Case:
     key = patient_id.lower()
@@ -257,13 +292,14 @@ def _build_case(patient_id: str, images: list[Path], row: dict[str, Any], masks:
     }
     meta = {k: (str(v).strip() if isinstance(v, str) else _plain(v)) for k, v in meta.items()}
     times = _first(get("acquisition_times"), imaging.get("acquisition_times"))
+    times_source = table_path if not _missing(get("acquisition_times")) else info_path
     return Case(
         patient_id=patient_id,
         image_paths=images,
         mask_path=mask,
         info_path=info_path,
         pcr=_pcr(pcr_value, patient_id, pcr_source),
-        acquisition_times=_times(times, len(images), patient_id) if images else None,
+        acquisition_times=_times(times, len(images), patient_id, times_source) if images else None,
         breast_box=box,
         meta=meta,
     )
@@ -275,11 +311,14 @@ def read_mamamia(root: Path | str, require_images: bool = True, *,
 
     Args:
         root: dataset root (the folder holding `images/`).
-        require_images: drop patients without phase files (spreadsheet rows without an image folder, folders
-            without `<pid>_0000.nii[.gz]`); when False they are returned with empty `image_paths` (useful
-            to read labels alone).
-        skipped: when given, a case with bad input (phase gap, malformed JSON, ...) is appended here as
-            {"patient_id", "reason"} and reading goes on; otherwise its `CaseError` propagates.
+        require_images: read only patients with phase files. Spreadsheet rows without an image folder are
+            dropped silently (a copy may hold part of the dataset); a folder under images/ without
+            `<pid>_0000.nii[.gz]` and an id of the split file without a folder are bad input of that case.
+            When False, patients without phases are returned with empty `image_paths` (useful to read labels
+            alone).
+        skipped: when given, a case with bad input (phase gap, malformed JSON, empty case folder, split id
+            without a folder, acquisition times out of order ...) is appended here as {"patient_id", "reason"}
+            and reading goes on; otherwise its `CaseError` propagates.
 
     Returns:
         Cases with phases in acquisition order, mask/JSON paths when present, pCR (NaN when unknown),
@@ -298,16 +337,25 @@ def read_mamamia(root: Path | str, require_images: bool = True, *,
     infos = _entries(_find(root, "patient_info_files") or root / "patient_info_files")
     keys = sorted(set(folders) | (set() if require_images else set(table)))
     cases = []
+    errors: list[CaseError] = []
     for key in keys:
         row = table.get(key, {})
         patient_id = row.get("patient_id") or folders[key].name
         try:
             images = _phases(folders[key], patient_id) if key in folders else []
-            if require_images and not images:  # a spreadsheet-only patient, or a folder that is not a case
+            if require_images and not images:
+                # A spreadsheet-only patient is not an error (partial copies); a case folder without phases is.
+                # Folders such as __MACOSX are archive debris, not cases.
+                if key in folders and not key.startswith("__"):
+                    raise _no_phases(folders[key], patient_id)
                 continue
             cases.append(_build_case(patient_id, images, row, masks, infos, table_path))
         except CaseError as err:
-            if skipped is None:
-                raise
-            skipped.append({"patient_id": patient_id, "reason": str(err)})
+            errors.append(err)
+    if require_images and images_dir is not None:
+        errors += _split_ids_without_folder(root, folders, images_dir)
+    if errors and skipped is None:
+        raise errors[0]
+    if skipped is not None:
+        skipped += [{"patient_id": err.patient_id, "reason": str(err)} for err in errors]
     return cases

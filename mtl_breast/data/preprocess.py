@@ -4,13 +4,15 @@
 
 1. read the phases as float32 (geometry by SimpleITK; see `_read_volume` for NIfTI voxels); the
    reference grid is phase 1, the first post-contrast, where the expert mask is drawn (phase 0 when
-   there is only one); a phase covering less than half of its field of view is refused;
+   there is only one); a volume that is not 3-D, or whose header spacing/orientation is invalid, is
+   refused, and so is a phase covering less than half of the region taken from the reference (step 2);
 2. crop the reference grid to the breast box plus a margin (box in reference array indices, x = array
    axis 0, exclusive maxima; clipped to the image);
 3. reorient the cropped grid with the axis permutation/flips of `sitk.DICOMOrient` and give it the
    target spacing; its physical extent is kept (first and last voxel edges stay put);
 4. resample every phase straight from its file onto that output grid (linear) -- one interpolation,
-   so phases on a slightly different grid are aligned to phase 1 on the way -- and the mask (nearest);
+   so phases on a slightly different grid are aligned to phase 1 on the way -- and the mask (nearest),
+   which must hold labels 0 and 1 only;
 5. optionally clip intensities to percentiles, then z-score ALL phases with ONE mean/std computed over
    every voxel of every phase (air included: it is a stable reference, and a per-phase or
    foreground-only statistic would change with enhancement), so relative enhancement survives.
@@ -39,7 +41,7 @@ import SimpleITK as sitk
 from rich.progress import MofNCompleteColumn, Progress
 
 from mtl_breast.data.cache import CaseCache, write_atomic
-from mtl_breast.data.case import Case, CaseError
+from mtl_breast.data.case import Case, CaseError, check_times
 from mtl_breast.data.folder import read_dataset
 
 FORMAT_VERSION = 1  # bump when the output of preprocess_case changes for the same config
@@ -131,19 +133,20 @@ def _resample(image: sitk.Image, grid: dict, interpolator: int, default: float =
     return f.Execute(image)
 
 
-def _corners(grid: dict) -> np.ndarray:
-    """Physical positions [8, 3] of the outer voxel edges (continuous index -0.5 and size - 0.5)."""
-    d = np.reshape(grid["direction"], (3, 3))
-    edges = np.array([[-0.5, s - 0.5] for s in grid["size"]])
-    idx = np.array(np.meshgrid(*edges, indexing="ij")).reshape(3, -1)
-    return (np.asarray(grid["origin"])[:, None] + d @ (np.asarray(grid["spacing"])[:, None] * idx)).T
+def _coverage(moving: dict, target: dict, points: int = 12) -> float:
+    """Fraction of `target`'s volume that lies inside `moving`'s field of view.
 
-
-def _overlap(moving: dict, reference: dict) -> float:
-    """Fraction of the reference's bounding box covered by the moving grid's bounding box."""
-    a, b = _corners(moving), _corners(reference)
-    inter = np.clip(np.minimum(a.max(0), b.max(0)) - np.maximum(a.min(0), b.min(0)), 0, None).prod()
-    return float(inter / max((b.max(0) - b.min(0)).prod(), 1e-12))
+    Measured on a lattice of up to `points`^3 voxel centres of `target` mapped into `moving`'s continuous
+    index space, so rotated and oblique grids count what they really cover (bounding boxes would not).
+    """
+    axes = [np.linspace(0, s - 1, min(int(s), points)) for s in target["size"]]
+    idx = np.stack(np.meshgrid(*axes, indexing="ij")).reshape(3, -1)
+    physical = np.asarray(target["origin"])[:, None] + \
+        np.reshape(target["direction"], (3, 3)) @ (np.asarray(target["spacing"])[:, None] * idx)
+    to_physical = np.reshape(moving["direction"], (3, 3)) * np.asarray(moving["spacing"])[None, :]
+    inside_index = np.linalg.solve(to_physical, physical - np.asarray(moving["origin"])[:, None])
+    size = np.asarray(moving["size"], dtype=float)[:, None]
+    return float(((inside_index >= -0.5) & (inside_index <= size - 0.5)).all(0).mean())
 
 
 def _crop(reference: dict, box: tuple[int, ...], margin_mm: float) -> tuple[list[int], list[int]]:
@@ -186,8 +189,54 @@ def _respaced(grid: dict, spacing: tuple[float, float, float]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- one case
+def _nifti_header_problem(path: Path) -> str | None:
+    """What is wrong with the spatial fields of a NIfTI header as written in the file, or None.
+
+    Read raw (nibabel's `check=False`), because both readers repair these fields on loading: a zero or NaN
+    voxel size becomes 1.0 and a negative one its absolute value, which would put the phase on a wrong grid.
+    """
+    try:
+        with nib.openers.ImageOpener(path) as f:
+            sizeof_hdr = f.read(4)
+        klass = nib.Nifti2Header if sizeof_hdr in ((540).to_bytes(4, "little"), (540).to_bytes(4, "big")) \
+            else nib.Nifti1Header
+        with nib.openers.ImageOpener(path) as f:
+            header = klass.from_fileobj(f, check=False)
+    except Exception:  # noqa: BLE001 -- not a readable header: the readers below say why, in their words
+        return None
+    ndim = int(header["dim"][0])
+    pixdim = [float(v) for v in header["pixdim"][1:1 + min(max(ndim, 1), 3)]]
+    if not all(math.isfinite(v) and v > 0 for v in pixdim):
+        shown = "(" + ", ".join(f"{v:g}" for v in pixdim) + ")"
+        return (f"voxel spacing {shown} in the header (pixdim) must be positive and finite "
+                "(readers would silently replace it, e.g. by 1 mm, and misplace the volume)")
+    if header["sform_code"] > 0:
+        sform = np.stack([header["srow_x"], header["srow_y"], header["srow_z"]]).astype(np.float64)
+        if not np.isfinite(sform).all() or abs(np.linalg.det(sform[:, :3])) < 1e-6 * np.prod(pixdim):
+            return f"the header's sform {sform.round(4).tolist()} is not a valid (finite, invertible) affine"
+    if header["qform_code"] > 0:
+        fields = ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z")
+        if not all(math.isfinite(float(header[k])) for k in fields):
+            return "the header's qform holds NaN/Inf"
+    return None
+
+
+def _geometry_problem(image: sitk.Image) -> str | None:
+    """What is wrong with a volume's spacing, origin or direction (any format), or None."""
+    spacing, origin = np.asarray(image.GetSpacing()), np.asarray(image.GetOrigin())
+    direction = np.reshape(image.GetDirection(), (3, 3))
+    if not (np.isfinite(spacing).all() and (spacing > 0).all()):
+        return f"voxel spacing {spacing.tolist()} must be positive and finite"
+    if not np.isfinite(origin).all():
+        return f"origin {origin.tolist()} must be finite"
+    if not np.isfinite(direction).all() or abs(np.linalg.det(direction)) < 1e-3:
+        return f"direction {direction.round(4).tolist()} is not a rotation (orientation unknown)"
+    return None
+
+
 def _read_volume(path: Path, patient_id: str, what: str = "image") -> sitk.Image:
-    """Read a 3-D volume as float32, refusing unreadable, truncated, non-3-D and NaN/Inf files.
+    """Read a 3-D volume as float32, refusing unreadable, truncated, non-3-D and NaN/Inf files, single-slice
+    volumes and headers with an invalid spacing, origin or direction.
 
     NIfTI voxels are decoded with nibabel and the geometry taken from SimpleITK's reading of the header:
     SimpleITK's NIfTI reader silently zero-fills a truncated .nii.gz and replaces NaN/Inf by 0, so neither
@@ -195,6 +244,9 @@ def _read_volume(path: Path, patient_id: str, what: str = "image") -> sitk.Image
     """
     try:
         if path.name.lower().endswith((".nii", ".nii.gz")):
+            problem = _nifti_header_problem(path)
+            if problem is not None:
+                raise CaseError(patient_id, path, problem)
             header = sitk.ImageFileReader()
             header.SetFileName(str(path))
             header.SetImageIO("NiftiImageIO")
@@ -203,7 +255,8 @@ def _read_volume(path: Path, patient_id: str, what: str = "image") -> sitk.Image
             voxels = np.asarray(nib.load(path).dataobj).astype(np.float32, copy=False)
             voxels = voxels[..., 0] if voxels.ndim == 4 and voxels.shape[3] == 1 else voxels
             if voxels.ndim != 3:
-                raise CaseError(patient_id, path, f"expected a 3-D {what}, got shape {voxels.shape}")
+                raise CaseError(patient_id, path, f"expected a 3-D {what}, got a {voxels.ndim}-D one of shape "
+                                                  f"{voxels.shape}" + _hint(voxels.ndim))
             n = header.GetDimension()
             image = sitk.GetImageFromArray(np.ascontiguousarray(voxels.T))  # nibabel (i, j, k) -> SimpleITK (k, j, i)
             image.SetSpacing(header.GetSpacing()[:3])
@@ -213,15 +266,27 @@ def _read_volume(path: Path, patient_id: str, what: str = "image") -> sitk.Image
             image = sitk.ReadImage(str(path), sitk.sitkFloat32)
             image = image[:, :, :, 0] if image.GetDimension() == 4 and image.GetSize()[3] == 1 else image
             if image.GetDimension() != 3:
-                raise CaseError(patient_id, path, f"expected a 3-D {what}, got size {image.GetSize()}")
+                raise CaseError(patient_id, path, f"expected a 3-D {what}, got a {image.GetDimension()}-D one of "
+                                                  f"size {image.GetSize()}" + _hint(image.GetDimension()))
     except (RuntimeError, OSError, EOFError, ValueError, zlib.error) as err:
         if isinstance(err, CaseError):
             raise
         raise CaseError(patient_id, path, f"cannot read {what} ({str(err).strip().splitlines()[-1]})") from err
+    if min(image.GetSize()) < 2:
+        raise CaseError(patient_id, path, f"expected a 3-D {what}, got a single slice (size {image.GetSize()})")
+    problem = _geometry_problem(image)
+    if problem is not None:
+        raise CaseError(patient_id, path, problem)
     array = sitk.GetArrayViewFromImage(image)
     if not np.isfinite(array).all():
         raise CaseError(patient_id, path, f"{int((~np.isfinite(array)).sum())} NaN/Inf voxels")
     return image
+
+
+def _hint(ndim: int) -> str:
+    if ndim > 3:
+        return " (a series in one file: give each phase its own 3-D file)"
+    return " (a single slice)" if ndim < 3 else ""
 
 
 def _read_phase(path: Path, patient_id: str) -> sitk.Image:
@@ -243,7 +308,15 @@ def _read_mask(path: Path, reference: sitk.Image, patient_id: str) -> sitk.Image
             or np.abs(np.subtract(mask.GetDirection(), reference.GetDirection())).max() > 1e-3 \
             or np.abs(np.subtract(mask.GetOrigin(), reference.GetOrigin())).max() > 0.5 * spacing.min():
         raise CaseError(patient_id, path, "mask geometry (spacing/origin/direction) differs from the reference phase")
-    labels = sitk.GetImageFromArray(np.rint(np.clip(sitk.GetArrayViewFromImage(mask), 0, 255)).astype(np.uint8))
+    array = sitk.GetArrayViewFromImage(mask)
+    rounded = np.rint(array)
+    # Labels 0 (background) and 1 (tumour) only, within float noise: a multi-label mask would reach the loss's
+    # one-hot encoding and fail there, far from the file.
+    if ((rounded != 0) & (rounded != 1)).any() or (np.abs(array - rounded) > 1e-3).any():
+        found = np.unique(array)
+        shown = ", ".join(f"{v:g}" for v in found[:8]) + (f", ... ({len(found)} values)" if len(found) > 8 else "")
+        raise CaseError(patient_id, path, f"mask labels must be 0 (background) and 1 (tumour), found {{{shown}}}")
+    labels = sitk.GetImageFromArray(rounded.astype(np.uint8))
     labels.CopyInformation(reference)
     return labels
 
@@ -252,12 +325,19 @@ def preprocess_case(case: Case, config: PreprocessConfig) -> PreprocessedCase:
     """Read, align, crop, reorient, resample and normalise one case (module docstring, steps 1-5).
 
     Raises:
-        CaseError: naming the case and file, for unreadable/non-3-D/NaN/empty images, phases that do not
-            overlap the reference phase, a mask that does not match its image, or a box outside the image.
+        CaseError: naming the case and file, for unreadable/non-3-D/NaN/empty images, invalid header spacing or
+            direction, phases that do not cover the reference phase's region, a mask that does not match its
+            image or holds labels other than 0/1, a box outside the image, or acquisition times that are not
+            one per phase and strictly increasing.
     """
     pid, paths = case.patient_id, [Path(p) for p in case.image_paths]
     if not paths:
         raise CaseError(pid, None, "no phase images")
+    times = case.acquisition_times
+    if times is not None:
+        if len(times) != len(paths):
+            raise CaseError(pid, case.info_path, f"{len(times)} acquisition times for {len(paths)} phases")
+        times = check_times(times, pid, case.info_path)
     ref_index = 1 if len(paths) > 1 else 0
     reference, ref_path = _read_phase(paths[ref_index], pid), paths[ref_index]
     ref_grid = _grid(reference)
@@ -270,14 +350,16 @@ def preprocess_case(case: Case, config: PreprocessConfig) -> PreprocessedCase:
     cropped = {**ref_grid, "size": crop_size, "origin": list(reference.TransformIndexToPhysicalPoint(crop_index))}
     out_grid = _respaced(_oriented(cropped, config.orientation), config.spacing)
 
-    # One phase in memory at a time: read, check it overlaps phase 1, resample straight onto the output grid.
+    # One phase in memory at a time: read, check it covers the region taken from phase 1, resample straight onto
+    # the output grid. A phase elsewhere in space (wrong origin, orientation or extent) would enter as zeros.
     image = np.empty((len(paths), *reversed(out_grid["size"])), dtype=np.float32)
     for k, path in enumerate(paths):
         phase = reference if k == ref_index else _read_phase(path, pid)
-        covered = _overlap(_grid(phase), ref_grid)
+        covered = 1.0 if k == ref_index else _coverage(_grid(phase), out_grid)
         if covered < 0.5:
-            raise CaseError(pid, path, f"covers {covered:.0%} of the reference phase's field of view ({ref_path}); "
-                                       "cannot resample it onto phase 1")
+            raise CaseError(pid, path, f"covers {covered:.0%} of the reference phase's field of view ({ref_path}, "
+                                       f"the region preprocessing keeps); cannot resample it onto phase {ref_index}: "
+                                       "check its origin, spacing and direction")
         resampled = _resample(phase, out_grid, sitk.sitkLinear, pixel=sitk.sitkFloat32)
         image[k] = sitk.GetArrayViewFromImage(resampled)  # a view does not keep its image alive: hold `resampled`
     label = None
@@ -296,7 +378,6 @@ def preprocess_case(case: Case, config: PreprocessConfig) -> PreprocessedCase:
     image -= mean
     image /= std
 
-    times = case.acquisition_times
     phase_time = np.array(times if times is not None else [math.nan] * len(case.image_paths), dtype=np.float32)
     info = {
         "patient_id": pid,
@@ -397,6 +478,9 @@ def preprocess_dataset(data: Path, cache: Path, config: PreprocessConfig, worker
     skipped: list[dict[str, str]] = []
     if cases is None:
         cases = read_dataset(data, skipped=skipped)
+        if not cases and not skipped:  # a job that found nothing to do has not succeeded
+            raise FileNotFoundError(f"no cases found in {data} (expected a MAMA-MIA root with images/<PID>/"
+                                    "<pid>_0000.nii.gz, or one folder of .nii[.gz]/.mha/.nrrd phase files per case)")
     store = CaseCache(cache, config)
     store.dir.mkdir(parents=True, exist_ok=True)
     todo, cached, seen = [], [], set()
