@@ -15,12 +15,12 @@ import json
 import numpy as np
 import torch
 
+from mtl_breast.baselines import case_acquisition
 from mtl_breast.data.cache import CaseCache
 from mtl_breast.data.mamamia import read_splits
 from mtl_breast.data.window import tumour_window
 from mtl_breast.inference import InferenceSettings, load_joint_model, predict_volume
 from mtl_breast.metrics.classification import roc_auc
-from mtl_breast.models.kinetics import KINETIC_FEATURES, tumour_kinetics
 
 
 @torch.no_grad()
@@ -36,14 +36,15 @@ def head_parts(run: str) -> dict:
         case = cache.read(pid)
         if case["info"].get("pcr") is None:
             continue
-        prob, logit = predict_volume(model, case["image"], case["phase_time"], settings)
+        acquisition = case_acquisition(case["info"])
+        prob, logit = predict_volume(model, case["image"], case["phase_time"], settings, acquisition=acquisition)
         window = tumour_window(case["image"][None].float(), torch.from_numpy(prob), settings.roi_size)
         times = case["phase_time"][None]
-        out = model(window, phase_time=times)
+        out = model(window, phase_time=times, acquisition=acquisition[None])
         tumour = out["seg_logits"].float().softmax(1)[:, 1:]
         if head.kinetic_threshold is not None:
             tumour = (tumour >= head.kinetic_threshold).float()
-        features = tumour_kinetics(window, tumour, None, times)
+        features = head.kinetic_inputs(window, tumour, None, times, acquisition[None])
         kinetic = float(head.kinetic_fc((features - head.kinetic_mean) / head.kinetic_std))
         rows.append([logit, kinetic, float(out["pcr_logits"]) - kinetic, *features[0].tolist()])
         labels.append(float(case["info"]["pcr"]))
@@ -53,7 +54,7 @@ def head_parts(run: str) -> dict:
               "std_kinetic_term": float(table[:, 1].std()), "std_token_term": float(table[:, 2].std())}
     # AUC of each feature alone, oriented so that 0.5 is chance and 1 perfect (a feature may predict either way).
     result["auc_feature_alone"] = {n: max(a, 1 - a) for n, a in
-                                   ((n, roc_auc(y, table[:, 3 + i])) for i, n in enumerate(KINETIC_FEATURES))}
+                                   ((n, roc_auc(y, table[:, 3 + i])) for i, n in enumerate(head.feature_names))}
     return result
 
 

@@ -78,11 +78,15 @@ VARIANTS = {"as acquired": lambda x: x, "washout removed (post-contrast flattene
             "post-contrast phases reversed": reverse_post_contrast}
 
 
-def held_out_set(out: Path, cases: int, size: int, settings: InferenceSettings) -> tuple[Path, CaseCache]:
-    """Fresh phantoms (seed `HELD_OUT_SEED`), preprocessed the way the weights expect."""
+def held_out_set(out: Path, cases: int, size: int, settings: InferenceSettings,
+                 seed: int = HELD_OUT_SEED) -> tuple[Path, CaseCache]:
+    """Fresh phantoms (seed `seed`, default `HELD_OUT_SEED`), preprocessed the way the weights expect."""
     data, cache_dir = out / "data", out / "cache"
     if not (data / "synthetic.json").exists():
-        generate_dataset(data, num_cases=cases, seed=HELD_OUT_SEED, size=size, test_fraction=0.0)
+        generate_dataset(data, num_cases=cases, seed=seed, size=size, test_fraction=0.0)
+    drawn = json.loads((data / "synthetic.json").read_text()).get("seed")
+    if drawn is not None and drawn != seed:
+        raise SystemExit(f"{data} holds phantoms of seed {drawn}, not {seed}: use another --heldout-dir")
     preprocess_dataset(data, cache_dir, settings.preprocess, progress=False)
     return data, CaseCache(cache_dir, settings.preprocess)
 
@@ -110,7 +114,8 @@ def score_run(run: Path, weights: Path, data: Path, cache: CaseCache,
     for pid in ids:
         case = cache.read(pid)
         for name in variants:
-            prob, logit = predict_volume(model, VARIANTS[name](case["image"]), case["phase_time"], settings)
+            prob, logit = predict_volume(model, VARIANTS[name](case["image"]), case["phase_time"], settings,
+                                         acquisition=case_acquisition(case["info"]))
             scores[name].append(float(1.0 / (1.0 + np.exp(-logit))))
             if name == "as acquired":
                 predicted_rows.append(case_features(case["image"], prob, case["phase_time"], roi,
@@ -182,9 +187,10 @@ def cmd_heldout(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     runs = [Path(r) for r in args.runs]
     settings = InferenceSettings.from_config(read_weights_config(runs[0] / "weights" / "mtl"))
-    data, cache = held_out_set(Path(args.heldout_dir), args.cases, args.size, settings)
+    data, cache = held_out_set(Path(args.heldout_dir), args.cases, args.size, settings, args.heldout_seed)
     scored = [score_run(run, run / "weights" / "mtl", data, cache) for run in runs]
     return {"experiment": "heldout", **summarise(scored), "runs": [str(r) for r in runs],
+            "heldout_seed": args.heldout_seed,
             **_meta(sys.argv, started)}
 
 
@@ -265,7 +271,7 @@ def _run_seed(run: Path) -> int:
 
 def _held_out_for(run: Path, args: argparse.Namespace) -> tuple[Path, CaseCache]:
     settings = InferenceSettings.from_config(read_weights_config(run / "weights" / "mtl"))
-    return held_out_set(Path(args.heldout_dir), args.cases, args.size, settings)
+    return held_out_set(Path(args.heldout_dir), args.cases, args.size, settings, args.heldout_seed)
 
 
 def cmd_label_efficiency(args: argparse.Namespace) -> dict:
@@ -333,7 +339,8 @@ def _ci(low_high) -> str:
 
 
 def _heldout_md(r: dict) -> list[str]:
-    lines = [f"{r['cases']} fresh phantoms with known pCR ({r['positives']} pCR), seed {HELD_OUT_SEED}, "
+    lines = [f"{r['cases']} fresh phantoms with known pCR ({r['positives']} pCR), seed "
+             f"{r.get('heldout_seed', HELD_OUT_SEED)}, "
              f"{r['seeds']} training seed(s); mean over seeds, 95% bootstrap interval over cases. Baselines are "
              "logistic regressions fitted on each run's training split (expert masks); their features on the "
              "held-out cases come from the expert mask or from the joint model's predicted mask. BA: the model "
@@ -397,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     for parser in (held, eff, abl):
         parser.add_argument("--cases", type=int, default=160, help="held-out phantoms")
         parser.add_argument("--heldout-dir", default="runs/science/heldout_data", help="where they are written")
+        parser.add_argument("--heldout-seed", type=int, default=HELD_OUT_SEED,
+                            help="seed of the held-out phantoms (one used nowhere else; a new one per new model)")
         parser.add_argument("--size", type=int, default=48)
     for parser in (runs, held, eff, abl):
         parser.add_argument("--out", required=True, help="JSON file to write")

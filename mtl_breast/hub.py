@@ -433,6 +433,9 @@ def load_pretrained(path: str | Path, arch: str | None = None, strict: bool = Tr
     if isinstance(model_args.get("pcr_head"), dict) and "kinetic" not in model_args["pcr_head"]:
         # Joint-model weights exported before the kinetic pathway existed have no `pcr_head.kinetic_fc`.
         model_args["pcr_head"] = {**model_args["pcr_head"], "kinetic": False}
+    if isinstance(model_args.get("pcr_head"), dict) and "kinetic_features" not in model_args["pcr_head"]:
+        # ... and those exported before the concentration features read the 6 curve features.
+        model_args["pcr_head"] = {**model_args["pcr_head"], "kinetic_features": "curve"}
     _check_before_building(weights, arch, {**model_args, **overrides}, strict)
     model = create_model(arch, **{**model_args, **overrides})
     sd = read_safetensors(weights, expected_sha256=config.get("weights_sha256"))

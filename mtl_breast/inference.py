@@ -28,6 +28,7 @@ from scipy import ndimage
 from mtl_breast.data.case import Case, CaseError
 from mtl_breast.data.preprocess import PreprocessConfig, original_image_reference, preprocess_case, to_original_space
 from mtl_breast.data.window import tumour_window
+from mtl_breast.models.kinetics import acquisition_vector
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,8 @@ def _flip_passes(tta: bool) -> list[tuple[int, ...]]:
 
 @torch.no_grad()
 def predict_volume(model: torch.nn.Module, image: torch.Tensor, phase_time: torch.Tensor,
-                   settings: InferenceSettings, phase_mask: torch.Tensor | None = None) -> tuple[np.ndarray, float]:
+                   settings: InferenceSettings, phase_mask: torch.Tensor | None = None,
+                   acquisition: torch.Tensor | None = None) -> tuple[np.ndarray, float]:
     """Segment one preprocessed case and predict its pCR logit.
 
     Args:
@@ -87,6 +89,8 @@ def predict_volume(model: torch.nn.Module, image: torch.Tensor, phase_time: torc
         phase_time: [T] seconds after pre-contrast (NaN unknown).
         settings: window size, overlap, TTA.
         phase_mask: [T] bool, default all True.
+        acquisition: [5] the case's `models.kinetics.acquisition_vector` (the pCR head's concentration features
+            need it; None = unknown).
 
     Returns:
         (tumour probability [D, H, W] float32 on the preprocessed grid, calibrated pCR logit).
@@ -116,7 +120,8 @@ def predict_volume(model: torch.nn.Module, image: torch.Tensor, phase_time: torc
     logits = []
     for dims in _flip_passes(settings.tta_flips):
         w = window.flip(dims) if dims else window
-        logits.append(model(w, phase_mask=m, phase_time=t)["pcr_logits"].float())
+        acq = None if acquisition is None else acquisition.reshape(1, -1).to(device, torch.float32)
+        logits.append(model(w, phase_mask=m, phase_time=t, acquisition=acq)["pcr_logits"].float())
     pcr_logit = float(torch.stack(logits).mean()) / settings.pcr_temperature
     return prob[0, 0].float().cpu().numpy(), pcr_logit
 
@@ -152,7 +157,9 @@ def write_mask(mask: np.ndarray, geometry: dict, path: Path) -> Path:
 def predict_case(model: torch.nn.Module, case: Case, settings: InferenceSettings) -> tuple[np.ndarray, dict, float]:
     """Preprocess, predict and map back one case. Returns (mask on the original grid, geometry, pCR probability)."""
     pre = preprocess_case(case, settings.preprocess)
-    prob, logit = predict_volume(model, torch.from_numpy(pre.image), torch.from_numpy(pre.phase_time), settings)
+    acquisition = acquisition_vector(pre.info.get("normalization"), pre.info.get("meta"))
+    prob, logit = predict_volume(model, torch.from_numpy(pre.image), torch.from_numpy(pre.phase_time), settings,
+                                 acquisition=acquisition)
     geometry = pre.info["geometry"]
     prob_orig = to_original_space(prob, geometry, interpolator="linear", default=0.0)
     return postprocess_mask(prob_orig, case, settings), geometry, 1.0 / (1.0 + math.exp(-logit))

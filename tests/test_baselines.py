@@ -86,7 +86,7 @@ def test_case_features_are_the_kinetics_of_the_tumour_window():
 
 
 def test_kinetic_pathway_initialised_from_a_logistic_regression():
-    head = PCRHead(embed_dim=8, kinetic=True)
+    head = PCRHead(embed_dim=8, kinetic=True, kinetic_features="curve")
     head.init_kinetic(mean=[1.0] * 6, std=[2.0] * 6, weight=[0.5, 0, 0, 0, 0, 0], bias=-0.3)
     tokens = torch.zeros(1, 2, 8, 8)
     image, prob = torch.zeros(1, 2, 8, 8, 8), torch.zeros(1, 1, 8, 8, 8)
@@ -99,6 +99,8 @@ def test_kinetic_pathway_initialised_from_a_logistic_regression():
     assert {"pcr_head.kinetic_mean", "pcr_head.kinetic_std"} <= {f"pcr_head.{k}" for k in head.state_dict()}
     with pytest.raises(ValueError):
         head.init_kinetic(mean=[0.0] * 6, std=[0.0] * 6, weight=[0.0] * 6, bias=0.0)
+    with pytest.raises(ValueError, match="need 5 means"):  # the concentration set has 5 features
+        PCRHead(embed_dim=8, kinetic=True).init_kinetic([0.0] * 6, [1.0] * 6, [0.0] * 6, 0.0)
     with pytest.raises(ValueError, match="no kinetic pathway"):
         PCRHead(embed_dim=8).init_kinetic([0.0] * 6, [1.0] * 6, [0.0] * 6, 0.0)
 

@@ -201,6 +201,13 @@ def test_collate_pads_three_and_five_phases(finetune):
         assert torch.equal(batch["phase_time"][i, : len(times)], times)
     assert (batch["image"][0, 3:] == 0).all() and batch["image"][0, :3].abs().sum() > 0
     assert batch["image"][1, 3:].abs().sum() > 0
+    # Each case's acquisition vector: its normalisation (offset, scale) and sequence (field, TR, flip angle).
+    assert batch["acquisition"].shape == (2, 5)
+    for i, pid in enumerate(batch["patient_id"]):
+        info = finetune.cache.read_info(pid)
+        assert batch["acquisition"][i, 0] == pytest.approx(info["normalization"]["mean"])
+        assert batch["acquisition"][i, 1] == pytest.approx(info["normalization"]["std"])
+        assert batch["acquisition"][i, 3] == pytest.approx(info["meta"]["repetition_time"])
 
 
 def test_missing_pcr_stays_nan(finetune, mama):
@@ -301,7 +308,8 @@ def _tumour_sample(shape=(24, 24, 24)) -> dict:
     label[0, 8:14, 9:15, 10:16] = 1
     image[:, label[0].bool()] = curve[:, None]
     return {"image": image, "label": label, "phase_mask": torch.ones(4, dtype=torch.bool),
-            "phase_time": torch.tensor([0.0, 90.0, 180.0, 270.0]), "pcr": 1.0, "meta": {}, "patient_id": "x"}
+            "phase_time": torch.tensor([0.0, 90.0, 180.0, 270.0]), "pcr": 1.0, "meta": {}, "patient_id": "x",
+            "acquisition": torch.tensor([0.4, 2.0, 1.5, 4.5, 10.0])}
 
 
 def test_training_transforms_keep_the_tumour_enhancement_ratios():
@@ -315,6 +323,10 @@ def test_training_transforms_keep_the_tumour_enhancement_ratios():
         curve = image[:, label].mean(dim=1)
         torch.testing.assert_close(curve / curve[1], torch.tensor([1.0, 2.4, 2.1, 1.8]) / 2.4)
         gains.add(round(float(curve[0]), 5))
+        # The normalisation offset follows the gain, so the scanner signal ratios S_t / S_0 are exact too.
+        offset, scale = float(out["acquisition"][0]), float(out["acquisition"][1])
+        signal = curve * scale + offset
+        torch.testing.assert_close(signal / signal[0], (torch.tensor([1.0, 2.4, 2.1, 1.8]) * 2.0 + 0.4) / 2.4)
     assert len(gains) > 1, "the gain was never jittered"
     # The optional per-phase gain does change the ratios: that is why it is off by default.
     per_phase = seeded(finetune_transforms(16, pos_fraction=1.0, intensity_jitter=0.0, phase_jitter=0.3,

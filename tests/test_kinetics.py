@@ -76,9 +76,10 @@ def test_kinetic_features_see_washout_and_ignore_padding():
     assert torch.isfinite(empty).all()
 
 
-def test_pcr_head_kinetic_pathway_uses_the_image():
+@pytest.mark.parametrize("features", ["curve", "concentration"])
+def test_pcr_head_kinetic_pathway_uses_the_image(features):
     torch.manual_seed(0)
-    head = PCRHead(embed_dim=16, kinetic=True).eval()
+    head = PCRHead(embed_dim=16, kinetic=True, kinetic_features=features).eval()
     with torch.no_grad():
         head.kinetic_fc.weight.normal_()
     tokens = torch.randn(1, 4, 8, 16)
@@ -86,13 +87,24 @@ def test_pcr_head_kinetic_pathway_uses_the_image():
     rising, _ = _volume([1.0, 3.0, 3.5, 4.0])
     flat = washout.clone()
     flat[:, 2:] = flat[:, 1:2]  # every post-contrast phase replaced by the first one
+    # The images are the signal itself: offset 0, scale 1, a 1.5 T protocol.
+    acquisition = acquisition_vector({"mean": 0.0, "std": 1.0},
+                                     {"field_strength": 1.5, "repetition_time": 4.5, "flip_angle": 10.0})[None]
     with torch.no_grad():
-        logits = [head(tokens, seg_prob=mask, grid=(2, 2, 2), image=x) for x in (washout, rising, flat)]
+        logits = [head(tokens, seg_prob=mask, grid=(2, 2, 2), image=x, acquisition=acquisition)
+                  for x in (washout, rising, flat)]
     assert len({round(float(v), 5) for v in logits}) == 3
+    if features == "concentration":
+        # Without the acquisition vector the concentration terms are unknown and take their training mean: only the
+        # tumour's size is left, the same for the three images.
+        with torch.no_grad():
+            blind = {round(float(head(tokens, seg_prob=mask, grid=(2, 2, 2), image=x)), 5)
+                     for x in (washout, rising, flat)}
+        assert len(blind) == 1
     with pytest.raises(ValueError, match="kinetic pathway needs image"):
         head(tokens, seg_prob=mask, grid=(2, 2, 2))
     # Zero-initialised: a fresh head starts as the token-only head.
-    fresh, plain = PCRHead(embed_dim=16, kinetic=True), PCRHead(embed_dim=16)
+    fresh, plain = PCRHead(embed_dim=16, kinetic=True, kinetic_features="curve"), PCRHead(embed_dim=16)
     plain.load_state_dict({k: v for k, v in fresh.state_dict().items() if not k.startswith("kinetic")})
     torch.testing.assert_close(fresh(tokens, seg_prob=mask, grid=(2, 2, 2), image=washout),
                                plain(tokens, seg_prob=mask, grid=(2, 2, 2)))
@@ -101,6 +113,15 @@ def test_pcr_head_kinetic_pathway_uses_the_image():
 def test_joint_models_have_the_kinetic_pathway_and_older_weights_still_load(tmp_path):
     model = create_model("mtl_vit_test")
     assert model.pcr_head.kinetic and model.model_args["pcr_head"]["kinetic"] is True
+    assert model.model_args["pcr_head"]["kinetic_features"] == "concentration"
+    # Weights exported before the concentration features: the 6 curve features, no `kinetic_features` argument.
+    curve = create_model("mtl_vit_test", pcr_head={"kinetic_features": "curve"})
+    out = save_pretrained(curve, tmp_path / "curve")
+    config = json.loads((out / "config.json").read_text())
+    del config["model_args"]["pcr_head"]["kinetic_features"]
+    (out / "config.json").write_text(json.dumps(config))
+    loaded = load_pretrained(out)
+    assert loaded.pcr_head.kinetic_features == "curve" and loaded.pcr_head.kinetic_fc.weight.shape == (1, 6)
     # Weights exported before the pathway: no `kinetic` argument and no kinetic_fc tensor.
     old = create_model("mtl_vit_test", pcr_head={"kinetic": False})
     out = save_pretrained(old, tmp_path / "old")

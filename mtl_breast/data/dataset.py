@@ -4,6 +4,7 @@ Batch contract (DESIGN.md 3):
     image       float [B, T, D, H, W]   T = most phases of any case in the batch
     phase_mask  bool  [B, T]            False where a case has fewer phases (padding) or a phase was dropped
     phase_time  float [B, T]            seconds after pre-contrast; NaN unknown or padded
+    acquisition float [B, 5]            normalisation offset/scale, field strength, TR, flip angle; NaN unknown
     label       uint8 [B, 1, D, H, W]   only when every sample has one
     pcr         float [B]               NaN when unknown
     tumour_window bool [B]              the crop is centred on the tumour (fine-tuning crops; else all False)
@@ -21,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mtl_breast.data.cache import CaseCache
+from mtl_breast.models.kinetics import ACQUISITION_FIELDS, acquisition_vector
 
 
 class CachedCaseDataset(Dataset):
@@ -59,6 +61,7 @@ class CachedCaseDataset(Dataset):
             "image": image,
             "phase_mask": torch.ones(image.shape[0], dtype=torch.bool),
             "phase_time": torch.as_tensor(case["phase_time"], dtype=torch.float32),
+            "acquisition": acquisition_vector(info.get("normalization"), info.get("meta")),
             "pcr": math.nan if info.get("pcr") is None else float(info["pcr"]),
             "meta": {"patient_id": pid, **(info.get("meta") or {})},
             "patient_id": pid,
@@ -103,6 +106,8 @@ def collate_cases(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "image": image,
         "phase_mask": phase_mask,
         "phase_time": phase_time,
+        "acquisition": torch.stack([_plain(s["acquisition"]).float() if "acquisition" in s
+                                    else torch.full((len(ACQUISITION_FIELDS),), math.nan) for s in samples]),
         "pcr": torch.tensor([float(s["pcr"]) for s in samples], dtype=torch.float32),
         "tumour_window": torch.tensor([bool(s.get("tumour_window", False)) for s in samples], dtype=torch.bool),
         "meta": [s["meta"] for s in samples],

@@ -5,12 +5,14 @@ A sample entering these pipelines is a dict from `dataset.CachedCaseDataset`:
     label       uint8 [1, D, H, W]   (fine-tuning only)
     phase_mask  bool  [T]            True = real phase
     phase_time  float [T]            seconds after pre-contrast, NaN unknown
+    acquisition float [5]            intensity offset/scale of the normalisation, field strength, TR, flip angle
 plus non-tensor keys (patient_id, pcr, meta) that the transforms leave alone. Fine-tuning crops add
     tumour_window bool               True = the crop is centred on the tumour (the pCR window rule)
 
 Intensity augmentation multiplies all phases of a case by ONE gain (phases of a series share the
-receiver gain), so the relative enhancement S_t / S_1 inside the tumour, the signal pCR depends on,
-survives augmentation; an optional per-phase gain is off by default.
+receiver gain) and scales the normalisation offset in `acquisition` with it, so the signal ratios S_t / S_0
+inside the tumour, the signal pCR depends on, survive augmentation exactly; an optional per-phase gain is off
+by default.
 """
 
 from __future__ import annotations
@@ -68,6 +70,35 @@ class RandPhaseDropoutd(RandomizableTransform, MapTransform):
         image = torch.as_tensor(d[self.image_key]).clone()
         image[drop] = 0
         d[self.image_key], d[self.mask_key] = image, phase_mask
+        return d
+
+
+class RandCaseGaind(RandomizableTransform, MapTransform):
+    """Multiply every phase of a case by one random receiver gain ``1 + u``, ``u ~ U(-factor, factor)``.
+
+    The image is the case normalised with one offset and scale (``(S - offset) / scale``); a gain on the scanner
+    signal S scales the normalised image by ``1 + u`` only if the offset scales with it, so the sample's
+    ``acquisition`` vector (`models.kinetics.acquisition_vector`) gets ``offset * (1 + u)``: the signal ratios
+    between phases, and with them the contrast concentration, stay exact.
+    """
+
+    def __init__(self, factor: float = 0.1, prob: float = 0.5, image_key: str = "image",
+                 acquisition_key: str = "acquisition"):
+        MapTransform.__init__(self, [image_key])
+        RandomizableTransform.__init__(self, prob)
+        self.factor, self.image_key, self.acquisition_key = factor, image_key, acquisition_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        gain = 1.0 + self.R.uniform(-self.factor, self.factor)
+        d[self.image_key] = torch.as_tensor(d[self.image_key]) * gain
+        if self.acquisition_key in d:
+            acquisition = torch.as_tensor(d[self.acquisition_key]).clone()
+            acquisition[0] = acquisition[0] * gain  # the offset, in the units of the signal
+            d[self.acquisition_key] = acquisition
         return d
 
 
@@ -129,10 +160,9 @@ def _augment(keys: list[str], flip_prob: float, intensity_jitter: float, intensi
     # Flips along every spatial axis (axes 0..2 of [D, H, W] after the channel axis).
     ops: list = [RandFlipd(keys=keys, prob=flip_prob, spatial_axis=axis) for axis in range(3)]
     if intensity_jitter > 0:
-        # channel_wise=False: one factor for every phase of the case (a series shares its receiver gain). No additive
-        # shift: an offset would change the enhancement ratios between phases.
-        ops.append(RandScaleIntensityd(keys="image", factors=intensity_jitter, prob=intensity_prob,
-                                       channel_wise=False))
+        # One factor for every phase of the case (a series shares its receiver gain). No additive shift: an offset
+        # would change the enhancement ratios between phases.
+        ops.append(RandCaseGaind(factor=intensity_jitter, prob=intensity_prob))
     if phase_jitter > 0:
         ops.append(RandScaleIntensityd(keys="image", factors=phase_jitter, prob=intensity_prob, channel_wise=True))
     return ops

@@ -13,7 +13,13 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from mtl_breast.models.kinetics import KINETIC_FEATURES, tumour_kinetics
+from mtl_breast.models.kinetics import CONCENTRATION_FEATURES, KINETIC_FEATURES, tumour_concentration, tumour_kinetics
+
+# Kinetic feature sets of the pathway: column names and the function computing them (`models.kinetics`).
+FEATURE_SETS = {
+    "curve": (KINETIC_FEATURES, lambda image, prob, mask, time, acq: tumour_kinetics(image, prob, mask, time)),
+    "concentration": (CONCENTRATION_FEATURES, tumour_concentration),
+}
 
 __all__ = ["PCRHead"]
 
@@ -28,10 +34,11 @@ class PCRHead(nn.Module):
     The softmax runs jointly over (T, N) with padded phases masked out; the pooled vector goes through
     norm -> dropout -> linear.
 
-    With ``kinetic`` the logit also gets a linear term of the tumour's kinetic features (`tumour_kinetics`: size,
-    wash-in, peak enhancement, washout; weighted by ``seg_prob`` over the raw ``image``), so the response signal
-    that DCE-MRI carries in the enhancement between phases reaches the head directly instead of only through
-    pooled tokens.
+    With ``kinetic`` the logit also gets a linear term of the tumour's kinetic features under the predicted mask, so
+    the response signal that DCE-MRI carries in the enhancement between phases reaches the head directly instead
+    of only through pooled tokens: ``kinetic_features="concentration"`` (`tumour_concentration`: size and the
+    tumour's contrast concentration from the signal equation, which needs the case's ``acquisition`` vector) or
+    ``"curve"`` (`tumour_kinetics`: size, wash-in, peak enhancement, washout of the normalised intensities).
 
     Args:
         embed_dim: token width E.
@@ -40,10 +47,13 @@ class PCRHead(nn.Module):
         prob_weighted: bias attention by ``seg_prob`` when it is given (ignored when it is not).
         detach_prob: stop the pCR loss from back-propagating into the segmentation through ``seg_prob``.
         prob_eps: floor added to the probability before the log, bounding the bias at ``log(prob_eps)``.
-        kinetic: add the kinetic pathway (needs ``image`` and ``seg_prob`` in :meth:`forward`); its features are
+        kinetic: add the kinetic pathway (needs ``image`` and ``seg_prob`` in :meth:`forward`); its K features are
             standardised with buffers ``kinetic_mean``/``kinetic_std`` (weights format: ``pcr_head.kinetic_fc.weight
-            [1, 6]``, ``pcr_head.kinetic_mean [6]``, ``pcr_head.kinetic_std [6]``). Weights exported without it load
+            [1, K]``, ``pcr_head.kinetic_mean [K]``, ``pcr_head.kinetic_std [K]``). Weights exported without it load
             with ``kinetic=False``.
+        kinetic_features: "concentration" (K = 5) or "curve" (K = 6). A feature that cannot be computed (NaN: the
+            acquisition vector is unknown) takes its training mean, i.e. contributes nothing. Joint weights
+            exported before this option existed load with "curve".
         kinetic_threshold: the tumour curve averages the voxels with ``seg_prob >= kinetic_threshold`` (a hard mask,
             like the expert masks the pathway is initialised on); None = weight every voxel by its probability,
             which lets a low-probability halo around the tumour dilute the curve.
@@ -60,6 +70,7 @@ class PCRHead(nn.Module):
         prob_eps: float = 1e-3,
         kinetic: bool = False,
         kinetic_threshold: float | None = 0.5,
+        kinetic_features: str = "concentration",
     ) -> None:
         super().__init__()
         hidden_dim = hidden_dim or max(embed_dim // 2, 1)
@@ -80,14 +91,19 @@ class PCRHead(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(embed_dim, 1)
+        if kinetic_features not in FEATURE_SETS:
+            raise ValueError(f"kinetic_features must be one of {sorted(FEATURE_SETS)}, got {kinetic_features!r}")
         self.kinetic = kinetic
         self.kinetic_threshold = kinetic_threshold
-        self.kinetic_fc = nn.Linear(len(KINETIC_FEATURES), 1, bias=False) if kinetic else None
+        self.kinetic_features = kinetic_features
+        self.feature_names = FEATURE_SETS[kinetic_features][0]
+        k = len(self.feature_names)
+        self.kinetic_fc = nn.Linear(k, 1, bias=False) if kinetic else None
         if self.kinetic_fc is not None:
             nn.init.zeros_(self.kinetic_fc.weight)  # starts as the token-only head
             # Standardisation of the features, part of the weights (see `init_kinetic`).
-            self.register_buffer("kinetic_mean", torch.zeros(len(KINETIC_FEATURES)))
-            self.register_buffer("kinetic_std", torch.ones(len(KINETIC_FEATURES)))
+            self.register_buffer("kinetic_mean", torch.zeros(k))
+            self.register_buffer("kinetic_std", torch.ones(k))
 
     def forward(
         self,
@@ -97,6 +113,7 @@ class PCRHead(nn.Module):
         grid: Sequence[int] | None = None,
         image: torch.Tensor | None = None,
         phase_time: torch.Tensor | None = None,
+        acquisition: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Pool tokens into a pCR logit.
 
@@ -107,6 +124,8 @@ class PCRHead(nn.Module):
             grid: token grid ``(d, h, w)``; needed with ``seg_prob`` unless the patch is isotropic.
             image: ``[B, T, D, H, W]`` the phases the tokens came from (kinetic pathway).
             phase_time: ``[B, T]`` seconds after pre-contrast, NaN unknown (kinetic pathway).
+            acquisition: ``[B, 5]`` `models.kinetics.acquisition_vector` of each case (concentration features);
+                None = unknown.
 
         Returns:
             Raw logits ``[B]`` (no sigmoid).
@@ -139,10 +158,17 @@ class PCRHead(nn.Module):
             prob = seg_prob.detach() if self.detach_prob else seg_prob
             if self.kinetic_threshold is not None:
                 prob = (prob >= self.kinetic_threshold).to(prob.dtype)
-            features = tumour_kinetics(image, prob, phase_mask, phase_time)
+            features = self.kinetic_inputs(image, prob, phase_mask, phase_time, acquisition)
             features = ((features - self.kinetic_mean) / self.kinetic_std).to(self.kinetic_fc.weight.dtype)
             logit = logit + self.kinetic_fc(features).squeeze(-1).to(logit.dtype)
         return logit
+
+    def kinetic_inputs(self, image: torch.Tensor, tumour: torch.Tensor, phase_mask: torch.Tensor | None = None,
+                       phase_time: torch.Tensor | None = None, acquisition: torch.Tensor | None = None) -> torch.Tensor:
+        """The ``[B, K]`` kinetic features of ``tumour`` (a mask ``[B, 1, D, H, W]``), unstandardised; a feature
+        that cannot be computed is set to its training mean."""
+        features = FEATURE_SETS[self.kinetic_features][1](image, tumour, phase_mask, phase_time, acquisition)
+        return torch.where(torch.isfinite(features), features, self.kinetic_mean.to(features.dtype))
 
     @torch.no_grad()
     def init_kinetic(self, mean: Sequence[float], std: Sequence[float], weight: Sequence[float],
@@ -150,13 +176,13 @@ class PCRHead(nn.Module):
         """Start the kinetic pathway from a logistic regression of pCR on the kinetic features.
 
         Args:
-            mean, std: standardisation of the features (`KINETIC_FEATURES` order), kept as buffers.
+            mean, std: standardisation of the features (``feature_names`` order), kept as buffers.
             weight: regression coefficients on the standardised features.
             bias: intercept, written into the output bias.
         """
         if self.kinetic_fc is None:
             raise ValueError("this PCRHead has no kinetic pathway (kinetic=False)")
-        k = len(KINETIC_FEATURES)
+        k = len(self.feature_names)
         values = [torch.as_tensor(v, dtype=torch.float32).reshape(-1) for v in (mean, std, weight)]
         if any(v.numel() != k for v in values) or not bool((values[1] > 0).all()):
             raise ValueError(f"need {k} means, {k} positive stds and {k} weights")

@@ -216,22 +216,24 @@ def tumour_concentration(image: Tensor, tumour_prob: Tensor, phase_mask: Tensor 
     minutes = torch.where(torch.isfinite(minutes) & (minutes > 0), minutes,
                           (last - 1).clamp_min(1).float() * _DEFAULT_INTERVAL_S / 60.0)
 
-    rows = []
-    for i in range(b):  # tumours differ in size: one at a time, B is small
-        first = conc[i, 1, mask[i]]
-        if first.numel() == 0:
-            rows.append(torch.zeros(4, device=device))
-            continue
-        enhancing = mask[i].clone()
-        enhancing[mask[i]] = first >= first.median()
-        c1 = conc[i, 1, enhancing].mean().clamp_min(1e-3)
-        c_last = conc[i, last[i], enhancing].mean().clamp_min(1e-3)
-        slope = torch.log(c_last / c1) / minutes[i] if bool(last[i] >= 2) else torch.zeros((), device=device)
-        core_first = conc[i, 1, core[i]]
-        core_ratio = torch.log(core_first.mean().clamp_min(1e-3) / first.mean().clamp_min(1e-3)) \
-            if core_first.numel() else torch.zeros((), device=device)
-        rows.append(torch.stack([torch.log(c1), torch.log(c_last), slope.clamp(-1.0, 1.0), core_ratio]))
-    values = torch.stack(rows)  # [B, 4]
+    # Masked means and medians (no boolean indexing: shapes stay static, so fake-tensor tracing works too).
+    first = conc[:, 1]  # [B, V]
+    median = torch.where(mask, first, float("nan")).nanmedian(dim=1).values  # [B] (NaN for an empty mask)
+    enhancing = (mask & (first >= median[:, None])).float()  # the tumour's enhancing half [B, V]
+
+    def mean_over(values: Tensor, weights: Tensor) -> Tensor:  # [B, V], [B, V] -> [B]
+        return (values * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+    last_conc = conc.gather(1, last[:, None, None].expand(-1, 1, conc.shape[2]))[:, 0]  # [B, V]
+    c1 = mean_over(first, enhancing).clamp_min(1e-3)
+    c_last = mean_over(last_conc, enhancing).clamp_min(1e-3)
+    slope = torch.where(last >= 2, torch.log(c_last / c1) / minutes, 0.0).clamp(-1.0, 1.0)
+    core_first = mean_over(first, core.float()).clamp_min(1e-3)
+    whole_first = mean_over(first, mask.float()).clamp_min(1e-3)
+    core_ratio = torch.where(core.any(dim=1), torch.log(core_first / whole_first), 0.0)
+    values = torch.stack([torch.log(c1), torch.log(c_last), slope, core_ratio], dim=1)  # [B, 4]
+    has_tumour = mask.any(dim=1)
+    values = torch.where(has_tumour[:, None], values, 0.0)
     values = torch.where(known[:, None], values, float("nan"))
     log_volume = torch.log1p(mask.float().sum(dim=1)) - 6.0
     return torch.cat([log_volume[:, None], values], dim=1)

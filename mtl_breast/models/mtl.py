@@ -41,8 +41,10 @@ class MTLModel(nn.Module):
         self.skip_indices = list(skip_indices)
 
     def forward(self, image: torch.Tensor, phase_mask: torch.Tensor | None = None,
-                phase_time: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Args: image [B, T, D, H, W]; phase_mask bool [B, T]; phase_time float [B, T] (NaN unknown).
+                phase_time: torch.Tensor | None = None,
+                acquisition: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Args: image [B, T, D, H, W]; phase_mask bool [B, T]; phase_time float [B, T] (NaN unknown); acquisition
+        float [B, 5] (`models.kinetics.acquisition_vector`, for the pCR head's concentration features; None unknown).
 
         Returns: {"seg_logits": [B, K, D, H, W], "pcr_logits": [B]} -- raw logits, no activation.
         """
@@ -53,7 +55,7 @@ class MTLModel(nn.Module):
         tumour_prob = seg_logits.detach().float().softmax(dim=1)[:, 1:].sum(dim=1, keepdim=True)
         grid = tuple(s // p for s, p in zip(image.shape[-3:], self.encoder.patch_size, strict=True))
         pcr_logits = self.pcr_head(features[-1], phase_mask=phase_mask, seg_prob=tumour_prob, grid=grid, image=image,
-                                   phase_time=phase_time)
+                                   phase_time=phase_time, acquisition=acquisition)
         return {"seg_logits": seg_logits, "pcr_logits": pcr_logits}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

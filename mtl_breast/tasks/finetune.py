@@ -36,7 +36,6 @@ from mtl_breast.metrics.classification import choose_threshold, roc_auc, tempera
 from mtl_breast.metrics.mamamia import score_classification, score_segmentation
 from mtl_breast.metrics.segmentation import dice, hd95, norm_hd
 from mtl_breast.metrics.subgroups import age_group, density_group, menopause_group
-from mtl_breast.models.kinetics import KINETIC_FEATURES
 from mtl_breast.models.registry import create_model
 from mtl_breast.tasks.loggers import close_figure, log_figure, overlay_figure, training_summary, validation_metrics
 from mtl_breast.tasks.optim import build_optimizer, build_scheduler
@@ -156,12 +155,13 @@ class MTLFinetuneModule(L.LightningModule):
             log.warning("kinetic pathway not initialised: the training cases hold %s pCR label(s) only",
                         sorted(set(labels)) or "no")
             return
-        fitted = LogisticBaseline(KINETIC_FEATURES).fit(rows, labels)
+        fitted = LogisticBaseline(head.feature_names).fit(rows, labels)
         head.init_kinetic(fitted.mean_, fitted.std_, fitted.coef_[1:], float(fitted.coef_[0]))
         log.info("kinetic pathway initialised from a logistic regression on %d training cases", len(labels))
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return self.model(batch["image"], phase_mask=batch["phase_mask"], phase_time=batch["phase_time"])
+        return self.model(batch["image"], phase_mask=batch["phase_mask"], phase_time=batch["phase_time"],
+                          acquisition=batch.get("acquisition"))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self(batch)
@@ -197,8 +197,9 @@ class MTLFinetuneModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         for i in range(batch["image"].shape[0]):
+            acquisition = batch["acquisition"][i] if "acquisition" in batch else None
             prob, logit = predict_volume(self.model, batch["image"][i], batch["phase_time"][i], self._settings(),
-                                         phase_mask=batch["phase_mask"][i])
+                                         phase_mask=batch["phase_mask"][i], acquisition=acquisition)
             pred = prob >= 0.5
             gt = batch["label"][i, 0].cpu().numpy().astype(bool)
             if batch_idx == 0 and i == 0:  # one case per epoch for the TensorBoard overlay
