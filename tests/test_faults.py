@@ -1,0 +1,98 @@
+"""Fault injection: `preprocess` and `predict` killed with SIGKILL at random points and run again end with the
+same outputs as an uninterrupted run, and never leave a partial file under a real name.
+
+Real processes (`python -m mtl_breast.cli`), kill times drawn from a seeded generator within the time an
+uninterrupted run takes, a bounded number of kills. Slow (a few process starts each): `make test-slow`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from mtl_breast.data.cache import CaseCache
+from mtl_breast.data.preprocess import PreprocessConfig
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+KILLS = 3
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "mtl_breast.cli", *map(str, args)]
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+
+
+def _timed_run(cmd: list[str]) -> float:
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return time.perf_counter() - started
+
+
+def _kill_at(cmd: list[str], seconds: float) -> None:
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        proc.wait(timeout=seconds)  # finished before the kill: fine, the next run has nothing left to do
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the job and any worker it started
+        proc.wait(timeout=60)
+
+
+def _kill_and_rerun(cmd: list[str], full_seconds: float, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for _ in range(KILLS):
+        _kill_at(cmd, float(rng.uniform(0.3, 1.0)) * full_seconds)
+    _timed_run(cmd)
+
+
+def _visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def test_preprocess_killed_and_rerun_gives_the_uninterrupted_cache(phantoms, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    full = _timed_run(_cli("preprocess", "--data", phantoms, "--cache", straight))
+    _kill_and_rerun(_cli("preprocess", "--data", phantoms, "--cache", killed), full, seed=0)
+    config = PreprocessConfig()
+    a, b = CaseCache(straight, config), CaseCache(killed, config)
+    assert a.patient_ids() == b.patient_ids() and len(a.patient_ids()) == 10
+    for pid in a.patient_ids():
+        x, y = a.read(pid), b.read(pid)  # every file under a real name reads whole
+        assert torch.equal(x["image"], y["image"]) and torch.equal(x["phase_time"], y["phase_time"])
+        assert (x["label"] is None) == (y["label"] is None)
+        if x["label"] is not None:
+            assert torch.equal(x["label"], y["label"])
+        assert {k: v for k, v in x["info"].items() if k != "source"} == \
+            {k: v for k, v in y["info"].items() if k != "source"}
+    assert [p.name for p in _visible(straight) if p.suffix == ".safetensors"] == \
+        [p.name for p in _visible(killed) if p.suffix == ".safetensors"]
+
+
+def test_predict_killed_and_rerun_gives_the_uninterrupted_outputs(phantoms, mtl_weights, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(phantoms, data)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    args = ("--weights", mtl_weights, "--data", data, "--device", "cpu", "--split", "all")
+    full = _timed_run(_cli("predict", *args, "--out", straight))
+    _kill_and_rerun(_cli("predict", *args, "--out", killed), full, seed=1)
+    assert [p.relative_to(straight) for p in _visible(straight)] == [p.relative_to(killed) for p in _visible(killed)]
+    assert (straight / "predictions.csv").read_text() == (killed / "predictions.csv").read_text()
+    for mask in (straight / "pred_segmentations").glob("*.nii.gz"):
+        a = sitk.GetArrayFromImage(sitk.ReadImage(str(mask)))
+        b = sitk.GetArrayFromImage(sitk.ReadImage(str(killed / "pred_segmentations" / mask.name)))
+        assert np.array_equal(a, b), mask.name
