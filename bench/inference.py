@@ -6,26 +6,29 @@ freshly initialised model: the cost does not depend on the weights. Reports the 
 ``--repeats`` runs after one warm-up run, the number of windows and, on CUDA, the peak memory.
 
     python bench/inference.py                                             # GPU: mtl_vit_base, roi 128^3
+    python bench/inference.py --shape 3 380 190 190 --repeats 3           # GPU: a MAMA-MIA case after preprocessing
     python bench/inference.py --shape 3 32 96 96 --repeats 1              # CPU smoke run (mtl_vit_test)
+
+Without ``--bf16`` the model runs in float32, as `mtl-breast predict` runs it; validation under Lightning's
+bf16-mixed precision runs it under bf16 autocast (``--bf16``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
-import platform
 import statistics
 import time
 
 import torch
+from bench_common import device_name, emit, sync
 
 from mtl_breast.inference import InferenceSettings, predict_volume
 from mtl_breast.models.registry import create_model
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="mtl_vit_base" if cuda else "mtl_vit_test")
@@ -36,13 +39,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if cuda else "cpu")
-    return p.parse_args()
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    p.add_argument("--out", help="also write the JSON to this file")
+    return p.parse_args(argv)
 
 
 def windows(shape: tuple[int, ...], roi: tuple[int, ...], overlap: float) -> int:
@@ -54,8 +52,8 @@ def windows(shape: tuple[int, ...], roi: tuple[int, ...], overlap: float) -> int
     return count
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = create_model(args.arch, **({"img_size": args.roi} if args.roi else {})).to(device).eval()
@@ -67,13 +65,11 @@ def main() -> None:
     amp = (torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext())
 
     def run_once() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         t0 = time.perf_counter()
         with amp:
             predict_volume(model, image, phase_time, settings)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         return time.perf_counter() - t0
 
     warmup = run_once()
@@ -92,7 +88,7 @@ def main() -> None:
     }
     if device.type == "cuda":
         out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-    print(json.dumps(out, indent=2))
+    return emit(out, args.out)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,11 @@ Both models get the same width, depth, heads, patch, decoder size, input shape a
 T phases as T*N tokens (shared tokenizer, temporal attention); MONAI's takes the phases as input channels, so it
 sees N tokens that mix all phases in the patch embedding. Memory: CUDA ``max_memory_allocated`` on a GPU; on CPU
 the bytes of tensors saved for backward (a ``saved_tensors_hooks`` count, deduplicated by storage).
+Throughput: volumes/s and tokens/s, a token being one element of the model's own sequence (ours T*N per volume,
+MONAI's N), so the per-token ratio credits ours for the T-times longer sequence it attends over. Model FLOP
+utilisation: FLOPs of one forward + backward of the measured step (``torch.utils.flop_counter.FlopCounterMode`` on
+the same input, gradient checkpointing off while counting, so recomputation is not credited), divided by the step
+time and by the device's dense bf16 peak (`bench_common.PEAK_BF16_TFLOPS`, or ``--peak-tflops``).
 
     python bench/mae_step.py --model test --size 32 --phases 2 --batch 2          # CPU smoke run
     python bench/mae_step.py --model base --size 128 --phases 4 --batch 2 --bf16  # GPU
@@ -15,26 +20,37 @@ memory is measured; on a CPU it is the `mtl-breast fit-check` estimate and the s
 
     python bench/mae_step.py --find-max-batch --model base --bf16 --grad-ckpt     # GPU: ViT-B, 4 x 128^3
     python bench/mae_step.py --find-max-batch --model test --size 32 --limit-gib 0.05 --steps 2   # CPU smoke run
+
+``--memory measured`` makes a CPU search measure too (traced live bytes, `bench_common.PeakMemory`; test sizes).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
-import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+from bench_common import (
+    PeakMemory,
+    count_flops,
+    device_name,
+    emit,
+    flop_counter_mode,
+    peak_bf16_tflops,
+    pick_device,
+    sync,
+    tensors_of,
+)
 from einops import rearrange
 
 from mtl_breast.models.registry import ENCODER_SIZES, MAE_DECODER_SIZES, create_model
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=["test", "small", "base"], default="base")
     p.add_argument("--size", type=int, default=128, help="cubic volume edge in voxels")
@@ -52,13 +68,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--limit-gib", type=float, default=22.0, help="memory limit of --find-max-batch")
     p.add_argument("--max-batch", type=int, default=512, help="upper bound of the --find-max-batch search")
     p.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the device for MFU (default: known GPUs)")
-    return p.parse_args()
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    p.add_argument("--memory", choices=["measured", "estimate"],
+                   help="--find-max-batch memory: measured (CUDA default) or the fit-check estimate (CPU default)")
+    p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    p.add_argument("--out", help="also write the JSON to this file")
+    return p.parse_args(argv)
 
 
 def build_ours(args: argparse.Namespace) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
@@ -96,6 +110,11 @@ def build_monai(args: argparse.Namespace) -> tuple[torch.nn.Module, Callable[[to
         decoder_pos_embed_type="sincos" if dec["decoder_embed_dim"] % 6 == 0 else "learnable",
         qkv_bias=True,
     )
+    if args.bf16:
+        # Under autocast MONAI's forward index-puts the bf16 output of `decoder_embed` into a float32 copy of its mask
+        # token and fails (dtype mismatch, on CUDA as on CPU); handing the decoder float32 tokens, as the forward
+        # expects, costs one small cast.
+        model.decoder_embed.register_forward_hook(lambda module, inputs, output: output.float())
 
     def loss_fn(x: torch.Tensor) -> torch.Tensor:
         pred, mask = model(x)  # [B, N, P*C], [B, N] (1 = masked)
@@ -106,7 +125,8 @@ def build_monai(args: argparse.Namespace) -> tuple[torch.nn.Module, Callable[[to
     return model, loss_fn
 
 
-def measure(build, args: argparse.Namespace, device: torch.device) -> dict:
+def measure(build, args: argparse.Namespace, device: torch.device, tokens_per_volume: int) -> dict:
+    """Step time, throughput, FLOPs and MFU, memory of one model on the seeded input (the same for every model)."""
     torch.manual_seed(0)
     model, loss_fn = build(args)
     model = model.to(device).train()
@@ -121,25 +141,25 @@ def measure(build, args: argparse.Namespace, device: torch.device) -> dict:
         loss.backward()
         opt.step()
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     for _ in range(args.warmup):
         step()
-    sync()
+    sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
         step()
-        sync()
+        sync(device)
         times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
     result = {
-        "step_ms_median": round(1000 * statistics.median(times), 2),
+        "step_ms_median": round(1000 * step_s, 2),
         "step_ms_min": round(1000 * min(times), 2),
         "params": sum(p.numel() for p in model.parameters()),
+        "tokens_per_volume": tokens_per_volume,
+        "volumes_per_s": round(args.batch / step_s, 3),
+        "tokens_per_s": round(args.batch * tokens_per_volume / step_s, 1),
     }
     if device.type == "cuda":
         result["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
@@ -155,19 +175,23 @@ def measure(build, args: argparse.Namespace, device: torch.device) -> dict:
             loss = loss_fn(x)
         loss.backward()
         result["saved_activation_bytes"] = sum(seen.values())
+
+    def forward_backward() -> None:
+        with amp:
+            loss = loss_fn(x)
+        loss.backward()
+
+    ckpt = getattr(model, "set_grad_checkpointing", None)
+    if ckpt is not None:
+        ckpt(False)  # model FLOPs: recomputation is extra work, not credited to utilisation
+    result["flops_per_step"] = count_flops(forward_backward)
+    opt.zero_grad(set_to_none=True)
+    if ckpt is not None:
+        ckpt(args.grad_ckpt)
+    peak, _ = peak_bf16_tflops(device, args.peak_tflops)
+    result["achieved_tflops"] = round(result["flops_per_step"] / step_s / 1e12, 6)
+    result["mfu"] = round(result["flops_per_step"] / step_s / (peak * 1e12), 5) if peak else None
     return result
-
-
-# Dense bf16 tensor-core peaks (TFLOPS) by device-name fragment, first match wins; --peak-tflops overrides.
-PEAK_BF16_TFLOPS = [("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0), ("L4", 121.0),
-                    ("4090", 165.0)]
-
-
-def peak_tflops(args: argparse.Namespace, device: torch.device) -> float | None:
-    if args.peak_tflops:
-        return args.peak_tflops
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
 
 
 def pretrain_config(args: argparse.Namespace, batch: int) -> dict:
@@ -180,18 +204,9 @@ def pretrain_config(args: argparse.Namespace, batch: int) -> dict:
 
 def model_flops_per_volume(args: argparse.Namespace) -> int:
     """FLOPs of forward + backward per volume (no checkpoint recomputation), counted on fake tensors."""
-    from torch.utils import flop_counter
-
     from mtl_breast.memtrace import FakeMode, LiveBytes
 
-    # The CPU flash kernel that fake tensors run costs what CUDA's flash kernel does.
-    cpu_flash = {
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
-            lambda q, k, v, *a, **kw: flop_counter.sdpa_flop_count(q, k, v),
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
-            lambda g, q, k, v, *a, **kw: flop_counter.sdpa_backward_flop_count(g, q, k, v),
-    }
-    counter = flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_flash)
+    counter = flop_counter_mode()  # fake tensors run the CPU flash kernel, which costs what CUDA's does
     with torch.device("meta"):  # no initialisation work; storage comes from to_empty
         model = create_model(f"mae_vit_{args.model}", img_size=args.size, mask_ratio=args.mask_ratio,
                              attn_mode=args.attn_mode, max_phases=max(8, args.phases))
@@ -223,16 +238,22 @@ def find_max_batch(args: argparse.Namespace, device: torch.device) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    measured = (args.memory or ("measured" if device.type == "cuda" else "estimate")) == "measured"
+    metric = "fit-check estimate"
+
     def peak(b: int) -> float:
-        if device.type != "cuda":
+        nonlocal metric
+        if not measured:
             return estimate_training_memory(pretrain_config(args, b), phases=args.phases)["peak_bytes"]
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         try:
             batch = synthetic_batch("pretrain", b, args.phases, (args.size,) * 3, device=device)
             step(batch)  # the first step of a batch size may differ (workspaces, AdamW state at the very first)
-            torch.cuda.reset_peak_memory_stats(device)
-            step(batch)
-            return torch.cuda.max_memory_allocated(device)
+            with PeakMemory(device, baseline=tensors_of(module, optimizer, batch)) as tracked:
+                step(batch)
+            metric = tracked.metric
+            return tracked.peak_bytes
         except torch.OutOfMemoryError:
             optimizer.zero_grad(set_to_none=True)
             return math.inf
@@ -249,8 +270,7 @@ def find_max_batch(args: argparse.Namespace, device: torch.device) -> dict:
         mid = (lo + hi) // 2
         tried[mid] = peak(mid)
         lo, hi = (mid, hi) if tried[mid] <= limit else (lo, mid)
-    result = {"config": {**vars(args)}, "memory_metric": "cuda max_memory_allocated" if device.type == "cuda"
-              else "fit-check estimate (no CUDA device)", "limit_gib": args.limit_gib,
+    result = {"config": {**vars(args)}, "memory_metric": metric, "limit_gib": args.limit_gib,
               "peak_gib_by_batch": {k: (round(v / 2**30, 3) if math.isfinite(v) else "out of memory")
                                     for k, v in sorted(tried.items())},
               "largest_batch": lo}
@@ -259,46 +279,54 @@ def find_max_batch(args: argparse.Namespace, device: torch.device) -> dict:
     batch = synthetic_batch("pretrain", lo, args.phases, (args.size,) * 3, device=device)
     times = []
     for i in range(args.warmup + args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         t0 = time.perf_counter()
         step(batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
     flops = model_flops_per_volume(args) * lo
-    peak_flops = peak_tflops(args, device)
+    peak_flops, source = peak_bf16_tflops(device, args.peak_tflops)
     result.update(step_s_median=round(step_s, 4), volumes_per_s=round(lo / step_s, 2),
-                  model_tflop_per_step=round(flops / 1e12, 6), achieved_tflops=round(flops / step_s / 1e12, 4),
-                  peak_bf16_tflops=peak_flops,
-                  mfu=round(flops / step_s / (peak_flops * 1e12), 4) if peak_flops else None)
+                  model_tflop_per_step=round(flops / 1e12, 6), achieved_tflops=round(flops / step_s / 1e12, 6),
+                  peak_bf16_tflops=peak_flops, peak_source=source,
+                  mfu=round(flops / step_s / (peak_flops * 1e12), 5) if peak_flops else None)
     return result
 
 
-def main() -> None:
-    args = parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = pick_device(args.device)
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # AdamW's tiny second moments otherwise slow CPU math badly
     if args.find_max_batch:
-        print(json.dumps({"benchmark": "mae_max_batch", "device": device_name(device), "torch": torch.__version__,
-                          **find_max_batch(args, device)}, indent=2))
-        return
+        return emit({"benchmark": "mae_max_batch", "device": device_name(device), "torch": torch.__version__,
+                     **find_max_batch(args, device)}, args.out)
     grid = args.size // ENCODER_SIZES[args.model]["patch_size"]
     visible = int(grid**3 * (1 - args.mask_ratio))
+    peak, source = peak_bf16_tflops(device, args.peak_tflops)
     out = {
         "benchmark": "mae_train_step",
         "device": device_name(device),
         "torch": torch.__version__,
         "config": {**vars(args), "tokens_per_phase": grid**3, "visible_per_phase": visible},
         "memory_metric": "cuda max_memory_allocated" if device.type == "cuda" else "saved tensors for backward",
+        "token_definition": "an element of the model's own input sequence, masked or not: ours T*N per volume "
+                            "(phases x patches), MONAI's N (phases are channels of one patch)",
+        "flops_method": "torch.utils.flop_counter.FlopCounterMode over one forward + backward of the step on the "
+                        "same input (matmuls, convolutions, attention; optimizer and elementwise ops not counted; "
+                        "gradient checkpointing off while counting)",
+        "peak_bf16_tflops": peak,
+        "peak_source": source,
+        "mfu_assumption": "MFU = counted FLOPs per step / median step time / dense bf16 peak (no sparsity), "
+                          "whatever the autocast dtype",
     }
     runs = {"ours": build_ours} if args.skip_monai else {"ours": build_ours, "monai": build_monai}
+    tokens = {"ours": args.phases * grid**3, "monai": grid**3}
     for name, build in runs.items():
         try:
-            out[name] = measure(build, args, device)
+            out[name] = measure(build, args, device, tokens[name])
         except torch.OutOfMemoryError:
             out[name] = {"error": "out of memory"}
         except ImportError as err:
@@ -309,8 +337,17 @@ def main() -> None:
         out["monai_notes"] = (
             "phases as input channels (N tokens, not T*N); TransformerBlock default attention "
             "(einsum, no fused SDPA); no gradient checkpointing; loss computed here as masked-patch MSE"
+            + ("; under bf16 autocast decoder_embed's output is cast to float32 (MONAI's index_put of it into "
+               "the float32 mask tokens fails otherwise)" if args.bf16 else "")
         )
-    print(json.dumps(out, indent=2))
+        ours, monai = out["ours"], out["monai"]
+        if "tokens_per_s" in ours and "tokens_per_s" in monai:
+            out["ours_vs_monai"] = {
+                "tokens_per_s_ratio": round(ours["tokens_per_s"] / monai["tokens_per_s"], 3),
+                "volumes_per_s_ratio": round(ours["volumes_per_s"] / monai["volumes_per_s"], 3),
+                "step_time_ratio": round(ours["step_ms_median"] / monai["step_ms_median"], 3),
+            }
+    return emit(out, args.out)
 
 
 if __name__ == "__main__":
