@@ -144,5 +144,5 @@ def run_demo(workdir: Path | str = "runs/demo", labelled: int = 96, held_out: in
     print(f"\npCR AUC on {baselines['cases']} held-out cases with known pCR ({baselines['positives']} pCR), "
           "95% bootstrap intervals; baselines fitted on the training split with expert masks:")
     for name, row in baselines["auc"].items():
-        print(f"  {name:<20} {row['auc']:.3f}  [{row['low']:.3f}, {row['high']:.3f}]")
+        print(f"  {name:<24} {row['auc']:.3f}  [{row['low']:.3f}, {row['high']:.3f}]")
     return scores
