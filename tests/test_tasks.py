@@ -238,3 +238,21 @@ def test_finetune_starts_the_kinetic_pathway_from_the_training_cases(finetune_ru
     assert not torch.equal(std, torch.ones(5)) and (std > 0).all()
     assert torch.isfinite(mean).all()  # the cached cases carry their acquisition vectors
     assert weights["pcr_head.kinetic_fc.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch, tables", [
+    ("mae_vit_test", {"mask_token", "encoder.phase_embed.index_embed", "decoder_phase_embed.index_embed",
+                      "encoder.pos_embed"}),
+    ("mtl_vit_test", {"encoder.phase_embed.index_embed", "seg_decoder.stem.phase_embed", "encoder.pos_embed"}),
+])
+def test_embedding_tables_and_tokens_get_no_weight_decay(arch, tables):
+    from mtl_breast.models.registry import create_model
+    from mtl_breast.tasks.optim import build_optimizer
+
+    model = create_model(arch, pos_embed_type="learnable") if arch.startswith("mae") else \
+        create_model(arch, encoder={"pos_embed_type": "learnable"})
+    names = {id(p): n for n, p in model.named_parameters()}
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.05)
+    decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert tables <= set(names.values()) and not tables & decayed
+    assert "encoder.patch_embed.proj.weight" in decayed  # the weights of maps still decay

@@ -27,6 +27,16 @@ def effective_batch_size(trainer, batch_size: int) -> int:
     return batch_size * trainer.world_size * trainer.accumulate_grad_batches
 
 
+# Last name component of parameters that are lookup tables or tokens, not weights of a map: position and phase
+# embeddings, the MAE mask token. Weight decay would pull them towards 0, which means nothing for a table.
+_TABLE_NAMES = ("pos_embed", "index_embed", "phase_embed", "mask_token", "cls_token")
+
+
+def embedding_tables(model: nn.Module) -> tuple[str, ...]:
+    """Names of the parameters of ``model`` that are embedding tables or tokens (no weight decay on those)."""
+    return tuple(name for name, _ in model.named_parameters() if name.rsplit(".", 1)[-1] in _TABLE_NAMES)
+
+
 def build_optimizer(
     model: nn.Module,
     *,
@@ -36,7 +46,12 @@ def build_optimizer(
     layer_decay: float | None = None,
     no_weight_decay: tuple[str, ...] = (),
 ) -> torch.optim.AdamW:
-    """AdamW with parameter groups; fused kernels when every parameter is on a CUDA device."""
+    """AdamW with parameter groups; fused kernels when every parameter is on a CUDA device.
+
+    No weight decay on biases, norm parameters (1-D), the embedding tables and tokens (`embedding_tables`) and the
+    names in ``no_weight_decay``.
+    """
+    no_weight_decay = tuple(no_weight_decay) + embedding_tables(model)
     if layer_decay is not None and layer_decay < 1.0:
         # timm groups blocks by depth (model.group_matcher or automatic) and scales each group's lr.
         groups = param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=no_weight_decay,
