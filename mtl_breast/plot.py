@@ -9,12 +9,13 @@ figures are written: losses (train and validation), learning rates, and the othe
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections import defaultdict
 from pathlib import Path
 
 import pandas as pd
+
+from mtl_breast.figures import save_png
 
 __all__ = ["read_scalars", "plot_run"]
 
@@ -131,10 +132,6 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
             axes[0][0].legend(fontsize=8)
             axes[0][0].set_title(name.replace("_", " "), fontsize=10)
         fig.tight_layout()
-        path = out / f"{name}.png"
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-        fig.savefig(tmp, dpi=90)
+        written.append(save_png(fig, out / f"{name}.png", dpi=90))
         plt.close(fig)
-        os.replace(tmp, path)
-        written.append(path)
     return written

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from mtl_breast.figures import save_png
 from mtl_breast.metrics.intervals import SMALL_GROUP_RULE
 from mtl_breast.metrics.subgroups import AGE_LABELS, DENSITY_LABELS, FAIRNESS_VARIABLES, MENOPAUSE_LABELS
 
@@ -114,21 +114,6 @@ def _ordered(variable: str, groups: dict) -> list[str]:
     return sorted(groups, key=lambda g: (order.index(g) if g in order else len(order), g))
 
 
-def _save(fig: Figure, path: Path) -> Path:
-    """Render to a temporary PNG in the target folder, then rename: never a half-written image."""
-    FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _bars(ax, labels: list[str], series: dict[str, list[float]], title: str, ylim: tuple[float, float] | None,
           *, errors: dict[str, list[tuple[float, float]]] | None = None, small: list[bool] | None = None) -> None:
     """Grouped bars, one colour per series, each bar labelled with its value.
@@ -208,7 +193,7 @@ def _plot_seg_subgroups(seg: dict, path: Path) -> Path:
     fig.suptitle("Segmentation by subgroup (higher DSC, lower NormHD is better)")
     fig.text(0.5, 0.005, _SMALL_NOTE, ha="center", va="bottom", fontsize=7)
     fig.tight_layout(rect=(0, 0.02, 1, 1))
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _plot_seg_per_case(seg: dict, path: Path) -> Path:
@@ -221,7 +206,7 @@ def _plot_seg_per_case(seg: dict, path: Path) -> Path:
     right.hist(nhd, bins=20, color="tab:red")
     right.set(title=f"NormHD per case (mean {_fmt(seg['norm_hd'])})", xlabel="NormHD (1 = empty vs non-empty)")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _plot_pcr_subgroups(cls: dict, path: Path) -> Path:
@@ -238,7 +223,7 @@ def _plot_pcr_subgroups(cls: dict, path: Path) -> Path:
     fig.suptitle("pCR true- and false-positive rates by subgroup (equal bars = fair)")
     fig.text(0.5, 0.005, _SMALL_NOTE, ha="center", va="bottom", fontsize=7)
     fig.tight_layout(rect=(0, 0.02, 1, 1))
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _plot_reliability(reliability: tuple, path: Path) -> Path:
@@ -256,7 +241,7 @@ def _plot_reliability(reliability: tuple, path: Path) -> Path:
     bottom.bar(centres, counts, width=1 / bins, color="tab:blue", alpha=0.6)
     bottom.set(xlabel="predicted pCR probability", ylabel="cases")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _zoom_box(overlay: Overlay, margin: int = 12) -> tuple[slice, slice]:
@@ -284,7 +269,7 @@ def _plot_overlays(overlays: list[Overlay], path: Path) -> Path:
             ax.set_axis_off()
             ax.set_title(overlay.title if col == 0 else "zoom (green expert, red prediction)", fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _variable_rows(by_variable: dict, summary) -> list[str]:

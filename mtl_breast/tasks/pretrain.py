@@ -9,7 +9,6 @@ person can see what the encoder has learned.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from mtl_breast.figures import save_png
 from mtl_breast.models.registry import create_model
 from mtl_breast.tasks.loggers import close_figure, log_figure, training_summary, validation_metrics
 from mtl_breast.tasks.optim import build_optimizer, build_scheduler, effective_batch_size
@@ -101,7 +101,7 @@ class MAEPretrainModule(L.LightningModule):
         out_dir = Path(log_dir or self.trainer.default_root_dir) / "reconstructions"
         path = out_dir / f"epoch_{self.current_epoch:04d}.png"
         fig = reconstruction_figure(ex["image"][0], masked[0], recon[0], ex["phase_mask"][0])
-        save_figure(fig, path)
+        save_png(fig, path, dpi=80)
         log_figure(self, "val/reconstruction", fig)
         close_figure(fig)
 
@@ -156,18 +156,3 @@ def reconstruction_figure(image: torch.Tensor, masked: torch.Tensor, recon: torc
                 ax.set_ylabel(f"phase {t}", fontsize=9)
     fig.tight_layout()
     return fig
-
-
-def save_figure(fig, path: Path) -> Path:
-    """PNG through a temporary name in the same folder, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=80)
-    os.replace(tmp, path)
-    return path
-
-
-def _close(fig) -> None:
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
