@@ -9,17 +9,17 @@ sin-cos and follows the grid, so any volume size and any number of phases (2..8)
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 from einops import reduce
-from safetensors.torch import save_file
 from torch import nn
 
 from mtl_breast.data.case import CaseError
+from mtl_breast.files import write_safetensors, write_text
 
 log = logging.getLogger(__name__)
 
@@ -100,17 +100,14 @@ def extract_dataset(weights: Path | str, data: Path | str, out: Path | str, devi
         feats = extract_features(model, image, phase_time=torch.from_numpy(pre.phase_time)[None].to(device))
         tensors = {k: v[0].float().cpu().contiguous() for k, v in feats.items()}
         path = out / "features" / f"{case.patient_id}.safetensors"
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        save_file(tensors, str(tmp), metadata={"patient_id": case.patient_id, "grid": json.dumps(
+        write_safetensors(path, tensors, {"patient_id": case.patient_id, "grid": json.dumps(
             [s // p for s, p in zip(image.shape[2:], patch, strict=True)])})
-        os.replace(tmp, path)
         rows.append([case.patient_id, int(image.shape[1]), *[f"{x:.6g}" for x in tensors["pooled"].tolist()]])
     table = out / "features.csv"
-    tmp = table.with_name(f".{table.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        width = len(rows[0]) - 2 if rows else 0
-        writer.writerow(["patient_id", "num_phases", *[f"f{i}" for i in range(width)]])
-        writer.writerows(rows)
-    os.replace(tmp, table)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    width = len(rows[0]) - 2 if rows else 0
+    writer.writerow(["patient_id", "num_phases", *[f"f{i}" for i in range(width)]])
+    writer.writerows(rows)
+    write_text(table, text.getvalue())
     return {"done": [r[0] for r in rows], "skipped": skipped, "table": str(table)}

@@ -20,8 +20,7 @@ import json
 import math
 import os
 import re
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
+from mtl_breast.files import safetensors_bytes, write_bytes, write_text
 from mtl_breast.modelcard import render_model_card
 from mtl_breast.models.encoder import ViTEncoder3d
 from mtl_breast.models.layers import resample_pos_embed_3d, to_3tuple
@@ -71,18 +71,6 @@ _FAMILIES = {"mtl_": "a joint segmentation + pCR model", "mae_": "an MAE pretrai
 
 class WeightsError(ValueError):
     """Weights that cannot be loaded: not safetensors, corrupted, or not matching the model/config."""
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temp file in the same folder + ``os.replace``: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _sha256(path: Path | str) -> str:
@@ -395,13 +383,12 @@ def save_pretrained(model: nn.Module, out_dir: str | Path, extra_config: dict[st
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in clean_state_dict(model.state_dict(), model).items()}
 
-    def write_weights(tmp: str) -> None:
-        safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt", "arch": arch})
-        config["weights_sha256"] = _sha256(tmp)
-
-    _atomic_write(out / WEIGHTS_NAME, write_weights)
-    _atomic_write(out / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
-    _atomic_write(out / CARD_NAME, lambda tmp: Path(tmp).write_text(render_model_card(config)))
+    weights = safetensors_bytes(tensors, {"format": "pt", "arch": arch})
+    config["weights_sha256"] = hashlib.sha256(weights).hexdigest()
+    write_bytes(out / WEIGHTS_NAME, weights)
+    del weights
+    write_text(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    write_text(out / CARD_NAME, render_model_card(config))
     return out
 
 

@@ -12,10 +12,10 @@ with the temperature and threshold chosen on validation data, which travel in `c
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from scipy import ndimage
 from mtl_breast.data.case import Case, CaseError
 from mtl_breast.data.preprocess import PreprocessConfig, original_image_reference, preprocess_case, to_original_space
 from mtl_breast.data.window import tumour_window
+from mtl_breast.files import atomic_path, write_text
 from mtl_breast.models.kinetics import acquisition_vector
 
 log = logging.getLogger(__name__)
@@ -147,10 +148,8 @@ def write_mask(mask: np.ndarray, geometry: dict, path: Path) -> Path:
     ref = original_image_reference(geometry)
     img = sitk.GetImageFromArray(mask.astype(np.uint8))
     img.CopyInformation(ref)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name.split('.')[0]}.tmp{os.getpid()}.nii.gz")
-    sitk.WriteImage(img, str(tmp), useCompression=True)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(img, str(tmp), useCompression=True)
     return path
 
 
@@ -167,14 +166,11 @@ def predict_case(model: torch.nn.Module, case: Case, settings: InferenceSettings
 
 def write_predictions_csv(rows: list[dict], path: Path) -> Path:
     """`patient_id,pcr,score` as the challenge expects, written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["patient_id", "pcr", "score"])
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-    return path
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=["patient_id", "pcr", "score"])
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(path, text.getvalue())
 
 
 def run_predictions(model: torch.nn.Module, cases: list[Case], out_dir: Path, settings: InferenceSettings,

@@ -21,8 +21,6 @@ global state or the process-wide backend.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from mtl_breast.figures import save_png
+from mtl_breast.files import write_text
 from mtl_breast.metrics.intervals import SMALL_GROUP_RULE
 from mtl_breast.metrics.subgroups import AGE_LABELS, DENSITY_LABELS, FAIRNESS_VARIABLES, MENOPAUSE_LABELS
 
@@ -399,13 +398,4 @@ def write_report(
     if reliability is not None and np.asarray(reliability[2]).sum() > 0:
         images["reliability"] = _plot_reliability(reliability, out_dir / "reliability.png")
     path = out_dir / "report.md"
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".report.md.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(_markdown(scores, images))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text(path, _markdown(scores, images))

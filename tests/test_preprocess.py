@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import struct
+import subprocess
 from pathlib import Path
 
 import nibabel as nib
@@ -13,8 +15,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-import mtl_breast.data.cache as cache_module
-from mtl_breast.data.cache import CacheError, CaseCache, read_cached_crop
+import mtl_breast.files as files_module
+from mtl_breast.data.cache import CacheError, CaseCache, read_cached_crop, read_header
 from mtl_breast.data.case import Case, CaseError
 from mtl_breast.data.preprocess import (
     PreprocessConfig,
@@ -333,21 +335,83 @@ def test_cache_write_is_atomic(tmp_path, monkeypatch):
     store.write(out)
     listing = ["P1.safetensors", "config.json"]
     assert sorted(p.name for p in store.dir.iterdir()) == listing
-    (store.dir / ".P1.safetensors.x.tmp").write_bytes(b"left by a killed run")  # ignored, then cleaned up
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a process id that no longer runs
+    dead = gone.pid
+    leftover = store.dir / f".P1.safetensors.{files_module._HOST}-{dead}-0a1b2c3d.tmp.safetensors"
+    leftover.write_bytes(b"left by a killed run")  # ignored, then cleaned up
     assert store.patient_ids() == ["P1"]
     store.write(out)
     assert sorted(p.name for p in store.dir.iterdir()) == listing
 
-    def interrupted(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"partial")
+    def interrupted(fd):  # the data are written; interrupted before the rename
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cache_module, "save_file", interrupted)
+    monkeypatch.setattr(files_module.os, "fsync", interrupted)
     out.info["patient_id"] = "P2"
     with pytest.raises(KeyboardInterrupt):
         store.write(out)
     assert sorted(p.name for p in store.dir.iterdir()) == listing
     assert not store.has("P2") and store.patient_ids() == ["P1"]
+
+
+def test_cache_stores_float16_within_its_rounding_and_float32_exactly(tmp_path):
+    out = preprocess_case(make_case(tmp_path / "data"), PreprocessConfig())
+    half, full = PreprocessConfig(), PreprocessConfig(cache_dtype="float32")
+    assert half.cache_dtype == "float16" and half.key() != full.key()  # never mixed in one cache folder
+    for config, dtype in ((half, "F16"), (full, "F32")):
+        store = CaseCache(tmp_path / "cache", config)
+        store.write(out)
+        assert read_header(store.path("P1"))["image"]["dtype"] == dtype
+        image = store.read("P1")["image"]
+        crop = read_cached_crop(store.path("P1"), (0, 0, 0), out.image.shape[1:])["image"]
+        assert image.dtype == crop.dtype == torch.float32 and torch.equal(image, crop)
+        error = np.abs(image.numpy() - out.image)
+        if dtype == "F32":
+            assert error.max() == 0
+        else:  # round to nearest, 10 stored mantissa bits: at most half a unit in the last place
+            assert 0 < error.max() and np.all(error <= np.abs(out.image) * 2.0**-11 + 2.0**-25)
+    size32, size16 = (CaseCache(tmp_path / "cache", c).path("P1").stat().st_size for c in (full, half))
+    assert size16 < 0.55 * size32
+    loud = preprocess_case(make_case(tmp_path / "data2"), PreprocessConfig())
+    loud.image[0, 0, 0, 0] = 70000.0  # beyond float16: refused, never stored as inf
+    with pytest.raises(ValueError, match=r"case P1: .*70000.*float32"):
+        CaseCache(tmp_path / "cache", half).write(loud)
+    with pytest.raises(ValueError, match="cache_dtype"):
+        PreprocessConfig(cache_dtype="int8")
+
+
+def test_cache_is_rebuilt_when_the_sources_change(tmp_path):
+    data, cache = make_dataset(tmp_path / "data"), tmp_path / "cache"
+    config = PreprocessConfig(margin_mm=2.0)
+    assert preprocess_dataset(data, cache, config, progress=False)["done"] == ["OK_1", "OK_2"]
+    store = CaseCache(cache, config)
+    before = store.read("OK_1")["image"]
+    # Same folder, same ids, same file names: a regenerated phase and a relabelled case.
+    write_nifti(data / "images" / "OK_1" / "ok_1_0000.nii.gz", phantom() * 2.5)
+    info = data / "patient_info_files" / "ok_2.json"
+    doc = json.loads(info.read_text())
+    doc["primary_lesion"]["pcr"] = 0
+    info.write_text(json.dumps(doc))
+    os.utime(data / "images" / "OK_1" / "ok_1_0001.nii.gz")  # a new time alone (a copy) is not a change
+    again = preprocess_dataset(data, cache, config, progress=False)
+    assert again["done"] == again["stale"] == ["OK_1", "OK_2"] and again["cached"] == []
+    assert not torch.equal(store.read("OK_1")["image"], before)
+    assert store.read_info("OK_2")["pcr"] == 0.0
+    for path in (data / "images" / "OK_1" / "ok_1_0002.nii.gz", data / "segmentations" / "expert" / "ok_1.nii.gz"):
+        os.utime(path, (1, 1))
+    third = preprocess_dataset(data, cache, config, progress=False)
+    assert third["done"] == [] and third["cached"] == ["OK_1", "OK_2"]
+
+
+def test_same_sources_give_byte_identical_cache_files(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    for name in ("a", "b"):
+        preprocess_dataset(data, tmp_path / name, PreprocessConfig(), progress=False)
+    a, b = CaseCache(tmp_path / "a", PreprocessConfig()), CaseCache(tmp_path / "b", PreprocessConfig())
+    for pid in ("OK_1", "OK_2"):
+        assert a.path(pid).read_bytes() == b.path(pid).read_bytes()
+    assert (a.dir / "config.json").read_bytes() == (b.dir / "config.json").read_bytes()
 
 
 def test_crop_read_matches_full_read(tmp_path):
@@ -378,7 +442,7 @@ def test_preprocess_dataset_in_worker_processes(tmp_path):
     assert parallel["done"] == serial["done"] == ["OK_1", "OK_2"]
     assert sorted(s["patient_id"] for s in parallel["skipped"]) == ["GAP_4", "NAN_3"]
     a, b = CaseCache(tmp_path / "serial", PreprocessConfig()), CaseCache(cache, PreprocessConfig())
-    assert torch.equal(a.read("OK_1")["image"], b.read("OK_1")["image"])
+    assert a.path("OK_1").read_bytes() == b.path("OK_1").read_bytes()
 
 
 def test_phantom_dataset_through_the_cli(tmp_path, capsys):

@@ -50,7 +50,7 @@ def test_layout_and_summary(dataset):
         assert 3 <= len(phases) <= 6
         assert (root / "segmentations" / "expert" / f"{low}.nii.gz").is_file()
         assert (root / "patient_info_files" / f"{low}.json").is_file()
-    assert not list(root.rglob(".tmp-*")), "temporary files left behind"
+    assert not list(root.rglob(".*tmp*")), "temporary files left behind"
     assert summary["num_cases"] == NUM_CASES and sum(summary["sites"].values()) == NUM_CASES
     assert sum(summary["phases"].values()) == NUM_CASES
     assert summary["splits"]["train"] + summary["splits"]["test"] == NUM_CASES

@@ -2,22 +2,22 @@
 
 ```
 <cache_root>/<config.key()>/config.json                 the PreprocessConfig fields, written once
-<cache_root>/<config.key()>/<patient_id>.safetensors    image float32 [T, D, H, W], label uint8 [D, H, W]
+<cache_root>/<config.key()>/<patient_id>.safetensors    image float16 (or float32: config.cache_dtype) [T, D, H, W],
+                                                        label uint8 [D, H, W]
                                                         (absent without a mask), phase_time float32 [T];
                                                         metadata {"info": JSON, "config": JSON}
 <cache_root>/<config.key()>/report.json                 written by `preprocess_dataset`
 ```
 safetensors files are memory-mappable, so `read_cached_crop` reads only the bytes of a crop and training
-never decodes NIfTI.gz. Files are written under a hidden temporary name in the same folder and renamed
-into place, so an interrupted run leaves either the old file or the new one, never half of one.
+never decodes NIfTI.gz; reads return float32 whatever the stored type. Files are written by `files.atomic_path`
+(an interrupted run leaves the old file or the new one, never half of one) with a canonical header, so the same
+case and config give byte-identical files. `info["source"]["fingerprint"]` records the sources a file was made
+from; `CaseCache.has(pid, fingerprint)` misses when they changed.
 """
 
 from __future__ import annotations
 
-import glob
 import json
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,11 +25,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.numpy import save_file
 from safetensors.torch import load_file
+
+from mtl_breast.files import write_safetensors, write_text
 
 if TYPE_CHECKING:  # preprocess imports this module; the classes are only needed for annotations here
     from mtl_breast.data.preprocess import PreprocessConfig, PreprocessedCase
+
+# PreprocessConfig.cache_dtype -> stored type (preprocess.py re-exports it; declared here, below it in the imports).
+CACHE_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 SUFFIX = ".safetensors"
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header size
@@ -41,22 +45,6 @@ class CacheError(ValueError):
     def __init__(self, path: str | Path, reason: str):
         self.path = str(path)
         super().__init__(f"cache file {path}: {reason} (delete it and run `mtl-breast preprocess` again)")
-
-
-def write_atomic(path: Path | str, data: bytes | str) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and `os.replace`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_header(path: Path | str) -> dict[str, Any]:
@@ -110,22 +98,40 @@ class CaseCache:
             raise ValueError(f"patient id {patient_id!r} cannot be a cache file name")
         return self.dir / f"{patient_id}{SUFFIX}"
 
-    def has(self, patient_id: str) -> bool:
-        """True when a complete, readable file exists for the case (a corrupt one is not a hit)."""
+    def has(self, patient_id: str, fingerprint: str | None = None) -> bool:
+        """True when a complete, readable file exists for the case (a corrupt one is not a hit).
+
+        Args:
+            fingerprint: `data.case.source_fingerprint` of the case's sources; when given, a file made from other
+                sources (or before fingerprints were stored) is not a hit either.
+        """
         path = self.path(patient_id)
         if not path.is_file():
             return False
         try:
-            read_header(path)
+            header = read_header(path)
         except CacheError:
             return False
-        return True
+        if fingerprint is None:
+            return True
+        try:
+            info = json.loads(header["__metadata__"]["info"])
+        except ValueError:
+            return False
+        return isinstance(info, dict) and (info.get("source") or {}).get("fingerprint") == fingerprint
 
     def write(self, case: PreprocessedCase) -> Path:
         """Store one preprocessed case atomically; returns the file's path."""
         patient_id = case.info["patient_id"]
         path = self.path(patient_id)
         image = np.ascontiguousarray(case.image, dtype=np.float32)
+        dtype = CACHE_DTYPES[self.config.cache_dtype]
+        if dtype is not np.float32:
+            peak = max(float(image.max()), -float(image.min())) if image.size else 0.0  # no |image| copy
+            if not peak <= float(np.finfo(dtype).max):  # NaN or beyond float16's range: refuse, do not store inf
+                raise ValueError(f"case {patient_id}: normalised intensities reach {peak:.6g}, beyond "
+                                 f"{self.config.cache_dtype}'s range; preprocess with cache_dtype float32")
+            image = image.astype(dtype)
         phase_time = np.ascontiguousarray(case.phase_time, dtype=np.float32)
         if image.ndim != 4 or phase_time.shape != image.shape[:1]:
             raise ValueError(f"case {patient_id}: image must be [T, D, H, W] and phase_time [T], "
@@ -138,24 +144,13 @@ class CaseCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         config_path = self.dir / "config.json"
         if not config_path.is_file():
-            write_atomic(config_path, json.dumps({**asdict(self.config), "key": self.config.key()}, indent=2))
+            write_text(config_path, json.dumps({**asdict(self.config), "key": self.config.key()}, indent=2))
         metadata = {"info": json.dumps(case.info, default=str), "config": json.dumps(asdict(self.config))}
-        for stale in self.dir.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a killed earlier run
-            stale.unlink(missing_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            with open(tmp, "rb+") as f:  # the rename must not become visible before the data is on disk
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_safetensors(path, tensors, metadata)
 
     def read(self, patient_id: str) -> dict[str, Any]:
-        """Load a whole case: {"image": [T, D, H, W], "label": [D, H, W] or None, "phase_time": [T], "info"}.
+        """Load a whole case: {"image": float32 [T, D, H, W], "label": uint8 [D, H, W] or None, "phase_time": [T],
+        "info"}.
 
         Raises:
             FileNotFoundError: the case is not in the cache.
@@ -169,7 +164,7 @@ class CaseCache:
             tensors = load_file(path)
         except Exception as err:  # safetensors raises its own error types for corrupt payloads
             raise CacheError(path, f"cannot load tensors ({type(err).__name__}: {err})") from err
-        return {"image": tensors["image"], "label": tensors.get("label"), "phase_time": tensors["phase_time"],
+        return {"image": tensors["image"].float(), "label": tensors.get("label"), "phase_time": tensors["phase_time"],
                 "info": json.loads(header["__metadata__"]["info"])}
 
     def read_info(self, patient_id: str) -> dict[str, Any]:

@@ -6,6 +6,8 @@ dataset root, `preprocess.py` turns them into arrays on one grid, `cache.py` sto
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -78,3 +80,46 @@ class Case:
     @property
     def has_pcr(self) -> bool:
         return not math.isnan(self.pcr)
+
+
+_SIGNATURE_BYTES = 1 << 16  # bytes hashed at each end of a source file
+
+
+def _file_signature(path: Path | str | None) -> list | None:
+    """[name, size, sha256 of the first and last 64 KiB] of a file, None for no file.
+
+    The modification time is left out on purpose: copying a dataset (cp, rsync without -t) changes it and would
+    re-preprocess every case for nothing. A .gz file ends with the CRC-32 and length of its whole content, so the
+    hash of its tail is a content check; for other formats the header (start) and the last voxels are.
+    """
+    if path is None:
+        return None
+    path = Path(path)
+    digest = hashlib.sha256()
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            digest.update(handle.read(_SIGNATURE_BYTES))
+            if size > _SIGNATURE_BYTES:
+                handle.seek(max(_SIGNATURE_BYTES, size - _SIGNATURE_BYTES))
+                digest.update(handle.read(_SIGNATURE_BYTES))
+    except OSError:  # unreadable now: preprocessing will report it with its reason
+        return [path.name, None, None]
+    return [path.name, size, digest.hexdigest()]
+
+
+def source_fingerprint(case: Case) -> str:
+    """A digest of everything `case` is preprocessed from: its files (size and end hashes) and its table values
+    (pCR, times, breast box, metadata). The cache keys each case on it, so a regenerated or relabelled dataset
+    in the same folder with the same ids is preprocessed again instead of silently reused."""
+    record = {
+        "images": [_file_signature(p) for p in case.image_paths],
+        "mask": _file_signature(case.mask_path),
+        "info": _file_signature(case.info_path),
+        "pcr": None if math.isnan(case.pcr) else case.pcr,
+        "times": case.acquisition_times,
+        "box": case.breast_box,
+        "meta": case.meta,
+    }
+    text = json.dumps(record, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

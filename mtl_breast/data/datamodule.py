@@ -63,7 +63,7 @@ class _CachedDataModule(L.LightningDataModule):
 
     def __init__(self, roots: Sequence[str], cache_dir: str | None, spacing: Sequence[float], margin_mm: float,
                  crop_to_breast: bool, clip_percentiles: Sequence[float] | None, batch_size: int, num_workers: int,
-                 preprocess_workers: int):
+                 preprocess_workers: int, cache_dtype: str):
         super().__init__()
         if not roots:
             raise ValueError("no data root given (--data.root DIR)")
@@ -74,6 +74,7 @@ class _CachedDataModule(L.LightningDataModule):
         self.preprocess_config = PreprocessConfig(
             spacing=tuple(float(s) for s in spacing), margin_mm=float(margin_mm), crop_to_breast=crop_to_breast,
             clip_percentiles=None if clip_percentiles is None else tuple(float(c) for c in clip_percentiles),
+            cache_dtype=cache_dtype,
         )
         self.cache_root = Path(cache_dir) if cache_dir else default_cache_dir(self.roots[0], self.roots[1:])
         self.cache = CaseCache(self.cache_root, self.preprocess_config)
@@ -158,6 +159,7 @@ class FinetuneDataModule(_CachedDataModule):
         phase_dropout: probability of hiding one post-contrast phase in a training sample.
         repeats: crops drawn per training case per epoch.
         preprocess_workers: processes for the one-off preprocessing.
+        cache_dtype: stored type of the cached phases, "float16" (default) or "float32" (`PreprocessConfig`).
     """
 
     def __init__(self, root: str, cache_dir: str | None = None, spacing: Sequence[float] = (1.0, 1.0, 1.0),
@@ -165,9 +167,9 @@ class FinetuneDataModule(_CachedDataModule):
                  crop_size: int | Sequence[int] = 64, batch_size: int = 2, num_workers: int = 0,
                  val_fraction: float = 0.2, split_seed: int = 0, pos_fraction: float = 0.67,
                  intensity_jitter: float = 0.1, phase_jitter: float = 0.0, phase_dropout: float = 0.0,
-                 repeats: int = 1, preprocess_workers: int = 1):
+                 repeats: int = 1, preprocess_workers: int = 1, cache_dtype: str = "float16"):
         super().__init__([root], cache_dir, spacing, margin_mm, crop_to_breast, clip_percentiles, batch_size,
-                         num_workers, preprocess_workers)
+                         num_workers, preprocess_workers, cache_dtype)
         self.root = Path(root)
         self.crop_size = _as_size(crop_size)
         self.val_fraction, self.split_seed, self.repeats = val_fraction, split_seed, repeats
@@ -245,6 +247,7 @@ class PretrainDataModule(_CachedDataModule):
             must stay unseen by every stage that is later scored on them).
         repeats: crops drawn per case per epoch.
         preprocess_workers: processes for the one-off preprocessing.
+        cache_dtype: stored type of the cached phases (see FinetuneDataModule).
     """
 
     def __init__(self, root: str | list[str], cache_dir: str | None = None,
@@ -252,10 +255,10 @@ class PretrainDataModule(_CachedDataModule):
                  clip_percentiles: Sequence[float] | None = None, crop_size: int | Sequence[int] = 64,
                  batch_size: int = 2, num_workers: int = 0, val_fraction: float = 0.1, split_seed: int = 0,
                  intensity_jitter: float = 0.1, phase_jitter: float = 0.0, include_test: bool = False,
-                 repeats: int = 1, preprocess_workers: int = 1):
+                 repeats: int = 1, preprocess_workers: int = 1, cache_dtype: str = "float16"):
         roots = [root] if isinstance(root, str | Path) else list(root)
         super().__init__(roots, cache_dir, spacing, margin_mm, crop_to_breast, clip_percentiles, batch_size,
-                         num_workers, preprocess_workers)
+                         num_workers, preprocess_workers, cache_dtype)
         self.crop_size = _as_size(crop_size)
         self.val_fraction, self.split_seed, self.repeats = val_fraction, split_seed, repeats
         self.include_test = include_test

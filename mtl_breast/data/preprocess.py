@@ -40,9 +40,10 @@ import numpy as np
 import SimpleITK as sitk
 from rich.progress import MofNCompleteColumn, Progress
 
-from mtl_breast.data.cache import CaseCache, write_atomic
-from mtl_breast.data.case import Case, CaseError, check_times
+from mtl_breast.data.cache import CACHE_DTYPES, CaseCache
+from mtl_breast.data.case import Case, CaseError, check_times, source_fingerprint
 from mtl_breast.data.folder import read_dataset
+from mtl_breast.files import write_text
 
 FORMAT_VERSION = 1  # bump when the output of preprocess_case changes for the same config
 _INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}
@@ -61,6 +62,8 @@ class PreprocessConfig:
         crop_to_breast: crop to `Case.breast_box` when the case has one.
         margin_mm: margin added around the breast box on every side.
         clip_percentiles: (low, high) percentiles clipped before normalisation, over all phases; None = off.
+        cache_dtype: how the training cache stores the normalised phases, "float16" (half the bytes; rounding
+            error at most 2^-11 of a value, docs/PERFORMANCE.md) or "float32". Arrays in memory are float32.
     """
 
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
@@ -68,6 +71,7 @@ class PreprocessConfig:
     crop_to_breast: bool = True
     margin_mm: float = 10.0
     clip_percentiles: tuple[float, float] | None = None
+    cache_dtype: str = "float16"
 
     def __post_init__(self):
         spacing = tuple(float(s) for s in self.spacing)
@@ -83,6 +87,8 @@ class PreprocessConfig:
             clip = tuple(float(c) for c in clip)
             if len(clip) != 2 or not 0.0 <= clip[0] < clip[1] <= 100.0:
                 raise ValueError(f"clip_percentiles must be (low, high) with 0 <= low < high <= 100, got {clip}")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache_dtype must be one of {sorted(CACHE_DTYPES)}, got {self.cache_dtype!r}")
         object.__setattr__(self, "spacing", spacing)
         object.__setattr__(self, "orientation", code)
         object.__setattr__(self, "margin_mm", float(self.margin_mm))
@@ -386,7 +392,8 @@ def preprocess_case(case: Case, config: PreprocessConfig) -> PreprocessedCase:
         "num_phases": len(case.image_paths),
         "has_label": label is not None,
         "source": {"images": [str(p) for p in case.image_paths],
-                   "mask": None if case.mask_path is None else str(case.mask_path)},
+                   "mask": None if case.mask_path is None else str(case.mask_path),
+                   "fingerprint": source_fingerprint(case)},
         "geometry": {"reference": ref_grid, "reference_phase": ref_index, "crop_index": crop_index,
                      "crop_size": crop_size, "orientation": config.orientation, "output": out_grid},
         "normalization": {"mean": mean, "std": std, "clip": clip, "background": float(image.min())},
@@ -472,6 +479,7 @@ def preprocess_dataset(data: Path, cache: Path, config: PreprocessConfig, worker
 
     Returns:
         {"done": [ids], "skipped": [{"patient_id", "reason"}], "cached": [ids already in the cache],
+        "stale": [ids whose cached file was made from other source files or table values, preprocessed again],
         "report_path": str}; the same lists are written atomically to `<cache>/<key>/report.json`.
     """
     started = time.perf_counter()
@@ -483,13 +491,15 @@ def preprocess_dataset(data: Path, cache: Path, config: PreprocessConfig, worker
                                     "<pid>_0000.nii.gz, or one folder of .nii[.gz]/.mha/.nrrd phase files per case)")
     store = CaseCache(cache, config)
     store.dir.mkdir(parents=True, exist_ok=True)
-    todo, cached, seen = [], [], set()
+    todo, cached, stale, seen = [], [], [], set()
     for case in cases:
         if case.patient_id.lower() in seen:
             skipped.append({"patient_id": case.patient_id, "reason": "duplicate patient id"})
-        elif store.has(case.patient_id):
+        elif store.has(case.patient_id, source_fingerprint(case)):
             cached.append(case.patient_id)
         else:
+            if store.has(case.patient_id):  # cached from other source files or table values
+                stale.append(case.patient_id)
             todo.append(case)
         seen.add(case.patient_id.lower())
 
@@ -517,8 +527,9 @@ def preprocess_dataset(data: Path, cache: Path, config: PreprocessConfig, worker
             pool.shutdown(cancel_futures=True)
 
     report = {"data": str(data), "cache": str(store.dir), "config": asdict(config), "key": config.key(),
-              "done": sorted(done), "skipped": skipped, "cached": cached,
+              "done": sorted(done), "skipped": skipped, "cached": cached, "stale": stale,
               "seconds": round(time.perf_counter() - started, 2)}
     report_path = store.dir / "report.json"
-    write_atomic(report_path, json.dumps(report, indent=2))
-    return {"done": report["done"], "skipped": skipped, "cached": cached, "report_path": str(report_path)}
+    write_text(report_path, json.dumps(report, indent=2))
+    return {"done": report["done"], "skipped": skipped, "cached": cached, "stale": stale,
+            "report_path": str(report_path)}

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from mtl_breast.data.phantom import Grid, Phantom, PhantomSpec, SiteProtocol, render_phantom
+from mtl_breast.files import atomic_path, write_text
 
 SITES: dict[str, SiteProtocol] = {
     "DUKE": SiteProtocol("DUKE", "axial", flip_j=False, bilateral=True, tr_ms=4.5, flip_deg=10.0, te_ms=2.0,
@@ -142,23 +142,13 @@ def pcr_population_stats(difficulty_shift: float = 0.0, *, seed: int = 0, num_sa
             "bayes_balanced_accuracy_by_density": by_density}
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through `write(tmp_path)` into a temp file of the same folder and extension, then rename."""
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _write_nifti(path: Path, array: np.ndarray, grid: Grid) -> None:
     image = sitk.GetImageFromArray(array)
     image.SetOrigin(grid.origin)
     image.SetSpacing(grid.spacing)
     image.SetDirection(grid.direction)
-    _atomic_write(path, lambda tmp: sitk.WriteImage(image, str(tmp), True))
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(image, str(tmp), True)
 
 
 def _pid(site: str, number: int) -> str:
@@ -260,13 +250,13 @@ def generate_dataset(out: Path | str, num_cases: int = 40, seed: int = 0, size: 
                          breast_density=density, bilateral=SITES[site].bilateral))
 
     table = pd.DataFrame(rows)
-    _atomic_write(out / "clinical_and_imaging_info.xlsx",
-                  lambda tmp: table.to_excel(tmp, sheet_name="dataset_info", index=False, engine="openpyxl"))
+    with atomic_path(out / "clinical_and_imaging_info.xlsx") as tmp:
+        table.to_excel(tmp, sheet_name="dataset_info", index=False, engine="openpyxl")
     train, test = _split(root, pids, sites, test_fraction)
     width = max(len(train), len(test))
     splits = pd.DataFrame({"train_split": train + [None] * (width - len(train)),
                            "test_split": test + [None] * (width - len(test))})
-    _atomic_write(out / "train_test_splits.csv", lambda tmp: splits.to_csv(tmp, index=False))
+    write_text(out / "train_test_splits.csv", splits.to_csv(index=False))
 
     population = pcr_population_stats(difficulty_shift, seed=seed)
     known = table["pcr"].notna().to_numpy()
@@ -286,7 +276,7 @@ def generate_dataset(out: Path | str, num_cases: int = 40, seed: int = 0, size: 
     }
     text = json.dumps({**summary, "seed": seed, "size": size, "difficulty_shift": difficulty_shift,
                        "patient_ids": pids}, indent=2)
-    _atomic_write(out / MANIFEST, lambda tmp: tmp.write_text(text))
+    write_text(out / MANIFEST, text)
     return summary
 
 
@@ -346,4 +336,4 @@ def _write_case(out: Path, pid: str, phantom: Phantom, spec: PhantomSpec, info: 
                     "phase0_shifted": spec.phase0_shift},
     }
     text = json.dumps(record, indent=2)
-    _atomic_write(out / "patient_info_files" / f"{low}.json", lambda tmp: tmp.write_text(text))
+    write_text(out / "patient_info_files" / f"{low}.json", text)

@@ -47,8 +47,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
@@ -58,6 +56,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from mtl_breast.data.case import Case, CaseError
+from mtl_breast.files import write_text
 from mtl_breast.metrics.classification import balanced_accuracy, equalized_odds, reliability_curve, roc_auc
 from mtl_breast.metrics.intervals import (
     bootstrap_interval,
@@ -239,18 +238,6 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, np.integer):
         return int(value)
     return value
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_mask(path: Path, patient_id: str) -> tuple[np.ndarray, tuple[float, ...]]:
@@ -526,6 +513,6 @@ def evaluate(
     scores["notes"] = notes
     scores = json_safe(scores)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_text_atomic(out_dir / "scores.json", json.dumps(scores, indent=2) + "\n")
+    write_text(out_dir / "scores.json", json.dumps(scores, indent=2) + "\n")
     write_report(scores, out_dir, overlays=overlays, reliability=reliability)
     return scores

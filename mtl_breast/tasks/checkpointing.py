@@ -17,12 +17,13 @@ when it is due, from its own clock, and broadcasts the decision, so the ranks ne
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import Checkpoint
+
+from mtl_breast.files import atomic_path
 
 LAST_NAME = "last.ckpt"
 
@@ -85,18 +86,11 @@ class LastCheckpoint(Checkpoint):
         path = self.path(trainer)
         if self._saved_step == trainer.global_step and not self._pending and path.is_file():
             return path
-        tmp = path.with_name(f".{path.name}.tmp")
         if trainer.is_global_zero:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            trainer.save_checkpoint(tmp)  # collective; rank 0 writes
-            if trainer.is_global_zero:
-                with open(tmp, "rb") as f:
-                    os.fsync(f.fileno())  # on disk before it replaces the previous one
-                os.replace(tmp, path)
-        finally:
-            if trainer.is_global_zero and tmp.exists():  # a failed save leaves the previous last.ckpt alone
-                tmp.unlink()
+            with atomic_path(path) as tmp:  # a failed save leaves the previous last.ckpt alone
+                trainer.save_checkpoint(tmp)  # collective: every rank calls it, rank 0 writes
+        else:
+            trainer.save_checkpoint(path)
         trainer.strategy.barrier("LastCheckpoint.save")
         self._saved_step, self._last_time, self._pending = trainer.global_step, time.monotonic(), False
         return path
