@@ -23,11 +23,15 @@ maps predictions back onto the reference grid so masks are written with the orig
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import math
 import multiprocessing
 import os
+import signal
+import sys
+import threading
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -460,7 +464,30 @@ def _process(case: Case, cache_root: str, config: PreprocessConfig) -> tuple[str
         return case.patient_id, f"{type(err).__name__}: {err}"
 
 
-def _init_worker(threads: int) -> None:
+def _die_with(parent: int) -> None:
+    """End this worker when `parent` ends, however it ends (a SIGKILL runs no clean-up in the parent).
+
+    Linux: the kernel sends SIGKILL on the parent's death (PR_SET_PDEATHSIG). Elsewhere, and for a parent
+    that died before the request, a daemon thread notices the worker has been re-parented.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
+def _init_worker(threads: int, parent: int) -> None:
+    _die_with(parent)
     # N processes x all-core ITK thread pools would oversubscribe the CPU.
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
 
@@ -508,7 +535,7 @@ def preprocess_dataset(data: Path, cache: Path, config: PreprocessConfig, worker
     if workers > 1 and len(todo) > 1:
         threads = max(1, (os.cpu_count() or 1) // workers)
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(threads,))
+                                   initializer=_init_worker, initargs=(threads, os.getpid()))
     try:
         if pool is None:
             results = (_process(case, str(cache), config) for case in todo)
