@@ -34,7 +34,7 @@ COMMON_FLAGS = [
     "--data.num_workers", "0",
 ]
 # MAE pretraining: 2 steps per epoch, 4 steps in all, a validation batch after every epoch (so the
-# checkpoint callback saves at each epoch end), augmentation pinned per epoch (see probes.PinAugmentation).
+# checkpoint callback saves at each epoch end).
 PRETRAIN_FLAGS = [
     "--trainer.max_epochs", "10",
     "--trainer.max_steps", "4",
@@ -43,7 +43,6 @@ PRETRAIN_FLAGS = [
     "--trainer.logger", "false",
     "--data.batch_size", "2",
     "--data.val_fraction", "0.2",
-    "--trainer.callbacks+=probes.PinAugmentation",
 ]
 # Joint fine-tuning: one epoch of 2 steps, validation on every validation case.
 FINETUNE_FLAGS = [

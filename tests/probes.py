@@ -56,17 +56,20 @@ class StopAfterEpoch(L.Callback):
             trainer.should_stop = True
 
 
-class PinAugmentation(L.Callback):
-    """Seed the data module's training transform from the epoch number at the start of every epoch.
+class CrashAtStep(L.Callback):
+    """Raise `SimulatedCrash` as step `step` is about to start: the run ends as a killed job does, with last.ckpt
+    as its last periodic write left it (the test sets `--last_checkpoint.every_n_steps 1`) and no end-of-run save."""
 
-    MONAI transforms draw from their own generators, which `seed_everything` does not reach; pinning
-    them per epoch makes an uninterrupted and a resumed run see the same crops and flips.
-    """
+    def __init__(self, step: int = 1):
+        self.step = step
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        transform = getattr(trainer.datamodule, "train_transform", None)
-        if transform is not None:
-            transform.set_random_state(seed=1000 + trainer.current_epoch)
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            raise SimulatedCrash(f"crash before step {trainer.global_step + 1}")
+
+
+class SimulatedCrash(RuntimeError):
+    pass
 
 
 class SaveEncoderAtStart(L.Callback):

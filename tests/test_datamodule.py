@@ -22,6 +22,7 @@ from mtl_breast.data.cache import CaseCache
 from mtl_breast.data.datamodule import FinetuneDataModule, PretrainDataModule, default_cache_dir, split_train_val
 from mtl_breast.data.dataset import CachedCaseDataset, collate_cases
 from mtl_breast.data.mamamia import read_mamamia
+from mtl_breast.data.sampling import EpochSampler, ResumableLoader
 from mtl_breast.data.synthetic import generate_dataset
 from mtl_breast.data.transforms import RandPhaseDropoutd, finetune_transforms, pretrain_transforms, seeded
 
@@ -579,21 +580,21 @@ class _Draw(Randomizable, MapTransform):
         return d
 
 
-def test_worker_processes_draw_different_augmentations(finetune):
+def test_every_sample_and_epoch_draws_its_own_augmentation(finetune):
+    """Six reads of one case in worker processes: six different draws, and new ones the next epoch."""
     finetune.num_workers = 2
     try:
-        ds = CachedCaseDataset(finetune.cache, finetune.train_ids[:1], _Draw(), repeats=6)
-        loader = finetune._loader(ds, shuffle=False, batch_size=1)
-        epoch1 = [float(b["image"].flatten()[0]) for b in loader]
-        epoch2 = [float(b["image"].flatten()[0]) for b in loader]
-        real = finetune._loader(CachedCaseDataset(finetune.cache, finetune.train_ids, finetune.train_transform,
-                                                  with_label=True), shuffle=True, batch_size=2)
-        for batch in real:
+        loader = finetune._train_loader(CachedCaseDataset(finetune.cache, finetune.train_ids[:1], _Draw(), repeats=6))
+        draws = []
+        for epoch in (0, 1):
+            loader.sampler.set_epoch(epoch)
+            draws.append([float(x) for batch in loader for x in batch["image"][:, 0, 0, 0, 0]])
+        for batch in finetune.train_dataloader():
             _check_contract(batch)
     finally:
         finetune.num_workers = 0
-    assert len(set(epoch1)) == 6, f"workers repeat each other's random draws: {epoch1}"
-    assert not set(epoch1) & set(epoch2)
+    assert len(set(draws[0])) == 6, f"samples repeat each other's random draws: {draws[0]}"
+    assert not set(draws[0]) & set(draws[1])
 
 
 def test_single_worker_loader(mama):
@@ -635,3 +636,53 @@ def test_repeats_and_bad_arguments(finetune, mama, tmp_path):
     empty = FinetuneDataModule(str(mama["root"]), cache_dir=str(tmp_path / "empty_cache"))
     with pytest.raises(RuntimeError, match="no training cases"):
         empty.setup("fit")
+
+
+# ------------------------------------------------------------------------------------------- sampling
+def test_epoch_sampler_shares_one_order_and_gives_each_rank_its_positions():
+    world = [EpochSampler(10, seed=5, rank=r, world_size=3) for r in range(3)]
+    for epoch in (0, 1):
+        for s in world:
+            s.set_epoch(epoch)
+        keys = [list(s) for s in world]
+        assert [len(k) for k in keys] == [4, 4, 4]  # padded to a multiple of the world size, as DistributedSampler
+        order = world[0].order(epoch)
+        assert all(k[i][0] == order[r + 3 * i] for r, k in enumerate(keys) for i in range(4))
+        assert set(order[:10]) == set(range(10))
+        seeds = [seed for k in keys for _, seed in k]
+        assert len(set(seeds)) == len(seeds)  # every position its own augmentation, across ranks too
+    assert not np.array_equal(world[0].order(0), world[0].order(1))
+    assert list(EpochSampler(10, seed=5).keys(1)) == list(EpochSampler(10, seed=5).keys(1))  # a pure function
+    assert EpochSampler(10, seed=5).keys(1, start=3) == EpochSampler(10, seed=5).keys(1)[3:]
+
+
+def test_training_batches_do_not_depend_on_the_workers(finetune):
+    """Crops, flips and gains come from each sample's own seed: 0 and 2 workers give the same epoch."""
+    batches = {}
+    for workers in (0, 2):
+        finetune.num_workers = workers
+        torch.manual_seed(7)  # the run's seed (`seed_everything`) is the order's seed
+        try:
+            loader = finetune.train_dataloader()
+            loader.sampler.set_epoch(1)
+            batches[workers] = list(loader)
+        finally:
+            finetune.num_workers = 0
+    assert len(batches[0]) == len(batches[2]) > 1
+    for a, b in zip(batches[0], batches[2], strict=True):
+        assert a["patient_id"] == b["patient_id"]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+
+
+def test_resumable_loader_starts_where_the_run_stands(finetune):
+    loader = finetune.train_dataloader()
+    full = [b["patient_id"] for b in loader]
+    where = {"at": (0, 1)}
+    resumed = ResumableLoader(loader.dataset, batch_size=loader.batch_size, sampler=loader.sampler,
+                              collate_fn=collate_cases, position=lambda: where["at"])
+    iterator = iter(resumed)  # made while a trainer sets up, before it restores a checkpoint's counters
+    where["at"] = (0, 1)
+    assert [b["patient_id"] for b in iterator] == full[1:]
+    where["at"] = (0, None)  # epoch 0 complete: the next pass is epoch 1 from its start
+    assert resumed.state_dict() == {"seed": loader.sampler.seed, "epoch": 1, "samples_done": 0}
+    assert [b["patient_id"] for b in resumed] != full

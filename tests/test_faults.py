@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from mtl_breast.data.cache import CaseCache
 from mtl_breast.data.preprocess import PreprocessConfig
@@ -93,3 +94,33 @@ def test_predict_killed_and_rerun_gives_the_uninterrupted_outputs(phantoms, mtl_
     for mask in (straight / "pred_segmentations").glob("*.nii.gz"):
         assert mask.read_bytes() == (killed / "pred_segmentations" / mask.name).read_bytes(), mask.name
     assert _hidden(killed) == [], "temporary files of the killed runs were left behind"
+
+
+def test_training_killed_and_resumed_ends_with_the_uninterrupted_weights(phantoms, tmp_path):
+    """MAE pretraining (9 steps over 3 epochs, last.ckpt after every step) SIGKILLed at seeded random points and
+    restarted each time with `--ckpt_path last` (from scratch when no last.ckpt was written yet) ends with the
+    uninterrupted run's weights and optimizer state, bit for bit."""
+    from conftest import COMMON_FLAGS, demo_config
+
+    cache = tmp_path / "cache"
+    assert _timed_run(_cli("preprocess", "--data", phantoms, "--cache", cache)) > 0  # as a user would, once
+
+    def fit(run: Path) -> list[str]:
+        return _cli("pretrain", "fit", "--config", demo_config("pretrain"), "--data.root", phantoms,
+                    "--data.cache_dir", cache, "--trainer.default_root_dir", run, *COMMON_FLAGS,
+                    "--trainer.max_epochs", "10", "--trainer.max_steps", "9", "--trainer.limit_train_batches", "3",
+                    "--trainer.limit_val_batches", "1", "--trainer.logger", "false", "--data.batch_size", "2",
+                    "--last_checkpoint.every_n_steps", "1", "--ckpt_path", "last")
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    full = _timed_run(fit(straight))
+    _kill_and_rerun(fit(killed), full, seed=2)
+    a = torch.load(straight / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    b = torch.load(killed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 9
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    for key, state in a["optimizer_states"][0]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["optimizer_states"][0]["state"][key][name]))
+    assert _hidden(killed) == []

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, run_cli
+from probes import SimulatedCrash
 
 TESTS = Path(__file__).resolve().parent
 
@@ -27,10 +28,6 @@ def _assert_same_tensors(a: dict, b: dict, what: str, atol: float = 0.0) -> None
     assert not different, f"{what} differ: {different[:5]}"
 
 
-# Same ops in the same order on CPU give bitwise-equal results; the tolerance only absorbs a different
-# thread count between the session's run and this test's runs. A lost optimizer/scheduler/RNG state
-# shows up as differences around 1e-3 after these 4 steps.
-RESUME_ATOL = 1e-6
 
 
 def _optimizer_steps(ckpt: dict) -> set[int]:
@@ -38,36 +35,61 @@ def _optimizer_steps(ckpt: dict) -> set[int]:
 
 
 # ---------------------------------------------------------------------------------------------- resume
+def _assert_same_run(resumed: dict, straight: dict) -> None:
+    """Step, epoch, optimizer, schedule, generator state and weights of two checkpoints agree."""
+    assert resumed["global_step"] == straight["global_step"]
+    assert resumed["epoch"] == straight["epoch"]
+    assert _optimizer_steps(resumed) == _optimizer_steps(straight) == {straight["global_step"]}
+    assert resumed["lr_schedulers"] == straight["lr_schedulers"]
+    opt_r, opt_s = resumed["optimizer_states"][0], straight["optimizer_states"][0]
+    assert [g["lr"] for g in opt_r["param_groups"]] == [g["lr"] for g in opt_s["param_groups"]]
+    for key in opt_s["state"]:
+        assert int(opt_r["state"][key]["step"]) == int(opt_s["state"][key]["step"])
+        _assert_same_tensors(opt_r["state"][key], opt_s["state"][key], f"optimizer state of parameter {key}")
+    assert torch.equal(resumed["mtl_breast_rng"]["torch"], straight["mtl_breast_rng"]["torch"])
+    _assert_same_tensors(resumed["state_dict"], straight["state_dict"], "weights")  # bit for bit
+
+
+def _loader_state(ckpt: dict) -> dict:
+    return ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+
+
 def test_resume_after_interruption_continues_the_same_run(pretrain_run, pretrain_argv, tmp_path):
     """Stopped after epoch 1 of 2 and restarted with `--ckpt_path last`, the run ends exactly where the
     uninterrupted one (the session's pretrain run, same settings) does: step, optimizer, schedule, RNG, weights.
-
-    Both runs pin the MONAI augmentation state per epoch (probes.PinAugmentation): the data module seeds it
-    once per loader, outside what a checkpoint holds; everything else is the package's own resume path.
-    """
+    Nothing is pinned from outside: crops and flips are seeded per sample from (seed, epoch, position)."""
     run = tmp_path / "interrupted"
     assert run_cli(pretrain_argv(run, "--trainer.callbacks+=probes.StopAfterEpoch")) == 0
     halfway = _ckpt(run / "checkpoints" / "last.ckpt")
     assert halfway["global_step"] == 2 and _optimizer_steps(halfway) == {2}
     assert "mtl_breast_rng" in halfway
+    assert _loader_state(halfway)["epoch"] == 1 and _loader_state(halfway)["samples_done"] == 0
 
     assert run_cli(pretrain_argv(run, "--ckpt_path", "last")) == 0
     resumed = _ckpt(run / "checkpoints" / "last.ckpt")
     straight = _ckpt(pretrain_run / "checkpoints" / "last.ckpt")
+    assert resumed["global_step"] == 4 and resumed["lr_schedulers"][0]["last_epoch"] == 4
+    _assert_same_run(resumed, straight)
 
-    assert resumed["global_step"] == straight["global_step"] == 4
-    assert resumed["epoch"] == straight["epoch"]
-    assert _optimizer_steps(resumed) == _optimizer_steps(straight) == {4}
-    assert resumed["lr_schedulers"] == straight["lr_schedulers"]
-    assert resumed["lr_schedulers"][0]["last_epoch"] == 4
-    opt_r, opt_s = resumed["optimizer_states"][0], straight["optimizer_states"][0]
-    assert [g["lr"] for g in opt_r["param_groups"]] == [g["lr"] for g in opt_s["param_groups"]]
-    for key in opt_s["state"]:
-        assert int(opt_r["state"][key]["step"]) == int(opt_s["state"][key]["step"])
-        _assert_same_tensors(opt_r["state"][key], opt_s["state"][key], f"optimizer state of parameter {key}",
-                             atol=RESUME_ATOL)
-    assert torch.equal(resumed["mtl_breast_rng"]["torch"], straight["mtl_breast_rng"]["torch"])
-    _assert_same_tensors(resumed["state_dict"], straight["state_dict"], "weights", atol=RESUME_ATOL)
+
+def test_resume_mid_epoch_continues_the_same_run(pretrain_run, pretrain_argv, finetune_run, finetune_argv,
+                                                mae_weights, tmp_path):
+    """Crashed in the middle of an epoch (after step 3 of 4 in MAE pretraining, in epoch 1; after step 1 of 2
+    in fine-tuning, in epoch 0) with last.ckpt as its last periodic write left it, and restarted with
+    `--ckpt_path last`: the run goes on with the next batch of that epoch and ends bit for bit where the
+    uninterrupted run does (MAE masks from the restored generator, crops from the per-sample seeds)."""
+    for task, argv, straight_run, stop, extra in (
+            ("pretrain", pretrain_argv, pretrain_run, 3, ()),
+            ("finetune", finetune_argv, finetune_run, 1, ("--model.pretrained", str(mae_weights)))):
+        run = tmp_path / task
+        probe = json.dumps({"class_path": "probes.CrashAtStep", "init_args": {"step": stop}})
+        with pytest.raises(SimulatedCrash):
+            run_cli(argv(run, *extra, "--last_checkpoint.every_n_steps", "1", f"--trainer.callbacks+={probe}"))
+        halfway = _ckpt(run / "checkpoints" / "last.ckpt")
+        assert halfway["global_step"] == stop, task
+        assert _loader_state(halfway)["samples_done"] == 2, task  # one batch of 2 into the epoch
+        assert run_cli(argv(run, *extra, "--ckpt_path", "last")) == 0
+        _assert_same_run(_ckpt(run / "checkpoints" / "last.ckpt"), _ckpt(straight_run / "checkpoints" / "last.ckpt"))
 
 
 def test_resume_with_more_steps_continues_the_count(pretrain_run, pretrain_argv, tmp_path):

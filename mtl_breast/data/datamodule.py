@@ -1,8 +1,8 @@
 """Lightning DataModules: unlabeled volumes for MAE pretraining, labeled cases for joint fine-tuning.
 
 Both preprocess their roots into a `CaseCache` once (`prepare_data`, rank 0 only) and then read
-only the cache. Under DDP, Lightning shards the map-style datasets with a DistributedSampler, so
-each rank sees a different part of every epoch.
+only the cache. Training samples come from `data.sampling.EpochSampler`: one shuffled order per epoch shared by
+the DDP ranks, each rank its own positions, each sample its own augmentation seed, resumable mid-epoch.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from pathlib import Path
 import lightning as L
 import torch
 from monai.transforms import CenterSpatialCropd, Compose, SpatialPadd
-from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import DataLoader
 
 from mtl_breast.data.cache import CacheError, CaseCache, read_header
 from mtl_breast.data.dataset import CachedCaseDataset, collate_cases
 from mtl_breast.data.folder import read_dataset
 from mtl_breast.data.mamamia import SPLITS, _find, is_mamamia_root, read_splits
 from mtl_breast.data.preprocess import PreprocessConfig, preprocess_dataset
+from mtl_breast.data.sampling import EpochSampler, ResumableLoader
 from mtl_breast.data.transforms import _as_size, finetune_transforms, pretrain_transforms
 
 log = logging.getLogger(__name__)
@@ -41,21 +42,6 @@ def default_cache_dir(root: str | Path, others: Sequence[str | Path] = ()) -> Pa
     if any(where.is_relative_to(Path(r).resolve()) for r in (root, *others)):
         return Path.home() / ".cache" / "mtl_breast" / name
     return local
-
-
-def _seed_transforms(dataset: CachedCaseDataset, seed: int) -> None:
-    transform = dataset.transform
-    if transform is not None and hasattr(transform, "set_random_state"):
-        transform.set_random_state(seed=int(seed) % 2**32)
-
-
-def _worker_init(worker_id: int) -> None:
-    # MONAI transforms draw from their own numpy RandomState, which a forked worker inherits unchanged:
-    # without reseeding, every worker (and, without persistent workers, every epoch) repeats the same
-    # crops and flips. torch gives each worker its own seed, derived from the run's seed.
-    info = get_worker_info()
-    if info is not None:
-        _seed_transforms(info.dataset, info.seed)
 
 
 class _CachedDataModule(L.LightningDataModule):
@@ -102,19 +88,37 @@ class _CachedDataModule(L.LightningDataModule):
         # Cases that failed preprocessing are absent from the cache; they were reported in prepare_data.
         return [pid for pid in patient_ids if self.cache.has(pid)]
 
-    def _loader(self, dataset: CachedCaseDataset, shuffle: bool, batch_size: int | None = None) -> DataLoader:
-        if self.num_workers == 0:
-            # Seed the transforms from torch's generator, so `seed_everything` makes the augmentation reproducible,
-            # and from the DDP rank, which `seed_everything` seeds alike: each rank augments its cases its own way.
-            # (Workers get their own seeds from torch when each epoch's iterator starts: after the ranks'
-            # generators are decorrelated, `tasks.rng`.)
-            trainer = getattr(self, "trainer", None)
-            rank = trainer.global_rank if trainer is not None else 0
-            _seed_transforms(dataset, int(torch.randint(0, 2**32, (), dtype=torch.int64)) + 7919 * rank)
-        return DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=shuffle,
+    def _train_loader(self, dataset: CachedCaseDataset) -> ResumableLoader:
+        """Shuffled samples, each augmented from its own seed (`data.sampling`): resumable mid-epoch, the same
+        for any number of workers, one share per DDP rank."""
+        trainer = getattr(self, "trainer", None)
+        # One seed for every rank (the order is shared) that a restarted run finds again: the seed the torch
+        # generator was seeded with (`seed_everything`), rank 0's. Not a draw: the generator's state on a restart
+        # differs from the original run's at this point.
+        seed = torch.initial_seed()
+        rank, world_size = 0, 1
+        if trainer is not None:
+            seed = int(trainer.strategy.broadcast(seed, src=0))
+            rank, world_size = trainer.global_rank, trainer.world_size
+        sampler = EpochSampler(len(dataset), seed, shuffle=True, rank=rank, world_size=world_size)
+        return ResumableLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                               collate_fn=collate_cases, persistent_workers=self.num_workers > 0, pin_memory=False,
+                               position=None if trainer is None else self._position)
+
+    def _position(self) -> tuple[int, int | None]:
+        """(epoch, its training batches already done or None once it is complete), for `ResumableLoader`."""
+        trainer = self.trainer
+        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        return trainer.current_epoch, None if done >= trainer.num_training_batches else done
+
+    def _loader(self, dataset: CachedCaseDataset, batch_size: int | None = None) -> DataLoader:
+        """Validation and test: the dataset in order (random crops, if any, come from the transform's own seed)."""
+        # Its own generator: making an iterator draws a worker seed, which must not come from (and move) the
+        # training stream; a run resumed after a validation then draws what the uninterrupted run drew.
+        return DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=False,
                           num_workers=self.num_workers, collate_fn=collate_cases,
-                          worker_init_fn=_worker_init if self.num_workers > 0 else None,
-                          persistent_workers=self.num_workers > 0, pin_memory=False)
+                          persistent_workers=self.num_workers > 0, pin_memory=False,
+                          generator=torch.Generator().manual_seed(0))
 
 
 def split_train_val(patient_ids: Sequence[str], labels: Sequence[float], val_fraction: float,
@@ -219,14 +223,14 @@ class FinetuneDataModule(_CachedDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = CachedCaseDataset(self.cache, self.train_ids, self.train_transform, with_label=True, repeats=self.repeats)
-        return self._loader(ds, shuffle=True)
+        return self._train_loader(ds)
 
     def val_dataloader(self) -> DataLoader:
         # Whole cases, one at a time: the module runs sliding-window inference over them.
-        return self._loader(CachedCaseDataset(self.cache, self.val_ids, with_label=True), shuffle=False, batch_size=1)
+        return self._loader(CachedCaseDataset(self.cache, self.val_ids, with_label=True), batch_size=1)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(CachedCaseDataset(self.cache, self.test_ids, with_label=True), shuffle=False, batch_size=1)
+        return self._loader(CachedCaseDataset(self.cache, self.test_ids, with_label=True), batch_size=1)
 
 
 class PretrainDataModule(_CachedDataModule):
@@ -296,7 +300,7 @@ class PretrainDataModule(_CachedDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = CachedCaseDataset(self.cache, self.train_ids, self.train_transform, repeats=self.repeats)
-        return self._loader(ds, shuffle=True)
+        return self._train_loader(ds)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(CachedCaseDataset(self.cache, self.val_ids, self.val_transform), shuffle=False)
+        return self._loader(CachedCaseDataset(self.cache, self.val_ids, self.val_transform))

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mtl_breast.data.cache import CaseCache
+from mtl_breast.data.sampling import SampleKey
 from mtl_breast.models.kinetics import ACQUISITION_FIELDS, acquisition_vector
 
 
@@ -52,7 +53,10 @@ class CachedCaseDataset(Dataset):
     def __len__(self) -> int:
         return len(self.patient_ids) * self.repeats
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | SampleKey) -> dict[str, Any]:
+        """One sample; `key` is an index, or ``(index, seed)`` from `EpochSampler`: the random transforms are then
+        seeded from `seed`, so the sample is the same whichever worker reads it and whenever."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
         pid = self.patient_ids[index % len(self.patient_ids)]
         case = self.cache.read(pid)
         info = case["info"]
@@ -71,6 +75,8 @@ class CachedCaseDataset(Dataset):
                 raise ValueError(f"case {pid} ({self.cache.path(pid)}): no expert mask in the cache")
             sample["label"] = torch.as_tensor(case["label"]).unsqueeze(0)  # [1, D, H, W]
         if self.transform is not None:
+            if seed is not None and hasattr(self.transform, "set_random_state"):
+                self.transform.set_random_state(seed=seed)
             sample = self.transform(sample)
             if isinstance(sample, list):  # MONAI's multi-sample croppers return a list (num_samples=1)
                 sample = sample[0]

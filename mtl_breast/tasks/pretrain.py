@@ -24,6 +24,7 @@ from mtl_breast.tasks.rng import KEY as RNG_KEY
 from mtl_breast.tasks.rng import checkpoint_rng_state, restore_rng_on_train_start
 
 log = logging.getLogger(__name__)
+VALIDATION_SEED = 1_000_003  # validation masks: the same every epoch, independent of the training stream
 
 
 class MAEPretrainModule(L.LightningModule):
@@ -83,7 +84,11 @@ class MAEPretrainModule(L.LightningModule):
         return out["loss"]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        out = self(batch)
+        # The same masks at every validation, so the losses compare across epochs, drawn from a forked generator:
+        # validating must not move the training stream (a run resumed after it draws what the original drew).
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(VALIDATION_SEED + batch_idx)
+            out = self(batch)
         self.log("val/loss", out["loss"], prog_bar=True, batch_size=batch["image"].shape[0], sync_dist=True)
         if batch_idx == 0:
             self._val_example = {"image": batch["image"][:1], "pred": out["pred"][:1], "mask": out["mask"][:1],

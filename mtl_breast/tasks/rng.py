@@ -1,12 +1,12 @@
 """Random-number-generator state in training checkpoints, so a resumed run draws what the original would have.
 
 Lightning checkpoints hold the weights, optimizer, scheduler and loop counters but not the RNGs; the
-MAE masks, the phase-time dropout and the order of the training samples come from the global torch
-generator. The task modules store the states here when they save a checkpoint and put them back when
-training restarts from it: `on_load_checkpoint` keeps them and `on_train_start` sets them. That is
-after the setup-time iterations of the training loader that Lightning makes on a restart
-(`estimated_stepping_batches`, `setup_data`) and right before the epoch the run continues with
-starts, which is where the states were taken when the checkpoint was saved at an epoch end.
+MAE masks and the phase-time dropout come from the global torch generator. The task modules store the states
+here when they save a checkpoint and put them back when training restarts from it: `on_load_checkpoint` keeps
+them and `on_train_start` sets them, right before the first step the run continues with, which is where the
+states were taken (at an epoch end or after a step). The data path never draws from these generators (the
+training order and augmentation come from `data.sampling`, the loaders have their own generators) and
+validation draws from a forked one, so nothing between the save and that step moves them.
 Everything is kept as tensors and plain Python values, so the checkpoint still loads with
 `torch.load(weights_only=True)` (no numpy objects to unpickle).
 """
