@@ -10,6 +10,7 @@ The weights folder comes from the `weights` argument or the MTL_BREAST_WEIGHTS e
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import pandas as pd
 
 from mtl_breast.data.case import Case
 from mtl_breast.inference import InferenceSettings, load_joint_model, run_predictions
+
+log = logging.getLogger(__name__)
 
 
 def _breast_box(info: dict) -> tuple[int, int, int, int, int, int] | None:
@@ -71,6 +74,8 @@ class Model:
 
     def predict_segmentation_and_classification(self, output_dir: str) -> pd.DataFrame:
         report = run_predictions(self.model, self._cases(), Path(output_dir), self.settings)
+        for item in report["skipped"]:  # the challenge scores these as failures; say why in the container log
+            log.error("skipped %s", item["reason"])
         self.predicted_segmentations = str(Path(output_dir) / "pred_segmentations")
         self._table = pd.DataFrame(report["rows"], columns=["patient_id", "pcr", "score"])
         return self._table

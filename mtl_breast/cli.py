@@ -127,20 +127,11 @@ def _predict_flags(p: argparse.ArgumentParser) -> None:
 
 @command("predict", "predict tumour masks (NIfTI) and pCR (CSV) for new cases", _predict_flags)
 def _predict(args: argparse.Namespace) -> int:
-    import logging
-
     from mtl_breast.inference import predict_dataset
 
-    # The skipped cases are listed below, one line each; the library's log line per case would repeat each one.
-    library_log = logging.getLogger("mtl_breast.inference")
-    level = library_log.level
-    library_log.setLevel(logging.CRITICAL)
-    try:
-        report = predict_dataset(args.weights, args.data, args.out, device=args.device,
-                                 split=None if args.split == "all" else args.split, tta_flips=args.tta or None,
-                                 largest_component=args.largest_component or None, overlap=args.overlap)
-    finally:
-        library_log.setLevel(level)
+    report = predict_dataset(args.weights, args.data, args.out, device=args.device,
+                             split=None if args.split == "all" else args.split, tta_flips=args.tta or None,
+                             largest_component=args.largest_component or None, overlap=args.overlap)
     print(f"predicted {len(report['done'])} cases into {args.out}; skipped {len(report['skipped'])}")
     _print_skipped(report["skipped"])
     if report["skipped"]:
@@ -348,13 +339,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _is_input_error(err: BaseException) -> bool:
-    """Errors about the user's files and settings, whose message says what is wrong (no traceback needed)."""
-    from mtl_breast.data.case import CaseError
+    """Errors about the user's files, settings and disk, whose message says what is wrong (no traceback needed)."""
+    from mtl_breast.data.cache import CacheError
+    from mtl_breast.data.case import CaseError, DatasetError
+    from mtl_breast.files import DiskFullError
     from mtl_breast.hub import WeightsError
     from mtl_breast.metrics.mamamia import PredictionsError
 
-    return isinstance(err, (CaseError, WeightsError, PredictionsError, FileNotFoundError, NotADirectoryError,
-                            IsADirectoryError, PermissionError))
+    return isinstance(err, (CaseError, DatasetError, CacheError, WeightsError, PredictionsError, DiskFullError,
+                            FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

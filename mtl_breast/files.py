@@ -12,7 +12,8 @@ checkpoints, features, phantoms) goes through `atomic_path`:
 
 A reader therefore sees the previous file or the new one, never part of one; a write that fails or is
 interrupted removes its temporary file, and one killed outright (SIGKILL, power loss) leaves a hidden file that
-the next write of the same target removes.
+the next write of the same target removes. A write that fails for want of room (ENOSPC, EDQUOT, EFBIG) raises
+`DiskFullError` naming the target.
 
 `safetensors_bytes` serialises tensors with the header's keys sorted: safetensors keeps metadata in a hash map
 whose order changes from process to process, so the same tensors would otherwise give different file bytes.
@@ -29,6 +30,14 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+# A full disk, an exhausted quota, a file-size limit: the write failed for want of room, not for a bug.
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+class DiskFullError(OSError):
+    """A write that failed for want of room; the message names the file. Nothing was written."""
+
 
 _HOST = socket.gethostname().replace("-", "_").replace(".", "_") or "host"
 
@@ -110,8 +119,11 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         with open(tmp, "rb+") as handle:  # on disk before the rename makes it visible
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in DISK_FULL:
+            raise DiskFullError(err.errno, f"cannot write {path}: {os.strerror(err.errno)} (nothing was written; "
+                                           "free space or raise the quota and run again)") from err
         raise
     _fsync_dir(path.parent)
 

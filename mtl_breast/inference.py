@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +29,6 @@ from mtl_breast.data.preprocess import PreprocessConfig, original_image_referenc
 from mtl_breast.data.window import tumour_window
 from mtl_breast.files import atomic_path, write_text
 from mtl_breast.models.kinetics import acquisition_vector
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -178,20 +175,23 @@ def run_predictions(model: torch.nn.Module, cases: list[Case], out_dir: Path, se
     """Predict every case; a failing case is reported and the others still run.
 
     Writes `out_dir/pred_segmentations/<pid>.nii.gz` and `out_dir/predictions.csv`; returns
-    {"done": [...], "skipped": [{"patient_id", "reason"}], "rows": [...]}.
+    {"done": [...], "skipped": [{"patient_id", "reason"}], "rows": [...]}. The caller reports the skipped cases
+    (once; nothing is logged here). A skipped case's mask from an earlier run in `out_dir` is removed, so it
+    cannot be scored as this run's prediction.
     """
     out_dir = Path(out_dir)
     model.eval()
     rows, skipped, done = [], [], []
     for case in cases:
+        mask_path = out_dir / "pred_segmentations" / f"{case.patient_id}.nii.gz"
         try:
             mask, geometry, score = predict_case(model, case, settings)
             if write_masks:
-                write_mask(mask, geometry, out_dir / "pred_segmentations" / f"{case.patient_id}.nii.gz")
+                write_mask(mask, geometry, mask_path)
         except (CaseError, RuntimeError, ValueError, OSError) as err:
             reason = str(err) if isinstance(err, CaseError) else f"case {case.patient_id}: {err}"
-            log.error("skipped %s", reason)
             skipped.append({"patient_id": case.patient_id, "reason": reason})
+            mask_path.unlink(missing_ok=True)
             continue
         rows.append({"patient_id": case.patient_id, "pcr": int(score >= settings.pcr_threshold),
                      "score": round(score, 6)})

@@ -90,6 +90,21 @@ def test_predict_lists_an_empty_test_case_and_a_split_id_without_folder(mtl_weig
     assert [p.name for p in (out / "pred_segmentations").iterdir()] == [f"{other}.nii.gz"]
 
 
+def test_predict_removes_the_earlier_mask_of_a_case_that_now_fails(mtl_weights, phantoms, tmp_path, capsys):
+    data, out = _copy(phantoms, tmp_path), tmp_path / "out"
+    argv = ["predict", "--weights", mtl_weights, "--data", data, "--out", out, "--device", "cpu"]
+    assert run_cli(argv) == 0
+    broken, kept = _splits(phantoms)["test"]
+    phase = _phase(data, broken, 0)
+    phase.write_bytes(phase.read_bytes()[:200])  # truncated since the last run
+    capsys.readouterr()
+    assert run_cli(argv) == 1
+    out_text = capsys.readouterr()
+    assert (out_text.out + out_text.err).count(f"skipped {broken} (") == 1  # listed once, not logged again
+    assert [p.name for p in (out / "pred_segmentations").iterdir()] == [f"{kept}.nii.gz"]  # no stale mask
+    assert list(pd.read_csv(out / "predictions.csv", dtype={"patient_id": str})["patient_id"]) == [kept]
+
+
 def test_a_folder_without_cases_is_an_input_error(mtl_weights, tmp_path, capsys):
     (tmp_path / "nothing").mkdir()
     assert _preprocess(tmp_path / "nothing", tmp_path / "cache", capsys)[0] == 2
@@ -188,3 +203,21 @@ def test_acquisition_times_out_of_order_name_the_spreadsheet(phantoms, tmp_path,
     assert code == 1 and "done 9, skipped 1" in out
     shown = "[" + ", ".join(f"{float(t):g}" for t in times) + "]"
     assert f"  skipped {pid} ({sheet}): acquisition_times {shown} must be strictly increasing" in err
+
+
+@pytest.mark.parametrize("damage", ["no split columns", "garbled spreadsheet"])
+def test_unusable_split_file_or_spreadsheet_is_one_line_naming_it(mtl_weights, finetune_argv, phantoms, tmp_path,
+                                                                   capsys, damage):
+    data = _copy(phantoms, tmp_path)
+    if damage == "no split columns":
+        bad = data / "train_test_splits.csv"
+        bad.write_text("patient,fold\nDUKE_001,1\n")
+    else:
+        bad = data / "clinical_and_imaging_info.xlsx"
+        bad.write_bytes(b"PK\x03\x04 not really a workbook")
+    for argv in (["predict", "--weights", mtl_weights, "--data", data, "--out", tmp_path / "pred", "--device", "cpu"],
+                 finetune_argv(tmp_path / "run", "--data.root", data, "--data.cache_dir", tmp_path / "cache")):
+        capsys.readouterr()
+        assert run_cli(argv) == 2, argv[0]
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(bad) in err[0] and "error:" in err[0], err

@@ -26,6 +26,10 @@ class CaseError(ValueError):
         super().__init__(f"case {patient_id}{where}: {reason}")
 
 
+class DatasetError(ValueError):
+    """A dataset-level file (split file, clinical spreadsheet) that cannot be used; the message names it."""
+
+
 def check_times(times: Sequence[float], patient_id: str, source: str | Path | None) -> list[float]:
     """Acquisition times as floats, refused unless finite and strictly increasing (one per phase, in phase order).
 

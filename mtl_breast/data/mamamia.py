@@ -22,12 +22,14 @@ import json
 import math
 import re
 import warnings
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from mtl_breast.data.case import Case, CaseError, check_times
+from mtl_breast.data.case import Case, CaseError, DatasetError, check_times
 
 SPREADSHEET = "clinical_and_imaging_info"
 SPLITS = "train_test_splits.csv"
@@ -71,19 +73,29 @@ def is_mamamia_root(root: Path | str) -> bool:
     return False
 
 
+def _read_table_file(path: Path, read: Callable[[], Any]) -> Any:
+    """`read()` of a CSV/Excel table, its parse errors turned into a DatasetError naming the file."""
+    try:
+        return read()
+    except (ValueError, OSError, zipfile.BadZipFile) as err:  # pandas' parser errors are ValueErrors
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise DatasetError(f"{path}: cannot read the table ({type(err).__name__}: {err})") from err
+
+
 def read_splits(root: Path | str) -> dict[str, list[str]]:
     """Read `train_test_splits.csv` into {"train": [...], "test": [...]}; empty cells are dropped."""
     root = Path(root)
     path = _find(root, SPLITS)
     if path is None:
         raise FileNotFoundError(f"no {SPLITS} in {root}")
-    table = pd.read_csv(path, dtype=str)
+    table = _read_table_file(path, lambda: pd.read_csv(path, dtype=str))
     table.columns = [str(c).strip().lower() for c in table.columns]
     splits = {}
     for name in ("train", "test"):
         column = f"{name}_split"
         if column not in table.columns:
-            raise ValueError(f"{path}: column {column!r} missing (columns: {list(table.columns)})")
+            raise DatasetError(f"{path}: column {column!r} missing (columns: {list(table.columns)})")
         splits[name] = [s.strip() for s in table[column].dropna() if s.strip()]
     return splits
 
@@ -94,15 +106,15 @@ def _read_table(root: Path) -> tuple[Path | None, dict[str, dict[str, Any]]]:
     if path is None:
         return None, {}
     if path.suffix.lower() == ".csv":
-        table = pd.read_csv(path)
+        table = _read_table_file(path, lambda: pd.read_csv(path))
     else:
-        sheets = pd.read_excel(path, sheet_name=None)
+        sheets = _read_table_file(path, lambda: pd.read_excel(path, sheet_name=None))
         if "dataset_info" not in sheets:
             warnings.warn(f"{path}: no sheet 'dataset_info', reading {next(iter(sheets))!r}", stacklevel=3)
         table = sheets.get("dataset_info", next(iter(sheets.values())))
     table.columns = [str(c).strip().lower() for c in table.columns]
     if "patient_id" not in table.columns:
-        raise ValueError(f"{path}: column 'patient_id' missing (columns: {list(table.columns)})")
+        raise DatasetError(f"{path}: column 'patient_id' missing (columns: {list(table.columns)})")
     rows: dict[str, dict[str, Any]] = {}
     for row in table.to_dict("records"):
         if _missing(row["patient_id"]):

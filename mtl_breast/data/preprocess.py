@@ -42,6 +42,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
 from rich.progress import MofNCompleteColumn, Progress
 
 from mtl_breast.data.cache import CACHE_DTYPES, CaseCache
@@ -278,7 +280,7 @@ def _read_volume(path: Path, patient_id: str, what: str = "image") -> sitk.Image
             if image.GetDimension() != 3:
                 raise CaseError(patient_id, path, f"expected a 3-D {what}, got a {image.GetDimension()}-D one of "
                                                   f"size {image.GetSize()}" + _hint(image.GetDimension()))
-    except (RuntimeError, OSError, EOFError, ValueError, zlib.error) as err:
+    except (RuntimeError, OSError, EOFError, ValueError, zlib.error, ImageFileError, HeaderDataError) as err:
         if isinstance(err, CaseError):
             raise
         raise CaseError(patient_id, path, f"cannot read {what} ({str(err).strip().splitlines()[-1]})") from err

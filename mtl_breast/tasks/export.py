@@ -8,6 +8,7 @@ into plain linear layers first, so released weights have the plain module keys o
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,23 +30,45 @@ def export_checkpoint(ckpt_path: Path | str, out_dir: Path | str) -> Path:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for bad files
         raise WeightsError(f"{ckpt_path}: not a loadable Lightning checkpoint ({type(err).__name__}: {err})") from err
-    hp = (ckpt.get("hyper_parameters") or {}) if isinstance(ckpt, dict) else {}
-    if "arch" not in hp or "state_dict" not in ckpt:
-        raise WeightsError(f"{ckpt_path}: no 'arch' hyper-parameter or state_dict; not an mtl-breast checkpoint")
-    size = hp.get("img_size", 64)
-    size = (size,) * 3 if isinstance(size, int) else tuple(int(s) for s in size)
-    model = create_model(hp["arch"], img_size=size, **(hp.get("model_args") or {}))
+    spec = checkpoint_model_spec(ckpt, ckpt_path)
+    model = create_model(spec["arch"], **spec["model_args"])
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    if hp.get("lora_rank"):
+    if spec.get("lora"):
         from mtl_breast.models.lora import apply_lora, merge_lora
 
-        apply_lora(model.encoder, rank=hp["lora_rank"], alpha=2 * hp["lora_rank"])
+        apply_lora(model.encoder, rank=spec["lora"]["rank"], alpha=spec["lora"]["alpha"])
         model.load_state_dict(state, strict=True)
         merge_lora(model.encoder)
     else:
         model.load_state_dict(state, strict=True)
-    extra = dict(ckpt.get("mtl_breast") or {})
-    extra = {k: v for k, v in extra.items() if v is not None}
+    extra = {k: v for k, v in (ckpt.get("mtl_breast") or {}).items() if v is not None and k != "model"}
     out_dir = Path(out_dir)
     save_pretrained(model, out_dir, extra_config=extra)
     return out_dir
+
+
+def model_spec(model: torch.nn.Module, lora: dict[str, float] | None = None) -> dict[str, Any]:
+    """What rebuilds `model` (a registry model) exactly: {"arch", "model_args", "lora": {"rank", "alpha"} or None}.
+    The training tasks store it in every checkpoint under ``checkpoint["mtl_breast"]["model"]``."""
+    return {"arch": model.arch, "model_args": dict(model.model_args), "lora": dict(lora) if lora else None}
+
+
+def checkpoint_model_spec(ckpt: dict, path: Path | str = "checkpoint") -> dict[str, Any]:
+    """The `model_spec` of a training checkpoint: stored with it, or for checkpoints written before it was
+    stored, rebuilt from the task's hyper-parameters (arch, model_args, img_size, lora_rank with alpha 2 x rank,
+    which is what those versions trained with)."""
+    from mtl_breast.hub import WeightsError
+
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise WeightsError(f"{path}: no state_dict; not a Lightning checkpoint of mtl-breast")
+    stored = (ckpt.get("mtl_breast") or {}).get("model")
+    if stored:
+        return stored
+    hp = ckpt.get("hyper_parameters") or {}
+    if "arch" not in hp:
+        raise WeightsError(f"{path}: no model description or 'arch' hyper-parameter; not an mtl-breast checkpoint")
+    size = hp.get("img_size", 64)
+    size = [size] * 3 if isinstance(size, int) else [int(s) for s in size]
+    rank = hp.get("lora_rank")
+    return {"arch": hp["arch"], "model_args": {**(hp.get("model_args") or {}), "img_size": size},
+            "lora": {"rank": int(rank), "alpha": 2.0 * int(rank)} if rank else None}

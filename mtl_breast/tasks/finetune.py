@@ -37,6 +37,7 @@ from mtl_breast.metrics.mamamia import score_classification, score_segmentation
 from mtl_breast.metrics.segmentation import dice, hd95, norm_hd
 from mtl_breast.metrics.subgroups import age_group, density_group, menopause_group
 from mtl_breast.models.registry import create_model
+from mtl_breast.tasks.export import model_spec
 from mtl_breast.tasks.loggers import close_figure, log_figure, overlay_figure, training_summary, validation_metrics
 from mtl_breast.tasks.optim import build_optimizer, build_scheduler
 from mtl_breast.tasks.rng import KEY as RNG_KEY
@@ -62,7 +63,8 @@ class MTLFinetuneModule(L.LightningModule):
         pretrained: exported MAE/encoder weights folder to initialise the encoder from (None = scratch).
         grad_checkpointing: recompute encoder blocks in backward to save memory.
         freeze_encoder: train only the decoder and head.
-        lora_rank: if set, train low-rank adapters in the encoder attention instead of its weights.
+        lora_rank: if set, train low-rank adapters in the encoder attention instead of its weights (the rest of
+            the encoder is frozen); lora_alpha: their scale numerator (default 2 x rank).
         lr: peak learning rate; weight_decay, warmup_fraction, min_lr_ratio: AdamW and schedule.
         layer_decay: layer-wise LR decay for encoder blocks (e.g. 0.75), None = off.
         pcr_loss: "bce" or "focal"; pcr_pos_weight: "balanced" (from training counts), a number, or None.
@@ -89,6 +91,7 @@ class MTLFinetuneModule(L.LightningModule):
         grad_checkpointing: bool = False,
         freeze_encoder: bool = False,
         lora_rank: int | None = None,
+        lora_alpha: float | None = None,
         lr: float = 3e-4,
         weight_decay: float = 0.05,
         warmup_fraction: float = 0.05,
@@ -118,10 +121,13 @@ class MTLFinetuneModule(L.LightningModule):
             self.model.set_grad_checkpointing(True)
         if freeze_encoder:
             self.model.encoder.requires_grad_(False)
+        self.lora = None
         if lora_rank:
             from mtl_breast.models.lora import apply_lora
 
-            apply_lora(self.model.encoder, rank=lora_rank, alpha=2 * lora_rank)
+            # The adapters train, the rest of the encoder stays as pretrained (decoder and head train as usual).
+            self.lora = {"rank": int(lora_rank), "alpha": float(lora_alpha or 2 * lora_rank)}
+            apply_lora(self.model.encoder, rank=self.lora["rank"], alpha=self.lora["alpha"], freeze_others=True)
         self.seg_loss = DiceCELoss()
         pos_weight = pcr_pos_weight if pcr_pos_weight in (None, "balanced") else float(pcr_pos_weight)
         self.pcr_loss = PCRLoss(kind=pcr_loss, pos_weight=pos_weight)
@@ -274,6 +280,7 @@ class MTLFinetuneModule(L.LightningModule):
         # What inference needs beyond the weights: the preprocessing and the validation-chosen pCR calibration.
         dm = self.trainer.datamodule if self._trainer is not None else None
         checkpoint["mtl_breast"] = {
+            "model": model_spec(self.model, lora=self.lora),
             "preprocess": asdict(dm.preprocess_config) if dm is not None else None,
             "inference": {"roi_size": list(self.img_size), "pcr_threshold": float(self.pcr_threshold),
                           "pcr_temperature": float(self.pcr_temperature)},

@@ -18,6 +18,7 @@ import torch
 
 from mtl_breast.figures import save_png
 from mtl_breast.models.registry import create_model
+from mtl_breast.tasks.export import model_spec
 from mtl_breast.tasks.loggers import close_figure, log_figure, training_summary, validation_metrics
 from mtl_breast.tasks.optim import build_optimizer, build_scheduler, effective_batch_size
 from mtl_breast.tasks.rng import KEY as RNG_KEY
@@ -114,7 +115,8 @@ class MAEPretrainModule(L.LightningModule):
         # Feature extraction must preprocess new cases exactly as the encoder saw them; the rest goes into the
         # exported weights' model card.
         dm = self.trainer.datamodule if self._trainer is not None else None
-        checkpoint["mtl_breast"] = {"preprocess": asdict(dm.preprocess_config) if dm is not None else None,
+        checkpoint["mtl_breast"] = {"model": model_spec(self.model),
+                                    "preprocess": asdict(dm.preprocess_config) if dm is not None else None,
                                     "training": training_summary(self, "pretrain"),
                                     "validation": validation_metrics(self)}
         checkpoint[RNG_KEY] = checkpoint_rng_state(self)
