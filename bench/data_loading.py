@@ -30,7 +30,7 @@ import torch
 from mtl_breast.data.cache import CaseCache, read_cached_crop
 from mtl_breast.data.folder import read_dataset
 from mtl_breast.data.preprocess import PreprocessConfig, preprocess_case, preprocess_dataset
-from mtl_breast.data.synthetic import generate_dataset
+from mtl_breast.phantoms.collection import generate_dataset
 
 
 def _rate(fn, items: list, min_seconds: float) -> dict[str, float]:

@@ -20,7 +20,7 @@ import time
 import torch
 from bench_common import PeakMemory, device_name, emit, pick_device, sync, tensors_of
 
-from mtl_breast.fitcheck import estimate_training_memory, prepare_module, synthetic_batch
+from mtl_breast.run.fitcheck import estimate_training_memory, prepare_module, synthetic_batch
 
 GIB = 1 << 30
 

@@ -12,7 +12,7 @@
 #                        input: step time, tokens/s, FLOPs and MFU (bench/mae_step.py)
 #   mae_max_batch        largest MAE batch within 22 GiB (doubling then bisection, at most 256), volumes/s, MFU
 #   inference_real       one real-size case, 3 x 380 x 190 x 190 (3 phases of 512x256x172 after 1 mm resampling),
-#                        through mtl_breast.inference.predict_volume, float32 as `mtl-breast predict` runs it
+#                        through mtl_breast.predictor.predict_volume, float32 as `mtl-breast predict` runs it
 #   inference_real_bf16  the same under bf16 autocast, as validation runs it
 # A bench that fails or runs past its cap leaves OUT/<bench>.json with "error" (its log in OUT/<bench>.log); the
 # suite goes on and exits 1 at the end. PYTHON picks the interpreter (default: .venv/bin/python when present).

@@ -1,6 +1,6 @@
 """Time to predict one case: sliding-window segmentation + pCR of a synthetic MAMA-MIA-sized volume. Prints JSON.
 
-Runs `mtl_breast.inference.predict_volume` (the routine of `mtl-breast predict` and of validation) on a random
+Runs `mtl_breast.predictor.predict_volume` (the routine of `mtl-breast predict` and of validation) on a random
 tensor of ``--shape`` T D H W (default 3 phases of 100 x 512 x 512 voxels, a MAMA-MIA DCE-MRI series) with a
 freshly initialised model: the cost does not depend on the weights. Reports the median wall time over
 ``--repeats`` runs after one warm-up run, the number of windows and, on CUDA, the peak memory.
@@ -24,8 +24,8 @@ import time
 import torch
 from bench_common import device_name, emit, sync
 
-from mtl_breast.inference import InferenceSettings, predict_volume
 from mtl_breast.models.registry import create_model
+from mtl_breast.predictor import InferenceSettings, predict_volume
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

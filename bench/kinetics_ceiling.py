@@ -22,10 +22,10 @@ import numpy as np
 from mtl_breast.baselines import LogisticBaseline, case_features
 from mtl_breast.data.cache import CaseCache
 from mtl_breast.data.mamamia import read_splits
-from mtl_breast.data.phantom import tofts_concentration
-from mtl_breast.inference import InferenceSettings, read_weights_config
 from mtl_breast.metrics.classification import roc_auc
 from mtl_breast.models.kinetics import CONCENTRATION_FEATURES, acquisition_vector
+from mtl_breast.phantoms.physics import tofts_concentration
+from mtl_breast.predictor import InferenceSettings, read_weights_config
 
 _KEP_GRID = np.logspace(-1, 1.3, 48)  # /min
 _ARRIVAL_S = 15.0  # assumed bolus arrival after the pre-contrast acquisition

@@ -220,7 +220,7 @@ def model_flops_per_volume(args: argparse.Namespace) -> int:
 
 def find_max_batch(args: argparse.Namespace, device: torch.device) -> dict:
     """Largest batch within args.limit_gib (doubling, then bisection), then volumes/s and MFU at that batch."""
-    from mtl_breast.fitcheck import estimate_training_memory, prepare_module, synthetic_batch
+    from mtl_breast.run.fitcheck import estimate_training_memory, prepare_module, synthetic_batch
     from mtl_breast.tasks.pretrain import MAEPretrainModule
 
     limit = args.limit_gib * 2**30

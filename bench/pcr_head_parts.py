@@ -19,8 +19,8 @@ from mtl_breast.baselines import case_acquisition
 from mtl_breast.data.cache import CaseCache
 from mtl_breast.data.mamamia import read_splits
 from mtl_breast.data.window import tumour_window
-from mtl_breast.inference import InferenceSettings, load_joint_model, predict_volume
 from mtl_breast.metrics.classification import roc_auc
+from mtl_breast.predictor import InferenceSettings, load_joint_model, predict_volume
 
 
 @torch.no_grad()

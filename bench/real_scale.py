@@ -1,6 +1,7 @@
 """The data path at real size: phantoms -> case cache -> training loader -> validation and prediction. Prints JSON.
 
-On ``--cases`` phantoms of ``--size`` voxels per breast field of view (`mtl_breast.data.synthetic.generate_dataset`;
+On ``--cases`` phantoms of ``--size`` voxels per breast field of view
+(`mtl_breast.phantoms.collection.generate_dataset`;
 256 is about a MAMA-MIA series), one run measures:
 - ``synth``: phantom generation (seconds, NIfTI.gz MB per case);
 - ``preprocess``: `preprocess_dataset` into a fresh cache with 1 and with ``--workers`` processes: cases/min;
@@ -41,7 +42,7 @@ MB = 1e6
 
 # ------------------------------------------------------------------------------------------------ steps (children)
 def step_synth(p: dict) -> dict:
-    from mtl_breast.data.synthetic import generate_dataset
+    from mtl_breast.phantoms.collection import generate_dataset
 
     t0 = time.perf_counter()
     generate_dataset(p["data"], num_cases=p["cases"], seed=p["seed"], size=p["size"])
@@ -102,8 +103,8 @@ def step_predict(p: dict) -> dict:
     from mtl_breast.data.cache import CaseCache
     from mtl_breast.data.folder import read_dataset
     from mtl_breast.data.preprocess import PreprocessConfig
-    from mtl_breast.inference import InferenceSettings, predict_case, predict_volume
     from mtl_breast.models.registry import create_model
+    from mtl_breast.predictor import InferenceSettings, predict_case, predict_volume
 
     torch.manual_seed(p["seed"])
     model = create_model(p["arch"]).eval()

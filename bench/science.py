@@ -44,10 +44,10 @@ from mtl_breast.baselines import (
 from mtl_breast.data.cache import CaseCache
 from mtl_breast.data.mamamia import read_splits
 from mtl_breast.data.preprocess import preprocess_dataset
-from mtl_breast.data.synthetic import generate_dataset
-from mtl_breast.inference import InferenceSettings, load_joint_model, predict_volume, read_weights_config
 from mtl_breast.metrics.classification import balanced_accuracy, roc_auc
 from mtl_breast.metrics.segmentation import dice as dice_score
+from mtl_breast.phantoms.collection import generate_dataset
+from mtl_breast.predictor import InferenceSettings, load_joint_model, predict_volume, read_weights_config
 
 HELD_OUT_SEED = 10_000
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,7 +229,7 @@ def pretrain(out: Path, pool: Path, seed: int, model_args: str | None = None) ->
 def finetune(out: Path, data: Path, seed: int, pretrained: Path | None, extra: list[str], steps: int,
              labelled: int) -> Path:
     """Fine-tune with the demo settings for about `steps` optimizer steps; returns the exported joint weights."""
-    from mtl_breast.demo import _best_checkpoint
+    from mtl_breast.run.demo import _best_checkpoint
 
     weights = out / "weights" / "mtl"
     if (weights / "model.safetensors").exists():

@@ -49,7 +49,7 @@ def _synth_flags(p: argparse.ArgumentParser) -> None:
 
 @command("synth", "write a synthetic DCE-MRI dataset in the MAMA-MIA layout", _synth_flags)
 def _synth(args: argparse.Namespace) -> int:
-    from mtl_breast.data.synthetic import generate_dataset
+    from mtl_breast.phantoms.collection import generate_dataset
 
     summary = generate_dataset(args.out, num_cases=args.cases, seed=args.seed, size=args.size,
                                difficulty_shift=args.difficulty_shift, test_fraction=args.test_fraction)
@@ -127,7 +127,7 @@ def _predict_flags(p: argparse.ArgumentParser) -> None:
 
 @command("predict", "predict tumour masks (NIfTI) and pCR (CSV) for new cases", _predict_flags)
 def _predict(args: argparse.Namespace) -> int:
-    from mtl_breast.inference import predict_dataset
+    from mtl_breast.run.predict import predict_dataset
 
     report = predict_dataset(args.weights, args.data, args.out, device=args.device,
                              split=None if args.split == "all" else args.split, tta_flips=args.tta or None,
@@ -153,7 +153,7 @@ def _evaluate_flags(p: argparse.ArgumentParser) -> None:
 
 @command("evaluate", "score predictions exactly as the MAMA-MIA challenge does", _evaluate_flags)
 def _evaluate(args: argparse.Namespace) -> int:
-    from mtl_breast.metrics.mamamia import evaluate
+    from mtl_breast.run.evaluate import evaluate, headline
 
     for flag, folder in (("--pred", args.pred), ("--data", args.data)):
         if not folder.is_dir():
@@ -173,12 +173,6 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def headline(scores: dict) -> dict:
-    """The summary numbers of a scores.json (no per-case or per-group tables)."""
-    return {part: {k: v for k, v in values.items() if not isinstance(v, dict)}
-            for part, values in scores.items() if isinstance(values, dict)}
-
-
 # ---------------------------------------------------------------------------------------------- extract
 def _extract_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", type=Path, required=True, help="exported encoder / MAE / joint weights folder")
@@ -189,7 +183,7 @@ def _extract_flags(p: argparse.ArgumentParser) -> None:
 
 @command("extract", "write encoder features of every case (per token, per phase, pooled)", _extract_flags)
 def _extract(args: argparse.Namespace) -> int:
-    from mtl_breast.features import extract_dataset
+    from mtl_breast.run.extract import extract_dataset
 
     report = extract_dataset(args.weights, args.data, args.out, device=args.device)
     print(f"features of {len(report['done'])} cases in {args.out}; table {report['table']}")
@@ -205,7 +199,7 @@ def _plot_flags(p: argparse.ArgumentParser) -> None:
 
 @command("plot", "draw a training run's loss, learning-rate and validation curves to PNG", _plot_flags)
 def _plot(args: argparse.Namespace) -> int:
-    from mtl_breast.plot import plot_run
+    from mtl_breast.run.plot import plot_run
 
     for path in plot_run(args.run, args.out):
         print(path)
@@ -214,14 +208,14 @@ def _plot(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- fit-check
 def _fit_check_flags(p: argparse.ArgumentParser) -> None:
-    from mtl_breast.fitcheck import add_arguments
+    from mtl_breast.run.fitcheck import add_arguments
 
     add_arguments(p)
 
 
 @command("fit-check", "estimate the peak GPU memory of a training config without a GPU", _fit_check_flags)
 def _fit_check(args: argparse.Namespace) -> int:
-    from mtl_breast.fitcheck import run
+    from mtl_breast.run.fitcheck import run
 
     return run(args)
 
@@ -238,91 +232,10 @@ def _demo_flags(p: argparse.ArgumentParser) -> None:
 
 @command("demo", "synthesise phantoms, pretrain, fine-tune, predict and evaluate end to end", _demo_flags)
 def _demo(args: argparse.Namespace) -> int:
-    from mtl_breast.demo import run_demo
+    from mtl_breast.run.demo import run_demo
 
     run_demo(args.workdir, labelled=args.labelled, held_out=args.held_out, pool=args.pool, size=args.size,
              seed=args.seed)
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------- Lightning
-def _lightning_cli(task: str, args: list[str]) -> int:
-    """`mtl-breast pretrain|finetune <fit|validate|test> --config X.yaml ...` through LightningCLI."""
-    import torch
-    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-
-    from mtl_breast.tasks.checkpointing import LastCheckpoint
-    from mtl_breast.tasks.loggers import LearningRates, log_text, run_loggers
-
-    if task == "pretrain":
-        from mtl_breast.data.datamodule import PretrainDataModule as data_cls
-        from mtl_breast.tasks.pretrain import MAEPretrainModule as model_cls
-    else:
-        from mtl_breast.data.datamodule import FinetuneDataModule as data_cls
-        from mtl_breast.tasks.finetune import MTLFinetuneModule as model_cls
-
-    class SaveConfigToLogs(SaveConfigCallback):
-        # config.yaml in the log folder (LightningCLI's default) and the same text in TensorBoard.
-        def save_config(self, trainer, pl_module, stage: str) -> None:
-            text = self.parser.dump(self.config, skip_none=False)
-            log_text(trainer.loggers, "config", "```yaml\n" + text + "\n```")
-
-    class TaskCLI(LightningCLI):
-        def instantiate_trainer(self, **kwargs):
-            # TensorBoard and CSV in one version folder, unless the config names its own logger or turns it off.
-            trainer_config = self._get(self.config_init, "trainer", default={})
-            if trainer_config.get("logger") in (None, True):
-                kwargs.setdefault("logger", run_loggers(trainer_config.get("default_root_dir")))
-            return super().instantiate_trainer(**kwargs)
-
-        def add_arguments_to_parser(self, parser) -> None:
-            from lightning.pytorch.callbacks import ModelCheckpoint
-
-            # One value, typed once: the crop the data module cuts is the size the model is built for.
-            parser.link_arguments("data.crop_size", "model.img_size")
-            # Checkpoints live at a fixed place under the run folder, so `--ckpt_path last` finds them
-            # again after a restart (the logger's version folder changes on every start).
-            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-            parser.set_defaults({"checkpoint.save_last": False, "checkpoint.monitor": model_cls.monitor,
-                                 "checkpoint.mode": model_cls.monitor_mode,
-                                 "checkpoint.filename": "best-{epoch:03d}", "checkpoint.save_top_k": 1})
-            parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath",
-                                  compute_fn=lambda root: str(Path(root or ".") / "checkpoints"))
-            # last.ckpt is LastCheckpoint's: every few minutes, after each validation and at the end, atomically.
-            parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
-            parser.link_arguments("trainer.default_root_dir", "last_checkpoint.dirpath",
-                                  compute_fn=lambda root: str(Path(root or ".") / "checkpoints"))
-
-        def parse_arguments(self, parser, args) -> None:
-            # The arguments come in `args`; sys.argv holds the same command for the DDP launcher (see
-            # below) and is hidden here so LightningCLI does not warn about getting both.
-            argv, sys.argv = sys.argv, sys.argv[:1]
-            try:
-                super().parse_arguments(parser, args)
-            finally:
-                sys.argv = argv
-
-    gpu = torch.cuda.is_available()
-    # LightningCLI parses `args`; sys.argv is set to the same command because Lightning's DDP launcher
-    # starts the other ranks by re-running `sys.executable sys.argv` (`-m <module>` when run as one):
-    # anything else there would start the wrong program on ranks 1..N-1.
-    argv, sys.argv = sys.argv, [sys.argv[0] if sys.argv else "mtl-breast", task, *args]
-    try:
-        TaskCLI(
-            model_cls, data_cls, args=args, subclass_mode_model=False, subclass_mode_data=False,
-            parser_kwargs={"prog": f"mtl-breast {task}"}, save_config_callback=SaveConfigToLogs,
-            save_config_kwargs={"overwrite": True},
-            trainer_defaults={
-                "accelerator": "auto",
-                # bf16 autocast on GPUs that support it; plain float32 on CPU, where bf16 is slow.
-                "precision": "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true",
-                "gradient_clip_val": 1.0,
-                "log_every_n_steps": 10,
-                "callbacks": [LearningRates(logging_interval="step")],
-            },
-        )
-    finally:
-        sys.argv = argv
     return 0
 
 
@@ -344,7 +257,7 @@ def _is_input_error(err: BaseException) -> bool:
     from mtl_breast.data.case import CaseError, DatasetError
     from mtl_breast.files import DiskFullError
     from mtl_breast.hub import WeightsError
-    from mtl_breast.metrics.mamamia import PredictionsError
+    from mtl_breast.run.evaluate import PredictionsError
 
     return isinstance(err, (CaseError, DatasetError, CacheError, WeightsError, PredictionsError, DiskFullError,
                             FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError))
@@ -359,7 +272,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     command_name = argv[0] if argv else ""
     try:
         if command_name in ("pretrain", "finetune"):
-            return _lightning_cli(command_name, argv[1:])
+            from mtl_breast.run.train import lightning_cli
+
+            return lightning_cli(command_name, argv[1:])
         parser = build_parser()
         args = parser.parse_args(argv)
         return _COMMANDS[args.command][2](args)

@@ -4,7 +4,7 @@
 finalizer that unregisters it when the last tensor using it dies, so the live bytes are known at every
 moment; their maximum is the peak that ``torch.cuda.max_memory_allocated`` reports on a GPU (each storage
 rounded up to the caching allocator's 512-byte blocks). Run under ``FakeTensorMode`` the same code costs
-neither memory nor compute, which is how `mtl_breast.fitcheck` sizes a ViT-B step on a laptop.
+neither memory nor compute, which is how `mtl_breast.run.fitcheck` sizes a ViT-B step on a laptop.
 
 `CudaAutocastPolicy` makes CPU autocast follow CUDA autocast's op policy where the two differ, so a fake
 CPU run under ``torch.autocast("cpu")`` keeps the same dtypes (and bytes) as the CUDA run would.

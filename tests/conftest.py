@@ -68,7 +68,7 @@ def phantoms(tmp_path_factory) -> Path:
     """
     import pandas as pd
 
-    from mtl_breast.data.synthetic import generate_dataset
+    from mtl_breast.phantoms.collection import generate_dataset
 
     root = tmp_path_factory.mktemp("phantoms") / "data"
     generate_dataset(root, num_cases=10, seed=0, size=32)

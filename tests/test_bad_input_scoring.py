@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 from conftest import run_cli
 
-from mtl_breast.metrics.mamamia import PredictionsError, evaluate, read_case_list
+from mtl_breast.run.evaluate import PredictionsError, evaluate, read_case_list
 
 IDS = ["DUKE_001", "DUKE_002", "ISPY1_003", "NACT_004"]
 

@@ -143,7 +143,7 @@ def test_science_summary_and_report(tmp_path):
 
 
 def test_tofts_fit_recovers_kep_of_a_noise_free_curve():
-    from mtl_breast.data.phantom import tofts_concentration
+    from mtl_breast.phantoms.physics import tofts_concentration
 
     spec = importlib.util.spec_from_file_location("kinetics_ceiling", ROOT / "bench" / "kinetics_ceiling.py")
     ceiling = importlib.util.module_from_spec(spec)

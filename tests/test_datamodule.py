@@ -23,8 +23,8 @@ from mtl_breast.data.datamodule import FinetuneDataModule, PretrainDataModule, d
 from mtl_breast.data.dataset import CachedCaseDataset, collate_cases
 from mtl_breast.data.mamamia import read_mamamia
 from mtl_breast.data.sampling import EpochSampler, ResumableLoader
-from mtl_breast.data.synthetic import generate_dataset
 from mtl_breast.data.transforms import RandPhaseDropoutd, finetune_transforms, pretrain_transforms, seeded
+from mtl_breast.phantoms.collection import generate_dataset
 
 CROP = 32
 NUM_CASES = 12

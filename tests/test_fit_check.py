@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from mtl_breast import fitcheck, memtrace
-from mtl_breast.fitcheck import FitCheckError, estimate_training_memory
+from mtl_breast import memtrace
 from mtl_breast.memtrace import CudaAutocastPolicy, block_bytes
+from mtl_breast.run import fitcheck
+from mtl_breast.run.fitcheck import FitCheckError, estimate_training_memory
 from mtl_breast.tasks.finetune import MTLFinetuneModule
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -324,7 +324,7 @@ def test_uncached_hub_id_gives_a_clear_error(tmp_path, offline_hub):
 
 def test_jobs_read_the_config_of_a_cached_hub_id(tmp_path, offline_hub):
     # predict / extract start from `read_weights_config`: `--weights org/name` works like a folder.
-    from mtl_breast.inference import read_weights_config
+    from mtl_breast.predictor import read_weights_config
 
     model = create_model("mae_vit_test", pos_embed_type="learnable")
     save_pretrained(model, tmp_path / "export", extra_config={"preprocess": {"spacing": [1.0, 1.0, 1.0]}})

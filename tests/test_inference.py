@@ -115,7 +115,7 @@ class FakeChallengeDataset:
 
 
 def test_challenge_model_writes_masks_and_returns_the_table(mtl_weights, phantoms, tmp_path, monkeypatch):
-    from mtl_breast.challenge import Model
+    from mtl_breast.run.challenge import Model
 
     _, rows = _read_csv(phantoms / "train_test_splits.csv")
     ids = sorted(r["test_split"] for r in rows if r["test_split"])
@@ -137,7 +137,7 @@ def test_challenge_model_writes_masks_and_returns_the_table(mtl_weights, phantom
 
 
 def test_challenge_model_without_weights_says_how_to_give_them(monkeypatch, phantoms):
-    from mtl_breast.challenge import Model
+    from mtl_breast.run.challenge import Model
 
     monkeypatch.delenv("MTL_BREAST_WEIGHTS", raising=False)
     with pytest.raises(ValueError, match="MTL_BREAST_WEIGHTS"):

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from mtl_breast.data.phantom import R1_RELAXIVITY, spgr_signal
 from mtl_breast.data.window import tumour_centre, tumour_window, window_start
 from mtl_breast.hub import load_pretrained, save_pretrained
 from mtl_breast.models.heads import PCRHead
@@ -23,6 +22,7 @@ from mtl_breast.models.kinetics import (
     tumour_kinetics,
 )
 from mtl_breast.models.registry import create_model
+from mtl_breast.phantoms.physics import R1_RELAXIVITY, spgr_signal
 
 
 def _volume(curve, tumour=(slice(2, 5), slice(2, 5), slice(2, 5)), background=0.2, size=8):

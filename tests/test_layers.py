@@ -18,23 +18,17 @@ LAYERS = {
     # tensors and arrays in, tensors and arrays out; data also reads and caches cases
     "mtl_breast.models": 0, "mtl_breast.losses": 0, "mtl_breast.metrics": 0, "mtl_breast.data": 0,
     "mtl_breast.memtrace": 0, "mtl_breast.modelcard": 0, "mtl_breast.figures": 0, "mtl_breast.files": 0,
+    "mtl_breast.phantoms": 0,
     # weights, prediction of one volume, the baselines
-    "mtl_breast.hub": 1, "mtl_breast.inference": 1, "mtl_breast.baselines": 1,
+    "mtl_breast.hub": 1, "mtl_breast.predictor": 1, "mtl_breast.features": 1, "mtl_breast.baselines": 1,
     # training (LightningModules, optimisation, checkpoints, logs)
     "mtl_breast.tasks": 2,
     # jobs: read a folder, write a folder; the command line
-    "mtl_breast.metrics.mamamia": 3, "mtl_breast.report": 3, "mtl_breast.plot": 3, "mtl_breast.features": 3,
-    "mtl_breast.challenge": 3, "mtl_breast.fitcheck": 3, "mtl_breast.demo": 3, "mtl_breast.cli": 3,
-    "mtl_breast": 3,
+    "mtl_breast.run": 3, "mtl_breast.cli": 3, "mtl_breast": 3,
 }
 
 # (importer, imported): why it is still there. Remove an entry when it is fixed.
-KNOWN = {
-    ("mtl_breast.tasks.finetune", "mtl_breast.metrics.mamamia"):
-        "validation scores with the challenge formulas, which live next to the evaluate job",
-    ("mtl_breast.demo", "mtl_breast.cli"): "the demo drives LightningCLI through cli._lightning_cli",
-    ("mtl_breast.cli", "mtl_breast.demo"): "the demo subcommand",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def _modules() -> dict[str, Path]:

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from mtl_breast.data.datamodule import PretrainDataModule
-from mtl_breast.data.synthetic import generate_dataset
 from mtl_breast.models.registry import create_model
+from mtl_breast.phantoms.collection import generate_dataset
 from mtl_breast.tasks.optim import build_scheduler
 
 
@@ -96,7 +96,7 @@ def test_shortened_demo_learns(tmp_path):
     pCR is checked by AUC on 100 held-out cases: balanced accuracy also depends on a threshold chosen on the
     dozen validation cases of this short run, which makes it too noisy to assert on (it is reported).
     """
-    from mtl_breast.demo import run_demo
+    from mtl_breast.run.demo import run_demo
 
     scores = run_demo(tmp_path / "demo", labelled=64, held_out=100, pool=40, size=40, seed=1, pretrain_epochs=5,
                       finetune_epochs=10)

@@ -446,7 +446,7 @@ def test_preprocess_dataset_in_worker_processes(tmp_path):
 
 
 def test_phantom_dataset_through_the_cli(tmp_path, capsys):
-    synthetic = pytest.importorskip("mtl_breast.data.synthetic")
+    synthetic = pytest.importorskip("mtl_breast.phantoms.collection")
     from mtl_breast.cli import main
     from mtl_breast.data.folder import read_dataset
 

@@ -5,9 +5,10 @@ import pandas as pd
 import pytest
 
 from mtl_breast.metrics.classification import reliability_curve
-from mtl_breast.metrics.mamamia import json_safe, score_classification, score_segmentation
+from mtl_breast.metrics.mamamia import score_classification, score_segmentation
 from mtl_breast.metrics.subgroups import subgroup_table
-from mtl_breast.report import make_overlay, write_report
+from mtl_breast.run.evaluate import json_safe
+from mtl_breast.run.report import make_overlay, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -114,7 +115,7 @@ def test_report_of_scores_without_intervals(tmp_path, scores):
 def test_subgroup_bars_show_counts_intervals_and_small_groups():
     from matplotlib.figure import Figure
 
-    from mtl_breast.report import _bars, _tick
+    from mtl_breast.run.report import _bars, _tick
 
     ax = Figure().subplots()
     labels = [_tick("0-40", {"n": 12}), _tick("40-50", {"n": 3})]

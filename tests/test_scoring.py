@@ -359,7 +359,7 @@ def mamamia(tmp_path):
 
 
 def test_evaluate_end_to_end(mamamia):
-    from mtl_breast.metrics.mamamia import evaluate
+    from mtl_breast.run.evaluate import evaluate
 
     root, pred, out = mamamia
     scores = evaluate(pred, root, out)
@@ -405,7 +405,7 @@ def test_evaluate_end_to_end(mamamia):
 
 
 def test_evaluate_selected_cases_and_missing_parts(mamamia):
-    from mtl_breast.metrics.mamamia import evaluate
+    from mtl_breast.run.evaluate import evaluate
 
     root, pred, out = mamamia
     (pred / "predictions.csv").unlink()
@@ -419,7 +419,7 @@ def test_evaluate_selected_cases_and_missing_parts(mamamia):
 
 
 def test_evaluate_shape_mismatch_names_both_files(mamamia):
-    from mtl_breast.metrics.mamamia import evaluate
+    from mtl_breast.run.evaluate import evaluate
 
     root, pred, out = mamamia
     _write_mask(pred / "pred_segmentations" / "duke_001.nii.gz", np.zeros((12, 16, 15)))

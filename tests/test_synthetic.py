@@ -13,8 +13,15 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from mtl_breast.data.phantom import PhantomSpec, _resample, _target_grid, parker_aif, spgr_signal, tofts_concentration
-from mtl_breast.data.synthetic import SITES, generate_dataset, pcr_population_stats
+from mtl_breast.phantoms.collection import SITES, generate_dataset, pcr_population_stats
+from mtl_breast.phantoms.physics import (
+    PhantomSpec,
+    _resample,
+    _target_grid,
+    parker_aif,
+    spgr_signal,
+    tofts_concentration,
+)
 
 NUM_CASES, SIZE = 6, 24
 

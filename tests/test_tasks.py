@@ -215,7 +215,7 @@ def test_finetune_module_loads_the_encoder_and_nothing_else(mae_weights):
 
 
 def test_demo_exports_the_checkpoint_recorded_as_best(finetune_run):
-    from mtl_breast.demo import _best_checkpoint
+    from mtl_breast.run.demo import _best_checkpoint
 
     best = _best_checkpoint(finetune_run)
     assert best.parent == finetune_run / "checkpoints" and best.name.startswith("best-")

@@ -11,7 +11,7 @@ import torch
 from conftest import run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mtl_breast.plot import plot_run, read_scalars
+from mtl_breast.run.plot import plot_run, read_scalars
 
 
 @pytest.fixture(scope="module")

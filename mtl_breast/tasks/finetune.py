@@ -27,7 +27,6 @@ import pandas as pd
 import torch
 
 from mtl_breast.baselines import LogisticBaseline, labelled_features
-from mtl_breast.inference import InferenceSettings, predict_volume
 from mtl_breast.losses.classification import PCRLoss
 from mtl_breast.losses.fairness import SubgroupReweighter
 from mtl_breast.losses.multitask import MultiTaskLoss
@@ -37,6 +36,7 @@ from mtl_breast.metrics.mamamia import score_classification, score_segmentation
 from mtl_breast.metrics.segmentation import dice, hd95, norm_hd
 from mtl_breast.metrics.subgroups import age_group, density_group, menopause_group
 from mtl_breast.models.registry import create_model
+from mtl_breast.predictor import InferenceSettings, predict_volume
 from mtl_breast.tasks.export import model_spec
 from mtl_breast.tasks.loggers import close_figure, log_figure, overlay_figure, training_summary, validation_metrics
 from mtl_breast.tasks.optim import build_optimizer, build_scheduler

@@ -18,7 +18,7 @@ import numpy as np
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
-from mtl_breast.data.synthetic import MANIFEST as SYNTHETIC_MANIFEST
+from mtl_breast.phantoms.collection import MANIFEST as SYNTHETIC_MANIFEST
 
 if TYPE_CHECKING:
     import lightning as L

@@ -17,7 +17,8 @@ from pathlib import Path
 import pandas as pd
 
 from mtl_breast.data.case import Case
-from mtl_breast.inference import InferenceSettings, load_joint_model, run_predictions
+from mtl_breast.predictor import InferenceSettings, load_joint_model
+from mtl_breast.run.predict import run_predictions
 
 log = logging.getLogger(__name__)
 

@@ -1,33 +1,30 @@
-"""Prediction on new cases: tumour masks in the original image space and pCR probabilities.
+"""Prediction of one case: a tumour mask in the original image space and a pCR probability.
 
-Per case: the same preprocessing as training (`preprocess_case`), sliding-window segmentation over
-the whole preprocessed volume (MONAI) with optional flip test-time augmentation, probabilities
-mapped back onto the original grid of the first post-contrast phase, thresholded, clipped to the
-breast box when known, optionally reduced to the largest connected component. pCR is predicted on
-one window centred on the largest predicted tumour component (training's pCR crops follow the same rule) and
-calibrated
-with the temperature and threshold chosen on validation data, which travel in `config.json`.
+`predict_volume` runs the model over one preprocessed volume; `predict_case` takes a `Case` from its files to the
+mask on its original grid and the probability: the same preprocessing as training (`preprocess_case`),
+sliding-window segmentation over the whole preprocessed volume (MONAI) with optional flip test-time augmentation,
+probabilities mapped back onto the original grid of the first post-contrast phase, thresholded, clipped to the
+breast box when known, optionally reduced to the largest connected component. pCR is predicted on one window
+centred on the largest predicted tumour component (training's pCR crops follow the same rule) and calibrated with
+the temperature and threshold chosen on validation data, which travel in `config.json`. `load_joint_model` reads
+exported weights for it. Writing masks and `predictions.csv` for a dataset is the job `mtl_breast.run.predict`.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
-from mtl_breast.data.case import Case, CaseError
-from mtl_breast.data.preprocess import PreprocessConfig, original_image_reference, preprocess_case, to_original_space
+from mtl_breast.data.case import Case
+from mtl_breast.data.preprocess import PreprocessConfig, preprocess_case, to_original_space
 from mtl_breast.data.window import tumour_window
-from mtl_breast.files import atomic_path, write_text
 from mtl_breast.models.kinetics import acquisition_vector
 
 
@@ -140,16 +137,6 @@ def postprocess_mask(prob: np.ndarray, case: Case, settings: InferenceSettings) 
     return mask
 
 
-def write_mask(mask: np.ndarray, geometry: dict, path: Path) -> Path:
-    """Write a uint8 mask [D, H, W] (SimpleITK array order) with the original image's geometry, atomically."""
-    ref = original_image_reference(geometry)
-    img = sitk.GetImageFromArray(mask.astype(np.uint8))
-    img.CopyInformation(ref)
-    with atomic_path(path) as tmp:
-        sitk.WriteImage(img, str(tmp), useCompression=True)
-    return path
-
-
 def predict_case(model: torch.nn.Module, case: Case, settings: InferenceSettings) -> tuple[np.ndarray, dict, float]:
     """Preprocess, predict and map back one case. Returns (mask on the original grid, geometry, pCR probability)."""
     pre = preprocess_case(case, settings.preprocess)
@@ -159,45 +146,6 @@ def predict_case(model: torch.nn.Module, case: Case, settings: InferenceSettings
     geometry = pre.info["geometry"]
     prob_orig = to_original_space(prob, geometry, interpolator="linear", default=0.0)
     return postprocess_mask(prob_orig, case, settings), geometry, 1.0 / (1.0 + math.exp(-logit))
-
-
-def write_predictions_csv(rows: list[dict], path: Path) -> Path:
-    """`patient_id,pcr,score` as the challenge expects, written atomically."""
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=["patient_id", "pcr", "score"])
-    writer.writeheader()
-    writer.writerows(rows)
-    return write_text(path, text.getvalue())
-
-
-def run_predictions(model: torch.nn.Module, cases: list[Case], out_dir: Path, settings: InferenceSettings,
-                    write_masks: bool = True) -> dict:
-    """Predict every case; a failing case is reported and the others still run.
-
-    Writes `out_dir/pred_segmentations/<pid>.nii.gz` and `out_dir/predictions.csv`; returns
-    {"done": [...], "skipped": [{"patient_id", "reason"}], "rows": [...]}. The caller reports the skipped cases
-    (once; nothing is logged here). A skipped case's mask from an earlier run in `out_dir` is removed, so it
-    cannot be scored as this run's prediction.
-    """
-    out_dir = Path(out_dir)
-    model.eval()
-    rows, skipped, done = [], [], []
-    for case in cases:
-        mask_path = out_dir / "pred_segmentations" / f"{case.patient_id}.nii.gz"
-        try:
-            mask, geometry, score = predict_case(model, case, settings)
-            if write_masks:
-                write_mask(mask, geometry, mask_path)
-        except (CaseError, RuntimeError, ValueError, OSError) as err:
-            reason = str(err) if isinstance(err, CaseError) else f"case {case.patient_id}: {err}"
-            skipped.append({"patient_id": case.patient_id, "reason": reason})
-            mask_path.unlink(missing_ok=True)
-            continue
-        rows.append({"patient_id": case.patient_id, "pcr": int(score >= settings.pcr_threshold),
-                     "score": round(score, 6)})
-        done.append(case.patient_id)
-    write_predictions_csv(rows, out_dir / "predictions.csv")
-    return {"done": done, "skipped": skipped, "rows": rows}
 
 
 def read_weights_config(weights: Path | str) -> dict:
@@ -243,45 +191,3 @@ def load_joint_model(weights: Path | str, device: str | None = None) -> tuple[to
             f"{weights} holds {config.get('arch')!r} weights ({type(model).__name__}), not a joint segmentation + pCR "
             "model: fine-tune one (`mtl-breast finetune fit --model.pretrained <these weights>`) and export it")
     return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")), config
-
-
-def predict_dataset(weights: Path | str, data: Path | str, out: Path | str, *, device: str | None = None,
-                    split: str | None = "test", **overrides) -> dict:
-    """`mtl-breast predict`: load exported weights, predict the cases of a dataset root.
-
-    Args:
-        weights: exported weights folder (model.safetensors + config.json).
-        data: MAMA-MIA root or folder of cases.
-        out: output folder.
-        device: torch device; default CUDA when available.
-        split: for a MAMA-MIA root with a split file, which split to predict ("test", "train" or None = all).
-        overrides: InferenceSettings fields (tta_flips, overlap, largest_component ...).
-    """
-    from mtl_breast.data.folder import read_dataset
-    from mtl_breast.data.mamamia import is_mamamia_root, read_splits
-
-    weights, data, out = Path(weights), Path(data), Path(out)
-    model, config = load_joint_model(weights, device)
-    settings = InferenceSettings.from_config(config, **overrides)
-    if not data.is_dir():
-        raise FileNotFoundError(f"data folder {data} does not exist")
-    # Cases the reader could not even list (a missing phase file, an empty case folder, a split id without a
-    # folder ...) are skipped too, and said so: every requested case is predicted or reported.
-    unreadable: list[dict[str, str]] = []
-    cases = read_dataset(data, skipped=unreadable)
-    what = f"in {data}"
-    if split and is_mamamia_root(data) and (data / "train_test_splits.csv").exists():
-        splits = read_splits(data)
-        if split not in splits:
-            raise ValueError(f"unknown split {split!r} for {data}: use one of {sorted(splits)} or all")
-        wanted = {p.lower() for p in splits[split]}
-        cases = [c for c in cases if c.patient_id.lower() in wanted]
-        unreadable = [s for s in unreadable if str(s["patient_id"]).lower() in wanted]
-        what = f"in the {split} split of {data / 'train_test_splits.csv'}"
-    if not cases and not unreadable:  # nothing to predict is an error of the job, not an empty success
-        raise FileNotFoundError(f"no cases to predict {what} (expected images/<PID>/<pid>_0000.nii.gz, or one "
-                                "folder of phase files per case)")
-    report = run_predictions(model, cases, out, settings)
-    report["skipped"] = unreadable + report["skipped"]
-    report["out"] = str(out)
-    return report

@@ -13,7 +13,18 @@ import json
 import time
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+from mtl_breast.baselines import FEATURE_SETS, LogisticBaseline, auc_with_interval, labelled_features
+from mtl_breast.data.cache import CaseCache
+from mtl_breast.data.mamamia import read_splits
+from mtl_breast.phantoms.collection import generate_dataset
+from mtl_breast.predictor import InferenceSettings, read_weights_config
+from mtl_breast.run.evaluate import evaluate, headline
+from mtl_breast.run.plot import plot_run
+from mtl_breast.run.predict import predict_dataset
+from mtl_breast.run.train import lightning_cli
+from mtl_breast.tasks.export import export_checkpoint
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 def _config(name: str) -> Path:
@@ -54,10 +65,6 @@ def _held_out_pcr(data: Path, cache_dir: Path, weights: Path, predictions: Path)
     import numpy as np
     import pandas as pd
 
-    from mtl_breast.baselines import FEATURE_SETS, LogisticBaseline, auc_with_interval, labelled_features
-    from mtl_breast.data.cache import CaseCache
-    from mtl_breast.data.mamamia import read_splits
-    from mtl_breast.inference import InferenceSettings, read_weights_config
 
     settings = InferenceSettings.from_config(read_weights_config(weights))
     cache, roi = CaseCache(cache_dir, settings.preprocess), settings.roi_size
@@ -82,13 +89,6 @@ def run_demo(workdir: Path | str = "runs/demo", labelled: int = 96, held_out: in
     (`pool` cases, its own seed), `labelled` cases for fine-tuning (training + validation), and `held_out` cases
     that only prediction and scoring see.
     """
-    from mtl_breast.cli import _lightning_cli, headline
-    from mtl_breast.data.synthetic import generate_dataset
-    from mtl_breast.inference import predict_dataset
-    from mtl_breast.metrics.mamamia import evaluate
-    from mtl_breast.plot import plot_run
-    from mtl_breast.tasks.export import export_checkpoint
-
     if min(labelled, held_out, pool) < 1:
         raise ValueError(f"need labelled, held_out and pool >= 1, got {labelled}, {held_out}, {pool}")
     work = Path(workdir)
@@ -109,7 +109,7 @@ def run_demo(workdir: Path | str = "runs/demo", labelled: int = 96, held_out: in
             "--trainer.default_root_dir", str(work / "pretrain")]
     if pretrain_epochs is not None:
         args += ["--trainer.max_epochs", str(pretrain_epochs)]
-    _lightning_cli("pretrain", args)
+    lightning_cli("pretrain", args)
     encoder_weights = export_checkpoint(work / "pretrain" / "checkpoints" / "last.ckpt", work / "weights" / "mae")
     timings["pretrain"] = time.perf_counter() - t0
 
@@ -119,7 +119,7 @@ def run_demo(workdir: Path | str = "runs/demo", labelled: int = 96, held_out: in
             "--trainer.default_root_dir", str(work / "finetune"), "--model.pretrained", str(encoder_weights)]
     if finetune_epochs is not None:
         args += ["--trainer.max_epochs", str(finetune_epochs)]
-    _lightning_cli("finetune", args)
+    lightning_cli("finetune", args)
     weights = export_checkpoint(_best_checkpoint(work / "finetune"), work / "weights" / "mtl")
     timings["finetune"] = time.perf_counter() - t0
 

@@ -37,8 +37,8 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from mtl_breast.data.phantom import Grid, Phantom, PhantomSpec, SiteProtocol, render_phantom
 from mtl_breast.files import atomic_path, write_text
+from mtl_breast.phantoms.physics import Grid, Phantom, PhantomSpec, SiteProtocol, render_phantom
 
 SITES: dict[str, SiteProtocol] = {
     "DUKE": SiteProtocol("DUKE", "axial", flip_j=False, bilateral=True, tr_ms=4.5, flip_deg=10.0, te_ms=2.0,

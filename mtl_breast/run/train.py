@@ -1,0 +1,87 @@
+"""`mtl-breast pretrain|finetune <fit|validate|test> --config X.yaml ...`: the task modules and data modules through
+LightningCLI, with the run folder layout (checkpoints/, one logger version folder) and trainer defaults."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from mtl_breast.data.datamodule import FinetuneDataModule, PretrainDataModule
+from mtl_breast.tasks.checkpointing import LastCheckpoint
+from mtl_breast.tasks.finetune import MTLFinetuneModule
+from mtl_breast.tasks.loggers import LearningRates, log_text, run_loggers
+from mtl_breast.tasks.pretrain import MAEPretrainModule
+
+
+def lightning_cli(task: str, args: list[str]) -> int:
+    """`mtl-breast pretrain|finetune <fit|validate|test> --config X.yaml ...` through LightningCLI."""
+    if task == "pretrain":
+        data_cls, model_cls = PretrainDataModule, MAEPretrainModule
+    else:
+        data_cls, model_cls = FinetuneDataModule, MTLFinetuneModule
+
+    class SaveConfigToLogs(SaveConfigCallback):
+        # config.yaml in the log folder (LightningCLI's default) and the same text in TensorBoard.
+        def save_config(self, trainer, pl_module, stage: str) -> None:
+            text = self.parser.dump(self.config, skip_none=False)
+            log_text(trainer.loggers, "config", "```yaml\n" + text + "\n```")
+
+    class TaskCLI(LightningCLI):
+        def instantiate_trainer(self, **kwargs):
+            # TensorBoard and CSV in one version folder, unless the config names its own logger or turns it off.
+            trainer_config = self._get(self.config_init, "trainer", default={})
+            if trainer_config.get("logger") in (None, True):
+                kwargs.setdefault("logger", run_loggers(trainer_config.get("default_root_dir")))
+            return super().instantiate_trainer(**kwargs)
+
+        def add_arguments_to_parser(self, parser) -> None:
+            # One value, typed once: the crop the data module cuts is the size the model is built for.
+            parser.link_arguments("data.crop_size", "model.img_size")
+            # Checkpoints live at a fixed place under the run folder, so `--ckpt_path last` finds them
+            # again after a restart (the logger's version folder changes on every start).
+            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.set_defaults({"checkpoint.save_last": False, "checkpoint.monitor": model_cls.monitor,
+                                 "checkpoint.mode": model_cls.monitor_mode,
+                                 "checkpoint.filename": "best-{epoch:03d}", "checkpoint.save_top_k": 1})
+            parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath",
+                                  compute_fn=lambda root: str(Path(root or ".") / "checkpoints"))
+            # last.ckpt is LastCheckpoint's: every few minutes, after each validation and at the end, atomically.
+            parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
+            parser.link_arguments("trainer.default_root_dir", "last_checkpoint.dirpath",
+                                  compute_fn=lambda root: str(Path(root or ".") / "checkpoints"))
+
+        def parse_arguments(self, parser, args) -> None:
+            # The arguments come in `args`; sys.argv holds the same command for the DDP launcher (see
+            # below) and is hidden here so LightningCLI does not warn about getting both.
+            argv, sys.argv = sys.argv, sys.argv[:1]
+            try:
+                super().parse_arguments(parser, args)
+            finally:
+                sys.argv = argv
+
+    gpu = torch.cuda.is_available()
+    # LightningCLI parses `args`; sys.argv is set to the same command because Lightning's DDP launcher
+    # starts the other ranks by re-running `sys.executable sys.argv` (`-m <module>` when run as one):
+    # anything else there would start the wrong program on ranks 1..N-1.
+    argv, sys.argv = sys.argv, [sys.argv[0] if sys.argv else "mtl-breast", task, *args]
+    try:
+        TaskCLI(
+            model_cls, data_cls, args=args, subclass_mode_model=False, subclass_mode_data=False,
+            parser_kwargs={"prog": f"mtl-breast {task}"}, save_config_callback=SaveConfigToLogs,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "accelerator": "auto",
+                # bf16 autocast on GPUs that support it; plain float32 on CPU, where bf16 is slow.
+                "precision": "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true",
+                "gradient_clip_val": 1.0,
+                "log_every_n_steps": 10,
+                "callbacks": [LearningRates(logging_interval="step")],
+            },
+        )
+    finally:
+        sys.argv = argv
+    return 0
