@@ -27,9 +27,10 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from mtl_breast.data.build import preprocess_dataset
 from mtl_breast.data.cache import CaseCache, read_cached_crop
 from mtl_breast.data.folder import read_dataset
-from mtl_breast.data.preprocess import PreprocessConfig, preprocess_case, preprocess_dataset
+from mtl_breast.data.preprocess import PreprocessConfig, preprocess_case
 from mtl_breast.phantoms.collection import generate_dataset
 
 

@@ -53,7 +53,8 @@ def step_synth(p: dict) -> dict:
 
 
 def step_preprocess(p: dict) -> dict:
-    from mtl_breast.data.preprocess import PreprocessConfig, preprocess_dataset
+    from mtl_breast.data.build import preprocess_dataset
+    from mtl_breast.data.preprocess import PreprocessConfig
 
     t0 = time.perf_counter()
     report = preprocess_dataset(Path(p["data"]), Path(p["cache"]), PreprocessConfig(), workers=p["workers"],
@@ -239,7 +240,8 @@ def cache_stats(cache_root: Path) -> dict:
             "mean_shape_TDHW": [round(sum(s[i] for s in shapes) / len(shapes), 1) for i in range(4)],
             "extrapolated_cases": MAMA_MIA_CASES,
             "extrapolated_gb": round(per_case * MAMA_MIA_CASES / 1e9, 2),
-            "note": "float32 image + uint8 mask per case, safetensors (uncompressed, memory-mappable)"}
+            "note": "image (PreprocessConfig.cache_dtype, float16 by default) + uint8 mask per case, safetensors "
+                    "(uncompressed, memory-mappable)"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -41,9 +41,9 @@ from mtl_breast.baselines import (
     case_features,
     labelled_features,
 )
+from mtl_breast.data.build import preprocess_dataset
 from mtl_breast.data.cache import CaseCache
 from mtl_breast.data.mamamia import read_splits
-from mtl_breast.data.preprocess import preprocess_dataset
 from mtl_breast.metrics.classification import balanced_accuracy, roc_auc
 from mtl_breast.metrics.segmentation import dice as dice_score
 from mtl_breast.phantoms.collection import generate_dataset

@@ -74,7 +74,8 @@ def _preprocess_flags(p: argparse.ArgumentParser) -> None:
 
 @command("preprocess", "resample, crop and normalise cases into the training cache", _preprocess_flags)
 def _preprocess(args: argparse.Namespace) -> int:
-    from mtl_breast.data.preprocess import PreprocessConfig, preprocess_dataset
+    from mtl_breast.data.build import preprocess_dataset
+    from mtl_breast.data.preprocess import PreprocessConfig
 
     overrides = {}
     if args.spacing is not None:

@@ -36,6 +36,8 @@ class InferenceSettings:
         roi_size: sliding-window size (D, H, W), the training crop size.
         overlap: sliding-window overlap fraction.
         tta_flips: average over flips of each spatial axis (4 passes instead of 1).
+        sw_batch_size: windows per forward pass; None = 2 on a GPU, 1 on the CPU (each ViT-B window of 128^3
+            holds about 2 GiB of activations there: one at a time keeps a real-size case under 4 GB of RSS).
         largest_component: keep only the largest connected tumour component.
         seg_threshold: tumour probability above which a voxel is tumour.
         pcr_threshold: probability above which pCR is predicted 1 (chosen on validation).
@@ -46,6 +48,7 @@ class InferenceSettings:
     roi_size: tuple[int, int, int] = (64, 64, 64)
     overlap: float = 0.5
     tta_flips: bool = False
+    sw_batch_size: int | None = None
     largest_component: bool = False
     seg_threshold: float = 0.5
     pcr_threshold: float = 0.5
@@ -101,10 +104,11 @@ def predict_volume(model: torch.nn.Module, image: torch.Tensor, phase_time: torc
         return model(window, phase_mask=m.expand(n, -1), phase_time=t.expand(n, -1))["seg_logits"].softmax(1)
 
     roi = settings.roi_size
+    windows = settings.sw_batch_size or (2 if torch.device(device).type == "cuda" else 1)
     prob = torch.zeros((1, 1, *x.shape[2:]), device=device)
     for dims in _flip_passes(settings.tta_flips):
         xi = x.flip(dims) if dims else x
-        p = sliding_window_inference(xi, roi, sw_batch_size=2, predictor=seg_only, overlap=settings.overlap,
+        p = sliding_window_inference(xi, roi, sw_batch_size=windows, predictor=seg_only, overlap=settings.overlap,
                                      mode="gaussian", padding_mode="constant")
         p = p[:, 1:].sum(1, keepdim=True)
         prob += p.flip(dims) if dims else p

@@ -16,16 +16,11 @@ import SimpleITK as sitk
 import torch
 
 import mtl_breast.files as files_module
+from mtl_breast.data.build import preprocess_dataset
 from mtl_breast.data.cache import CacheError, CaseCache, read_cached_crop, read_header
 from mtl_breast.data.case import Case, CaseError
-from mtl_breast.data.preprocess import (
-    PreprocessConfig,
-    _read_volume,
-    original_image_reference,
-    preprocess_case,
-    preprocess_dataset,
-    to_original_space,
-)
+from mtl_breast.data.preprocess import PreprocessConfig, original_image_reference, preprocess_case, to_original_space
+from mtl_breast.data.volumes import read_volume
 
 SHAPE = (16, 18, 20)  # SimpleITK array order (z, y, x)
 
@@ -231,7 +226,7 @@ def test_nifti_reading_matches_simpleitk(tmp_path):
     image = nib.Nifti1Image(data, affine)
     image.header.set_slope_inter(0.5, 3.0)
     nib.save(image, tmp_path / "scaled.nii.gz")
-    ours, theirs = _read_volume(tmp_path / "scaled.nii.gz", "N1"), sitk.ReadImage(str(tmp_path / "scaled.nii.gz"))
+    ours, theirs = read_volume(tmp_path / "scaled.nii.gz", "N1"), sitk.ReadImage(str(tmp_path / "scaled.nii.gz"))
     np.testing.assert_allclose(sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(theirs))
     for get in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection"):
         np.testing.assert_allclose(getattr(ours, get)(), getattr(theirs, get)(), atol=1e-6)

@@ -18,11 +18,12 @@ import torch
 from monai.transforms import CenterSpatialCropd, Compose, SpatialPadd
 from torch.utils.data import DataLoader
 
+from mtl_breast.data.build import preprocess_dataset
 from mtl_breast.data.cache import CacheError, CaseCache, read_header
 from mtl_breast.data.dataset import CachedCaseDataset, collate_cases
 from mtl_breast.data.folder import read_dataset
 from mtl_breast.data.mamamia import SPLITS, _find, is_mamamia_root, read_splits
-from mtl_breast.data.preprocess import PreprocessConfig, preprocess_dataset
+from mtl_breast.data.preprocess import PreprocessConfig
 from mtl_breast.data.sampling import EpochSampler, ResumableLoader
 from mtl_breast.data.transforms import _as_size, finetune_transforms, pretrain_transforms
 

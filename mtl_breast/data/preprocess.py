@@ -1,8 +1,8 @@
-"""One preprocessing function for training and inference, its inverse, and the batch driver.
+"""One preprocessing function for training and inference, and its inverse (the dataset driver is `data.build`).
 
 `preprocess_case` turns a `Case` into arrays on one grid:
 
-1. read the phases as float32 (geometry by SimpleITK; see `_read_volume` for NIfTI voxels); the
+1. read the phases as float32 (`data.volumes.read_volume`: geometry by SimpleITK, NIfTI voxels by nibabel); the
    reference grid is phase 1, the first post-contrast, where the expert mask is drawn (phase 0 when
    there is only one); a volume that is not 3-D, or whose header spacing/orientation is invalid, is
    refused, and so is a phase covering less than half of the region taken from the reference (step 2);
@@ -23,33 +23,19 @@ maps predictions back onto the reference grid so masks are written with the orig
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import math
-import multiprocessing
-import os
-import signal
-import sys
-import threading
-import time
-import zlib
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
-from nibabel.filebasedimages import ImageFileError
-from nibabel.spatialimages import HeaderDataError
-from rich.progress import MofNCompleteColumn, Progress
 
-from mtl_breast.data.cache import CACHE_DTYPES, CaseCache
+from mtl_breast.data.cache import CACHE_DTYPES
 from mtl_breast.data.case import Case, CaseError, check_times, source_fingerprint
-from mtl_breast.data.folder import read_dataset
-from mtl_breast.files import write_text
+from mtl_breast.data.volumes import read_volume
 
 FORMAT_VERSION = 1  # bump when the output of preprocess_case changes for the same config
 _INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}
@@ -201,108 +187,8 @@ def _respaced(grid: dict, spacing: tuple[float, float, float]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- one case
-def _nifti_header_problem(path: Path) -> str | None:
-    """What is wrong with the spatial fields of a NIfTI header as written in the file, or None.
-
-    Read raw (nibabel's `check=False`), because both readers repair these fields on loading: a zero or NaN
-    voxel size becomes 1.0 and a negative one its absolute value, which would put the phase on a wrong grid.
-    """
-    try:
-        with nib.openers.ImageOpener(path) as f:
-            sizeof_hdr = f.read(4)
-        klass = nib.Nifti2Header if sizeof_hdr in ((540).to_bytes(4, "little"), (540).to_bytes(4, "big")) \
-            else nib.Nifti1Header
-        with nib.openers.ImageOpener(path) as f:
-            header = klass.from_fileobj(f, check=False)
-    except Exception:  # noqa: BLE001 -- not a readable header: the readers below say why, in their words
-        return None
-    ndim = int(header["dim"][0])
-    pixdim = [float(v) for v in header["pixdim"][1:1 + min(max(ndim, 1), 3)]]
-    if not all(math.isfinite(v) and v > 0 for v in pixdim):
-        shown = "(" + ", ".join(f"{v:g}" for v in pixdim) + ")"
-        return (f"voxel spacing {shown} in the header (pixdim) must be positive and finite "
-                "(readers would silently replace it, e.g. by 1 mm, and misplace the volume)")
-    if header["sform_code"] > 0:
-        sform = np.stack([header["srow_x"], header["srow_y"], header["srow_z"]]).astype(np.float64)
-        if not np.isfinite(sform).all() or abs(np.linalg.det(sform[:, :3])) < 1e-6 * np.prod(pixdim):
-            return f"the header's sform {sform.round(4).tolist()} is not a valid (finite, invertible) affine"
-    if header["qform_code"] > 0:
-        fields = ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z")
-        if not all(math.isfinite(float(header[k])) for k in fields):
-            return "the header's qform holds NaN/Inf"
-    return None
-
-
-def _geometry_problem(image: sitk.Image) -> str | None:
-    """What is wrong with a volume's spacing, origin or direction (any format), or None."""
-    spacing, origin = np.asarray(image.GetSpacing()), np.asarray(image.GetOrigin())
-    direction = np.reshape(image.GetDirection(), (3, 3))
-    if not (np.isfinite(spacing).all() and (spacing > 0).all()):
-        return f"voxel spacing {spacing.tolist()} must be positive and finite"
-    if not np.isfinite(origin).all():
-        return f"origin {origin.tolist()} must be finite"
-    if not np.isfinite(direction).all() or abs(np.linalg.det(direction)) < 1e-3:
-        return f"direction {direction.round(4).tolist()} is not a rotation (orientation unknown)"
-    return None
-
-
-def _read_volume(path: Path, patient_id: str, what: str = "image") -> sitk.Image:
-    """Read a 3-D volume as float32, refusing unreadable, truncated, non-3-D and NaN/Inf files, single-slice
-    volumes and headers with an invalid spacing, origin or direction.
-
-    NIfTI voxels are decoded with nibabel and the geometry taken from SimpleITK's reading of the header:
-    SimpleITK's NIfTI reader silently zero-fills a truncated .nii.gz and replaces NaN/Inf by 0, so neither
-    defect would be visible in its array. Other formats (.mha, .nrrd) go through SimpleITK, which reports both.
-    """
-    try:
-        if path.name.lower().endswith((".nii", ".nii.gz")):
-            problem = _nifti_header_problem(path)
-            if problem is not None:
-                raise CaseError(patient_id, path, problem)
-            header = sitk.ImageFileReader()
-            header.SetFileName(str(path))
-            header.SetImageIO("NiftiImageIO")
-            header.ReadImageInformation()
-            # Raw (scaled) voxels; raises on truncated data. Fortran order, so `.T` below is a free C-order view.
-            voxels = np.asarray(nib.load(path).dataobj).astype(np.float32, copy=False)
-            voxels = voxels[..., 0] if voxels.ndim == 4 and voxels.shape[3] == 1 else voxels
-            if voxels.ndim != 3:
-                raise CaseError(patient_id, path, f"expected a 3-D {what}, got a {voxels.ndim}-D one of shape "
-                                                  f"{voxels.shape}" + _hint(voxels.ndim))
-            n = header.GetDimension()
-            image = sitk.GetImageFromArray(np.ascontiguousarray(voxels.T))  # nibabel (i, j, k) -> SimpleITK (k, j, i)
-            image.SetSpacing(header.GetSpacing()[:3])
-            image.SetOrigin(header.GetOrigin()[:3])
-            image.SetDirection(np.reshape(header.GetDirection(), (n, n))[:3, :3].ravel().tolist())
-        else:
-            image = sitk.ReadImage(str(path), sitk.sitkFloat32)
-            image = image[:, :, :, 0] if image.GetDimension() == 4 and image.GetSize()[3] == 1 else image
-            if image.GetDimension() != 3:
-                raise CaseError(patient_id, path, f"expected a 3-D {what}, got a {image.GetDimension()}-D one of "
-                                                  f"size {image.GetSize()}" + _hint(image.GetDimension()))
-    except (RuntimeError, OSError, EOFError, ValueError, zlib.error, ImageFileError, HeaderDataError) as err:
-        if isinstance(err, CaseError):
-            raise
-        raise CaseError(patient_id, path, f"cannot read {what} ({str(err).strip().splitlines()[-1]})") from err
-    if min(image.GetSize()) < 2:
-        raise CaseError(patient_id, path, f"expected a 3-D {what}, got a single slice (size {image.GetSize()})")
-    problem = _geometry_problem(image)
-    if problem is not None:
-        raise CaseError(patient_id, path, problem)
-    array = sitk.GetArrayViewFromImage(image)
-    if not np.isfinite(array).all():
-        raise CaseError(patient_id, path, f"{int((~np.isfinite(array)).sum())} NaN/Inf voxels")
-    return image
-
-
-def _hint(ndim: int) -> str:
-    if ndim > 3:
-        return " (a series in one file: give each phase its own 3-D file)"
-    return " (a single slice)" if ndim < 3 else ""
-
-
 def _read_phase(path: Path, patient_id: str) -> sitk.Image:
-    image = _read_volume(path, patient_id)
+    image = read_volume(path, patient_id)
     array = sitk.GetArrayViewFromImage(image)
     if array.min() == array.max():
         raise CaseError(patient_id, path, f"image is empty (every voxel is {array.min()})")
@@ -310,7 +196,7 @@ def _read_phase(path: Path, patient_id: str) -> sitk.Image:
 
 
 def _read_mask(path: Path, reference: sitk.Image, patient_id: str) -> sitk.Image:
-    mask = _read_volume(path, patient_id, what="mask")
+    mask = read_volume(path, patient_id, what="mask")
     if mask.GetSize() != reference.GetSize():
         raise CaseError(patient_id, path, f"mask size {mask.GetSize()} differs from the reference phase "
                                           f"{reference.GetSize()}")
@@ -452,113 +338,3 @@ def to_original_space(volume: np.ndarray, geometry: dict, interpolator: str = "l
                                                     default)))
     result = np.stack(out).astype(dtype, copy=False)
     return result[0] if array.ndim == 3 else result
-
-
-# ---------------------------------------------------------------------------------------------- batch
-def _process(case: Case, cache_root: str, config: PreprocessConfig) -> tuple[str, str | None]:
-    """Preprocess and store one case; returns (patient_id, None) or (patient_id, reason it was skipped)."""
-    try:
-        CaseCache(cache_root, config).write(preprocess_case(case, config))
-        return case.patient_id, None
-    except CaseError as err:
-        return case.patient_id, str(err)
-    except Exception as err:  # one broken case (or a bug it triggers) must not stop a batch of a thousand
-        return case.patient_id, f"{type(err).__name__}: {err}"
-
-
-def _die_with(parent: int) -> None:
-    """End this worker when `parent` ends, however it ends (a SIGKILL runs no clean-up in the parent).
-
-    Linux: the kernel sends SIGKILL on the parent's death (PR_SET_PDEATHSIG). Elsewhere, and for a parent
-    that died before the request, a daemon thread notices the worker has been re-parented.
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    if os.getppid() != parent:
-        os._exit(1)
-    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
-
-
-def _init_worker(threads: int, parent: int) -> None:
-    _die_with(parent)
-    # N processes x all-core ITK thread pools would oversubscribe the CPU.
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-
-
-def preprocess_dataset(data: Path, cache: Path, config: PreprocessConfig, workers: int = 1,
-                       cases: list[Case] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Preprocess every case of a dataset into the cache; bad cases are skipped and reported.
-
-    Args:
-        data: dataset root (read with `read_dataset` unless `cases` is given).
-        cache: cache root; files go to `cache / config.key()`.
-        config: preprocessing parameters.
-        workers: processes (`ProcessPoolExecutor`, spawn start method) when > 1.
-        cases: cases to process instead of reading `data`.
-        progress: show a progress bar.
-
-    Returns:
-        {"done": [ids], "skipped": [{"patient_id", "reason"}], "cached": [ids already in the cache],
-        "stale": [ids whose cached file was made from other source files or table values, preprocessed again],
-        "report_path": str}; the same lists are written atomically to `<cache>/<key>/report.json`.
-    """
-    started = time.perf_counter()
-    skipped: list[dict[str, str]] = []
-    if cases is None:
-        cases = read_dataset(data, skipped=skipped)
-        if not cases and not skipped:  # a job that found nothing to do has not succeeded
-            raise FileNotFoundError(f"no cases found in {data} (expected a MAMA-MIA root with images/<PID>/"
-                                    "<pid>_0000.nii.gz, or one folder of .nii[.gz]/.mha/.nrrd phase files per case)")
-    store = CaseCache(cache, config)
-    store.dir.mkdir(parents=True, exist_ok=True)
-    todo, cached, stale, seen = [], [], [], set()
-    for case in cases:
-        if case.patient_id.lower() in seen:
-            skipped.append({"patient_id": case.patient_id, "reason": "duplicate patient id"})
-        elif store.has(case.patient_id, source_fingerprint(case)):
-            cached.append(case.patient_id)
-        else:
-            if store.has(case.patient_id):  # cached from other source files or table values
-                stale.append(case.patient_id)
-            todo.append(case)
-        seen.add(case.patient_id.lower())
-
-    done = []
-    pool = None
-    if workers > 1 and len(todo) > 1:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(threads, os.getpid()))
-    try:
-        if pool is None:
-            results = (_process(case, str(cache), config) for case in todo)
-        else:
-            results = (f.result() for f in as_completed([pool.submit(_process, c, str(cache), config) for c in todo]))
-        with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), disable=not progress) as bar:
-            task = bar.add_task(f"preprocess -> {store.dir}", total=len(todo))
-            for pid, reason in results:
-                if reason is None:
-                    done.append(pid)
-                else:
-                    skipped.append({"patient_id": pid, "reason": reason})
-                bar.advance(task)
-    finally:
-        if pool is not None:  # on Ctrl-C, drop queued cases instead of waiting for all of them
-            pool.shutdown(cancel_futures=True)
-
-    report = {"data": str(data), "cache": str(store.dir), "config": asdict(config), "key": config.key(),
-              "done": sorted(done), "skipped": skipped, "cached": cached, "stale": stale,
-              "seconds": round(time.perf_counter() - started, 2)}
-    report_path = store.dir / "report.json"
-    write_text(report_path, json.dumps(report, indent=2))
-    return {"done": report["done"], "skipped": skipped, "cached": cached, "stale": stale,
-            "report_path": str(report_path)}

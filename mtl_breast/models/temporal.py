@@ -115,14 +115,7 @@ class PhaseEncoding(nn.Module):
 class TemporalAttention(Attention):
     """Self-attention across phases at each spatial token (TimeSformer's time attention).
 
-    Same projections as ``Attention`` (and the same parameter names); only the token axis differs.
-
-    Args:
-        dim: width E.
-        num_heads: heads; must divide ``dim``.
-        qkv_bias: bias on the qkv projection.
-        attn_drop: dropout on attention weights (training only).
-        proj_drop: dropout after the output projection.
+    Same projections, arguments and parameter names as ``Attention``; only the token axis differs.
     """
 
     def forward(self, x: Tensor, phase_mask: Tensor | None = None) -> Tensor:
