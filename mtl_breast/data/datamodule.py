@@ -25,7 +25,8 @@ from mtl_breast.data.folder import read_dataset
 from mtl_breast.data.mamamia import SPLITS, _find, is_mamamia_root, read_splits
 from mtl_breast.data.preprocess import PreprocessConfig
 from mtl_breast.data.sampling import EpochSampler, ResumableLoader
-from mtl_breast.data.transforms import _as_size, finetune_transforms, pretrain_transforms
+from mtl_breast.data.transforms import finetune_transforms, pretrain_transforms
+from mtl_breast.models.layers import to_3tuple
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ class FinetuneDataModule(_CachedDataModule):
         super().__init__([root], cache_dir, spacing, margin_mm, crop_to_breast, clip_percentiles, batch_size,
                          num_workers, preprocess_workers, cache_dtype)
         self.root = Path(root)
-        self.crop_size = _as_size(crop_size)
+        self.crop_size = to_3tuple(crop_size, name="crop_size")
         self.val_fraction, self.split_seed, self.repeats = val_fraction, split_seed, repeats
         self.train_transform = finetune_transforms(self.crop_size, pos_fraction=pos_fraction,
                                                    intensity_jitter=intensity_jitter, phase_jitter=phase_jitter,
@@ -264,7 +265,7 @@ class PretrainDataModule(_CachedDataModule):
         roots = [root] if isinstance(root, str | Path) else list(root)
         super().__init__(roots, cache_dir, spacing, margin_mm, crop_to_breast, clip_percentiles, batch_size,
                          num_workers, preprocess_workers, cache_dtype)
-        self.crop_size = _as_size(crop_size)
+        self.crop_size = to_3tuple(crop_size, name="crop_size")
         self.val_fraction, self.split_seed, self.repeats = val_fraction, split_seed, repeats
         self.include_test = include_test
         self.train_transform = pretrain_transforms(self.crop_size, intensity_jitter=intensity_jitter,

@@ -33,15 +33,7 @@ from monai.transforms import (
 )
 
 from mtl_breast.data.window import tumour_centre, window_start
-
-
-def _as_size(size: int | Sequence[int]) -> tuple[int, int, int]:
-    if isinstance(size, int):
-        return (size, size, size)
-    size = tuple(int(s) for s in size)
-    if len(size) != 3:
-        raise ValueError(f"crop size must be an int or 3 ints, got {size}")
-    return size  # type: ignore[return-value]
+from mtl_breast.models.layers import to_3tuple
 
 
 class RandPhaseDropoutd(RandomizableTransform, MapTransform):
@@ -190,7 +182,7 @@ def finetune_transforms(
         phase_jitter: relative range of an extra gain drawn per phase (0 = off: it changes the enhancement).
         crop_jitter: largest shift of a tumour crop's centre, as a fraction of the crop size.
     """
-    size = _as_size(crop_size)
+    size = to_3tuple(crop_size, name="crop_size")
     keys = ["image", "label"]
     ops: list = [
         SpatialPadd(keys=keys, spatial_size=size),
@@ -210,7 +202,7 @@ def pretrain_transforms(
     phase_jitter: float = 0.0,
 ) -> Compose:
     """Random crops anywhere in the volume, flips and one intensity gain per case (no labels needed)."""
-    size = _as_size(crop_size)
+    size = to_3tuple(crop_size, name="crop_size")
     return Compose([
         SpatialPadd(keys="image", spatial_size=size),
         RandSpatialCropd(keys="image", roi_size=size, random_size=False),

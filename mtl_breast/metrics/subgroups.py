@@ -88,6 +88,17 @@ def _first_present(row: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
     return None
 
 
+def subgroup_labels(meta: Mapping[str, Any]) -> dict[str, str | None]:
+    """The fairness subgroups of one case: {"age", "menopausal_status", "breast_density"} labels (None: the case
+    drops out of that variable) from its metadata, whose keys are the readers' ("menopause", "density") or the
+    challenge's ("menopausal_status", "breast_density")."""
+    return {
+        "age": age_group(meta.get("age")),
+        "menopausal_status": menopause_group(_first_present(meta, ("menopause", "menopausal_status"))),
+        "breast_density": density_group(_first_present(meta, ("density", "breast_density"))),
+    }
+
+
 def subgroup_table(meta_rows: Iterable[Mapping[str, Any]] | pd.DataFrame) -> pd.DataFrame:
     """Subgroup labels per patient, the `groups` argument of the challenge scores.
 
@@ -106,14 +117,7 @@ def subgroup_table(meta_rows: Iterable[Mapping[str, Any]] | pd.DataFrame) -> pd.
     for row in meta_rows:
         if _is_missing(row.get("patient_id")):
             raise ValueError(f"subgroup row without a patient_id: {dict(row)}")
-        records.append(
-            {
-                "patient_id": str(row["patient_id"]),
-                "age": age_group(row.get("age")),
-                "menopausal_status": menopause_group(_first_present(row, ("menopause", "menopausal_status"))),
-                "breast_density": density_group(_first_present(row, ("density", "breast_density"))),
-            }
-        )
+        records.append({"patient_id": str(row["patient_id"]), **subgroup_labels(row)})
     table = pd.DataFrame.from_records(records, columns=["patient_id", *FAIRNESS_VARIABLES])
     duplicated = table["patient_id"][table["patient_id"].duplicated()].tolist()
     if duplicated:

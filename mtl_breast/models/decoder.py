@@ -13,6 +13,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from mtl_breast.models.layers import to_3tuple
+
 __all__ = ["PhaseAttentionPool", "SegDecoder", "phase_pool", "skip_indices"]
 
 
@@ -220,7 +222,7 @@ class SegDecoder(nn.Module):
         norm: str = "instance",
     ) -> None:
         super().__init__()
-        patch = (patch_size,) * 3 if isinstance(patch_size, int) else tuple(int(p) for p in patch_size)
+        patch = to_3tuple(patch_size, name="patch_size")
         if len(patch) != 3 or any(p < 1 or p & (p - 1) for p in patch) or max(patch) < 2:
             raise ValueError(f"patch_size must be powers of two (3 values, largest >= 2), got {patch_size}")
         if num_skips < 1 or in_phases_max < 1 or feature_size < 1 or out_channels < 1 or embed_dim < 1:

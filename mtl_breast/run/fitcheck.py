@@ -32,6 +32,7 @@ from types import SimpleNamespace
 import torch
 
 from mtl_breast.memtrace import CudaAutocastPolicy, FakeMode, LiveBytes, block_bytes
+from mtl_breast.models.layers import to_3tuple
 
 __all__ = ["DEFAULT_PHASES", "FitCheckError", "add_arguments", "estimate_training_memory", "format_table",
            "load_config", "prepare_module", "run", "synthetic_batch"]
@@ -228,7 +229,7 @@ def estimate_training_memory(
         raise FitCheckError(f"precision {flag!r} is not supported by the fit check; one of {sorted(PRECISIONS)}")
     autocast_dtype, param_dtype = PRECISIONS[flag]
     crop_value = crop_size if crop_size is not None else data_cfg.get("crop_size", model_cfg.get("img_size", 64))
-    crop = (int(crop_value),) * 3 if isinstance(crop_value, int | float) else tuple(int(c) for c in crop_value)
+    crop = to_3tuple(int(crop_value) if isinstance(crop_value, float) else crop_value, name="crop_size")
     b = int(batch_size if batch_size is not None else data_cfg.get("batch_size", 2))
     t = int(phases if phases is not None else DEFAULT_PHASES[task])
     accumulate = int(trainer_cfg.get("accumulate_grad_batches") or 1)

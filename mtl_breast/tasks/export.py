@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from mtl_breast.models.layers import to_3tuple
 from mtl_breast.models.registry import create_model
 
 
@@ -68,7 +69,7 @@ def checkpoint_model_spec(ckpt: dict, path: Path | str = "checkpoint") -> dict[s
     if "arch" not in hp:
         raise WeightsError(f"{path}: no model description or 'arch' hyper-parameter; not an mtl-breast checkpoint")
     size = hp.get("img_size", 64)
-    size = [size] * 3 if isinstance(size, int) else [int(s) for s in size]
+    size = list(to_3tuple(size, name="img_size"))
     rank = hp.get("lora_rank")
     return {"arch": hp["arch"], "model_args": {**(hp.get("model_args") or {}), "img_size": size},
             "lora": {"rank": int(rank), "alpha": 2.0 * int(rank)} if rank else None}

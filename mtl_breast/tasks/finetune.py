@@ -34,7 +34,8 @@ from mtl_breast.losses.segmentation import DiceCELoss
 from mtl_breast.metrics.classification import choose_threshold, roc_auc, temperature_scale
 from mtl_breast.metrics.mamamia import score_classification, score_segmentation
 from mtl_breast.metrics.segmentation import dice, hd95, norm_hd
-from mtl_breast.metrics.subgroups import age_group, density_group, menopause_group
+from mtl_breast.metrics.subgroups import subgroup_labels
+from mtl_breast.models.layers import to_3tuple
 from mtl_breast.models.registry import create_model
 from mtl_breast.predictor import InferenceSettings, predict_volume
 from mtl_breast.tasks.export import model_spec
@@ -45,12 +46,6 @@ from mtl_breast.tasks.rng import checkpoint_rng_state, restore_rng_on_train_star
 
 log = logging.getLogger(__name__)
 FAIRNESS_KEY = "mtl_breast_fairness"  # checkpoint entry of the subgroup loss weights
-
-
-def meta_groups(meta: dict) -> dict[str, str | None]:
-    """Subgroup labels of one case's metadata, for fairness weights and subgroup scores."""
-    return {"age": age_group(meta.get("age")), "menopausal_status": menopause_group(meta.get("menopause")),
-            "breast_density": density_group(meta.get("density"))}
 
 
 class MTLFinetuneModule(L.LightningModule):
@@ -110,7 +105,7 @@ class MTLFinetuneModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        size = (img_size,) * 3 if isinstance(img_size, int) else tuple(int(s) for s in img_size)
+        size = to_3tuple(img_size, name="img_size")
         self.img_size = size
         self.model = create_model(arch, img_size=size, **(model_args or {}))
         if pretrained:
@@ -174,7 +169,7 @@ class MTLFinetuneModule(L.LightningModule):
         label = batch["label"]
         weights = None
         if self.reweighter is not None:
-            weights = self.reweighter.weights([meta_groups(m) for m in batch["meta"]]).to(self.device)
+            weights = self.reweighter.weights([subgroup_labels(m) for m in batch["meta"]]).to(self.device)
         # pCR is learned only from tumour-centred crops (the window rule of inference) that hold tumour voxels.
         has_tumour = label.flatten(1).bool().any(dim=1)
         window = batch.get("tumour_window", torch.ones_like(has_tumour)).to(has_tumour.device)
@@ -214,7 +209,7 @@ class MTLFinetuneModule(L.LightningModule):
             hd = hd95(pred, gt)
             self._val_rows.append({"patient_id": batch["patient_id"][i], "dsc": dice(pred, gt), "hd95": hd,
                                    "norm_hd": norm_hd(hd), "logit": logit, "pcr": float(batch["pcr"][i]),
-                                   **meta_groups(batch["meta"][i])})
+                                   **subgroup_labels(batch["meta"][i])})
 
     def on_validation_epoch_end(self) -> None:
         example, self._val_example = self._val_example, None

@@ -17,6 +17,7 @@ import lightning as L
 import torch
 
 from mtl_breast.figures import save_png
+from mtl_breast.models.layers import to_3tuple
 from mtl_breast.models.registry import create_model
 from mtl_breast.tasks.export import model_spec
 from mtl_breast.tasks.loggers import close_figure, log_figure, training_summary, validation_metrics
@@ -66,7 +67,7 @@ class MAEPretrainModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        size = (img_size,) * 3 if isinstance(img_size, int) else tuple(img_size)
+        size = to_3tuple(img_size, name="img_size")
         self.model = create_model(arch, img_size=size, **(model_args or {}))
         if grad_checkpointing:
             self.model.encoder.set_grad_checkpointing(True)
