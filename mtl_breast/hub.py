@@ -246,7 +246,7 @@ def resolve_weights(path: str | Path) -> Path:
     return _from_hf_cache(match["repo"], match["revision"], str(path))
 
 
-def _weights_and_config(path: str | Path) -> tuple[Path, dict[str, Any]]:
+def weights_and_config(path: str | Path) -> tuple[Path, dict[str, Any]]:
     """``(weights file, config dict or {})`` for a weights directory, a ``.safetensors`` file or a cached Hub id."""
     path = resolve_weights(path)
     weights = path / WEIGHTS_NAME if path.is_dir() else path
@@ -412,7 +412,7 @@ def load_pretrained(path: str | Path, arch: str | None = None, strict: bool = Tr
             not match the tensors of the file (checked from the file's header on the ``meta`` device, before the
             model is allocated); bad or foreign weight files.
     """
-    weights, config = _weights_and_config(path)
+    weights, config = weights_and_config(path)
     arch = _check_arch(weights, config, arch)
     if not isinstance(config.get("model_args", {}), dict):
         raise WeightsError(f"{weights.parent / CONFIG_NAME}: model_args must be a JSON object")
@@ -471,7 +471,7 @@ def load_encoder_into(
     if isinstance(source, Mapping):
         sd, name = clean_state_dict(source), "state dict"
     else:
-        weights, config = _weights_and_config(source)
+        weights, config = weights_and_config(source)
         sd, name = clean_state_dict(read_safetensors(weights, expected_sha256=config.get("weights_sha256"))), weights
         src_grid = src_grid or _grid_from_args(config.get("model_args"))
         if isinstance(config.get("arch"), str):  # say what the folder holds: the key lists alone do not

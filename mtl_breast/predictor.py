@@ -12,7 +12,6 @@ exported weights for it. Writing masks and `predictions.csv` for a dataset is th
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,9 @@ from scipy import ndimage
 from mtl_breast.data.case import Case
 from mtl_breast.data.preprocess import PreprocessConfig, preprocess_case, to_original_space
 from mtl_breast.data.window import tumour_window
+from mtl_breast.hub import WeightsError, load_pretrained, resolve_weights, weights_and_config
 from mtl_breast.models.kinetics import acquisition_vector
+from mtl_breast.models.mtl import MTLModel
 
 
 @dataclass
@@ -160,8 +161,6 @@ def read_weights_config(weights: Path | str) -> dict:
         FileNotFoundError: the folder, its config.json or its model.safetensors is missing.
         WeightsError: config.json is not a JSON object; a Hub-style id that is not in the local cache.
     """
-    from mtl_breast.hub import WeightsError, resolve_weights
-
     weights = resolve_weights(weights)
     if not weights.is_dir():
         raise FileNotFoundError(f"weights folder {weights} does not exist")
@@ -170,13 +169,7 @@ def read_weights_config(weights: Path | str) -> dict:
         raise FileNotFoundError(
             f"{weights} is not an exported weights folder: no {' or '.join(missing)} in it "
             "(make one from a training checkpoint with `mtl-breast export --ckpt RUN/checkpoints/last.ckpt --out DIR`)")
-    try:
-        config = json.loads((weights / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise WeightsError(f"{weights / 'config.json'} is not valid JSON: {err}") from err
-    if not isinstance(config, dict):
-        raise WeightsError(f"{weights / 'config.json'} must hold a JSON object")
-    return config
+    return weights_and_config(weights)[1]
 
 
 def load_joint_model(weights: Path | str, device: str | None = None) -> tuple[torch.nn.Module, dict]:
@@ -185,9 +178,6 @@ def load_joint_model(weights: Path | str, device: str | None = None) -> tuple[to
     Raises FileNotFoundError / WeightsError naming the folder when it holds no weights, or holds weights of
     another kind of model (an MAE pretrainer or a bare encoder cannot segment).
     """
-    from mtl_breast.hub import WeightsError, load_pretrained
-    from mtl_breast.models.mtl import MTLModel
-
     config = read_weights_config(weights)
     model = load_pretrained(weights)
     if not isinstance(model, MTLModel):
