@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import math
 from pathlib import Path
@@ -31,8 +32,10 @@ from types import SimpleNamespace
 
 import torch
 
+from mtl_breast.data.datamodule import FinetuneDataModule, PretrainDataModule
 from mtl_breast.memtrace import CudaAutocastPolicy, FakeMode, LiveBytes, block_bytes
 from mtl_breast.models.layers import to_3tuple
+from mtl_breast.run.train import trainer_defaults
 
 __all__ = ["DEFAULT_PHASES", "FitCheckError", "add_arguments", "estimate_training_memory", "format_table",
            "load_config", "prepare_module", "run", "synthetic_batch"]
@@ -224,16 +227,19 @@ def estimate_training_memory(
     cfg = load_config(config)
     model_cfg, data_cfg, trainer_cfg = cfg["model"], cfg.get("data") or {}, cfg.get("trainer") or {}
     task = _task_of(str(model_cfg["arch"]))
-    flag = str(precision if precision is not None else trainer_cfg.get("precision", "bf16-mixed"))
+    trainer = {**trainer_defaults(bf16=True), **trainer_cfg}  # the GPU a config is checked for runs bf16
+    data_cls = PretrainDataModule if task == "pretrain" else FinetuneDataModule
+    data_defaults = {k: p.default for k, p in inspect.signature(data_cls.__init__).parameters.items()}
+    flag = str(precision if precision is not None else trainer["precision"])
     if flag not in PRECISIONS:
         raise FitCheckError(f"precision {flag!r} is not supported by the fit check; one of {sorted(PRECISIONS)}")
     autocast_dtype, param_dtype = PRECISIONS[flag]
-    crop_value = crop_size if crop_size is not None else data_cfg.get("crop_size", model_cfg.get("img_size", 64))
+    crop_value = crop_size if crop_size is not None else data_cfg.get("crop_size", data_defaults["crop_size"])
     crop = to_3tuple(int(crop_value) if isinstance(crop_value, float) else crop_value, name="crop_size")
-    b = int(batch_size if batch_size is not None else data_cfg.get("batch_size", 2))
+    b = int(batch_size if batch_size is not None else data_cfg.get("batch_size", data_defaults["batch_size"]))
     t = int(phases if phases is not None else DEFAULT_PHASES[task])
-    accumulate = int(trainer_cfg.get("accumulate_grad_batches") or 1)
-    clip = trainer_cfg.get("gradient_clip_val", 1.0)  # mtl-breast's trainer default
+    accumulate = int(trainer.get("accumulate_grad_batches") or 1)
+    clip = trainer["gradient_clip_val"]
     if b < 1 or t < 1 or len(crop) != 3 or min(crop) < 1:
         raise FitCheckError(f"batch size ({b}) and phases ({t}) must be >= 1 and crop_size three sizes ({crop})")
 

@@ -17,6 +17,13 @@ from mtl_breast.tasks.loggers import LearningRates, log_text, run_loggers
 from mtl_breast.tasks.pretrain import MAEPretrainModule
 
 
+def trainer_defaults(bf16: bool) -> dict:
+    """The Trainer settings mtl-breast sets unless a config says otherwise (`fit-check` estimates with them too)."""
+    # bf16 autocast on GPUs that support it; plain float32 on CPU, where bf16 is slow.
+    return {"accelerator": "auto", "precision": "bf16-mixed" if bf16 else "32-true", "gradient_clip_val": 1.0,
+            "log_every_n_steps": 10}
+
+
 def lightning_cli(task: str, args: list[str]) -> int:
     """`mtl-breast pretrain|finetune <fit|validate|test> --config X.yaml ...` through LightningCLI."""
     if task == "pretrain":
@@ -63,7 +70,6 @@ def lightning_cli(task: str, args: list[str]) -> int:
             finally:
                 sys.argv = argv
 
-    gpu = torch.cuda.is_available()
     # LightningCLI parses `args`; sys.argv is set to the same command because Lightning's DDP launcher
     # starts the other ranks by re-running `sys.executable sys.argv` (`-m <module>` when run as one):
     # anything else there would start the wrong program on ranks 1..N-1.
@@ -73,14 +79,8 @@ def lightning_cli(task: str, args: list[str]) -> int:
             model_cls, data_cls, args=args, subclass_mode_model=False, subclass_mode_data=False,
             parser_kwargs={"prog": f"mtl-breast {task}"}, save_config_callback=SaveConfigToLogs,
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={
-                "accelerator": "auto",
-                # bf16 autocast on GPUs that support it; plain float32 on CPU, where bf16 is slow.
-                "precision": "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true",
-                "gradient_clip_val": 1.0,
-                "log_every_n_steps": 10,
-                "callbacks": [LearningRates(logging_interval="step")],
-            },
+            trainer_defaults={**trainer_defaults(bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
+                              "callbacks": [LearningRates(logging_interval="step")]},
         )
     finally:
         sys.argv = argv
