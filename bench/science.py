@@ -11,7 +11,8 @@ never enter pretraining, fine-tuning, threshold choice or checkpoint selection.
     # label efficiency: fine-tune 16/32/64 labelled cases from the MAE weights of each run and from scratch
     python bench/science.py label-efficiency --runs runs/science/seed0 --labelled 16 32 64 \
         --out runs/science/label_efficiency.json
-    # ablations: no kinetic pathway, segmentation-only / pCR-only losses, joint attention, whole-phase masking
+    # ablations: no kinetic pathway, segmentation-only / pCR-only losses, joint attention, whole-phase masking,
+    # phases stacked as input channels of a plain spatial ViT
     python bench/science.py ablations --runs runs/science/seed0 --out runs/science/ablations.json
     python bench/science.py report runs/science/*.json --out docs/RESULTS.md
 
@@ -307,6 +308,9 @@ ABLATIONS: dict[str, tuple[str | None, list[str]]] = {
         '{"attn_mode": "joint", "phase_time_drop": 0.2}',
         ["--model.model_args", '{"encoder": {"phase_time_drop": 0.2, "attn_mode": "joint"}}']),
     "MAE with whole-phase masking (0.5)": ('{"phase_mask_ratio": 0.5, "phase_time_drop": 0.2}', []),
+    # The MONAI-style baseline: one spatial ViT over the phases stacked as channels, pretrained by the same MAE.
+    "phases as input channels (plain spatial ViT)": (
+        '{"phase_layout": "channels"}', ["--model.model_args", '{"encoder": {"phase_layout": "channels"}}']),
 }
 
 

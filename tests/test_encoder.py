@@ -219,3 +219,46 @@ def test_monai_converter_handles_split_qkv_and_rejects_unknown_keys():
     assert torch.equal(convert_monai_vit_state_dict(split)["blocks.0.attn.qkv.weight"], sd["blocks.0.attn.qkv.weight"])
     with pytest.raises(ValueError, match="rel_pos"):
         convert_monai_vit_state_dict({**ref.state_dict(), "blocks.0.attn.rel_pos.weight": q})
+
+
+# ---- phases stacked as input channels (the plain spatial ViT baseline) --------------------------------------------
+def test_channel_layout_stacks_phases_into_one_token_map_per_patch():
+    model = tiny(phase_layout="channels", max_phases=5)
+    assert model.patch_embed.proj.in_channels == 5 and model.phase_embed is None
+    assert all(blk.time_attn is None for blk in model.blocks)
+    x = torch.randn(2, 3, 16, 16, 16)
+    with torch.no_grad():
+        out = model(x, phase_time=torch.tensor([[0.0, 90.0, 400.0]] * 2))
+        # One token map, repeated for every phase: downstream [B, T, N, E] consumers take it unchanged.
+        assert out.shape == (2, 3, 8, 32) and torch.equal(out[:, 0], out[:, 2])
+        # The channel order carries the phases: times are not used, swapping two phases changes the tokens.
+        assert torch.equal(model(x)[:, 0], out[:, 0])
+        assert not torch.allclose(model(x[:, [0, 2, 1]])[:, 0], out[:, 0], atol=1e-3)
+        # Padded phases (NaN garbage) are zero channels, exactly as a shorter series is padded.
+        pad = torch.cat([x, torch.full((2, 2, 16, 16, 16), float("nan"))], dim=1)
+        mask = torch.tensor([[True] * 3 + [False] * 2] * 2)
+        assert torch.allclose(model(pad, phase_mask=mask)[:, 0], out[:, 0], atol=1e-6)
+        layers = model.get_intermediate_layers(x, [0, 1])
+        assert [tuple(f.shape) for f in layers] == [(2, 3, 8, 32)] * 2 and torch.allclose(layers[1], out, atol=1e-6)
+    with pytest.raises(ValueError, match="phase_layout"):
+        tiny(phase_layout="stacked")
+
+
+def test_channel_layout_joint_model_and_mae_train_and_round_trip(tmp_path):
+    from mtl_breast.hub import load_pretrained, save_pretrained
+
+    torch.manual_seed(0)
+    mtl = create_model("mtl_vit_test", encoder={"phase_layout": "channels"})
+    x, mask = torch.randn(2, 3, 32, 32, 32), torch.tensor([[True, True, True], [True, True, False]])
+    out = mtl(x, phase_mask=mask)
+    (out["seg_logits"].mean() + out["pcr_logits"].mean()).backward()
+    assert all(p.grad is not None for n, p in mtl.named_parameters() if n.startswith("encoder."))
+    save_pretrained(mtl, tmp_path / "w")
+    loaded = load_pretrained(tmp_path / "w")
+    assert loaded.encoder.phase_layout == "channels"
+    with torch.no_grad():
+        assert torch.equal(mtl.eval()(x, phase_mask=mask)["pcr_logits"], loaded(x, phase_mask=mask)["pcr_logits"])
+    mae = create_model("mae_vit_test", phase_layout="channels")
+    result = mae(x, phase_mask=mask)
+    result["loss"].backward()
+    assert torch.isfinite(result["loss"]) and mae.encoder.patch_embed.proj.weight.grad.abs().sum() > 0

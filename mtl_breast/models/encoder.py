@@ -2,6 +2,8 @@
 
 Contract (other modules code against it):
     ``forward_features(x [B, T, D, H, W], phase_mask, phase_time, ids_keep) -> [B, T, N, E]`` after the final norm;
+    with ``phase_layout="channels"`` the one token map of the stacked phases is repeated (a view) for every phase,
+    so decoders and heads built for ``[B, T, N, E]`` take it unchanged;
     ``get_intermediate_layers(x, indices, ...) -> list of [B, T, N, E]``; ``forward = forward_features``.
 Attribute names (``patch_embed``, ``pos_embed``, ``phase_embed``, ``blocks.{i}``, ``norm``) are the weight format.
 """
@@ -29,10 +31,14 @@ from mtl_breast.models.layers import (
 )
 from mtl_breast.models.temporal import PhaseEncoding, TemporalAttention, check_phase_inputs
 
-__all__ = ["ATTN_MODES", "POS_EMBED_TYPES", "Block", "ViTEncoder3d"]
+__all__ = ["ATTN_MODES", "PHASE_LAYOUTS", "POS_EMBED_TYPES", "Block", "ViTEncoder3d"]
 
 ATTN_MODES = ("divided", "joint")
 POS_EMBED_TYPES = ("sincos", "learnable", "none")
+# "tokens": every phase is tokenized on its own and phases meet through temporal (or joint) attention.
+# "channels": the phases are stacked as input channels of one spatial ViT (MONAI's ViT on a multi-channel
+# volume), padded with zero channels up to max_phases; no phase encoding and no temporal attention.
+PHASE_LAYOUTS = ("tokens", "channels")
 
 
 class Block(nn.Module):
@@ -136,6 +142,8 @@ class ViTEncoder3d(nn.Module):
         time_attn: temporal sub-blocks in divided mode; False = per-phase spatial ViT (single-phase equivalence).
         norm_eps: LayerNorm epsilon.
         phase_time_drop: training-only probability of hiding a sample's acquisition times (trains the fallback).
+        phase_layout: "tokens" (each phase its own tokens) or "channels" (phases stacked as input channels of a
+            plain spatial ViT; acquisition times are not used, ``attn_mode``/``time_attn``/``phase_embed`` ignored).
     """
 
     def __init__(
@@ -160,8 +168,11 @@ class ViTEncoder3d(nn.Module):
         time_attn: bool = True,
         norm_eps: float = 1e-6,
         phase_time_drop: float = 0.0,
+        phase_layout: str = "tokens",
     ) -> None:
         super().__init__()
+        if phase_layout not in PHASE_LAYOUTS:
+            raise ValueError(f"phase_layout must be one of {PHASE_LAYOUTS}, got {phase_layout!r}")
         if attn_mode not in ATTN_MODES:
             raise ValueError(f"attn_mode must be one of {ATTN_MODES}, got {attn_mode!r}")
         if pos_embed_type not in POS_EMBED_TYPES:
@@ -178,8 +189,14 @@ class ViTEncoder3d(nn.Module):
         self.attn_mode, self.pos_embed_type = attn_mode, pos_embed_type
         self.max_phases = max_phases
         self.grad_checkpointing = grad_checkpointing
+        self.phase_layout = phase_layout
+        stacked = phase_layout == "channels"
+        if stacked:  # one token per patch over all phases: nothing to attend across, nothing to encode per phase
+            phase_embed, time_attn = False, False
 
-        self.patch_embed = PatchEmbed3d(patch_size=patch_size, embed_dim=embed_dim)
+        self.patch_embed = PatchEmbed3d(
+            patch_size=patch_size, embed_dim=embed_dim, in_chans=max_phases if stacked else 1
+        )
         self.patch_size: tuple[int, int, int] = self.patch_embed.patch_size
         self.img_size = to_3tuple(img_size, name="img_size")
         self.grid_size = self.patch_embed.grid_size(self.img_size)  # ValueError when not divisible
@@ -267,6 +284,11 @@ class ViTEncoder3d(nn.Module):
         if phase_mask is not None:
             # Padded phases may hold anything (NaN included); zero them so they stay finite as (ignored) queries.
             x = torch.where(phase_mask[:, :, None, None, None], x, 0.0)
+        if self.phase_layout == "channels":
+            # [B, T, D, H, W] -> one volume of max_phases channels [B, 1, max_phases, D, H, W], padded phases zero;
+            # tokens [B, 1, N, E] attend spatially only, so no attention mask is needed.
+            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, 0, 0, self.max_phases - t))[:, None]
+            t, phase_mask = 1, None
         tokens = self.patch_embed(x)  # [B, T, N, E]
         pos = self._pos_embed(grid, tokens)
         if pos is not None:
@@ -303,10 +325,15 @@ class ViTEncoder3d(nn.Module):
         Returns:
             ``[B, T, N, E]`` (``N_keep`` tokens with ``ids_keep``) after the final norm.
         """
+        t = x.shape[1]
         x, phase_mask = self.prepare_tokens(x, phase_mask, phase_time, ids_keep)
         for blk in self.blocks:
             x = self._run_block(blk, x, phase_mask)
-        return self.norm(x)
+        return self._per_phase(self.norm(x), t)
+
+    def _per_phase(self, tokens: Tensor, t: int) -> Tensor:
+        """``[B, 1, N, E]`` of the stacked phases -> ``[B, T, N, E]`` (a view); tokens of other layouts unchanged."""
+        return tokens.expand(-1, t, -1, -1) if self.phase_layout == "channels" else tokens
 
     def get_intermediate_layers(
         self,
@@ -324,12 +351,13 @@ class ViTEncoder3d(nn.Module):
         wanted = [i + self.depth if i < 0 else i for i in indices]
         if any(not 0 <= i < self.depth for i in wanted):
             raise ValueError(f"block indices {list(indices)} out of range for depth {self.depth}")
+        t = x.shape[1]
         x, phase_mask = self.prepare_tokens(x, phase_mask, phase_time)
         outputs: dict[int, Tensor] = {}
         for i, blk in enumerate(self.blocks[: max(wanted) + 1]):
             x = self._run_block(blk, x, phase_mask)
             if i in wanted:
-                outputs[i] = self.norm(x) if norm else x
+                outputs[i] = self._per_phase(self.norm(x) if norm else x, t)
         return [outputs[i] for i in wanted]
 
     def forward(self, x: Tensor, phase_mask: Tensor | None = None, phase_time: Tensor | None = None) -> Tensor:
