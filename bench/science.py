@@ -290,7 +290,8 @@ def cmd_label_efficiency(args: argparse.Namespace) -> dict:
                 weights = finetune(out, data, seed, pretrained, [], args.steps, n)
                 row = _score_variant(f"{n} labelled, {init}", out, weights, data_h, cache_h, flat=False)
                 results.append({"run": str(run), "labelled": n, "init": init, **row})
-    return {"experiment": "label-efficiency", "held_out_cases": args.cases, "steps": args.steps,
+    return {"experiment": "label-efficiency", "held_out_cases": args.cases, "heldout_seed": args.heldout_seed,
+            "steps": args.steps,
             "results": results, **_meta(sys.argv, started)}
 
 
@@ -332,7 +333,8 @@ def cmd_ablations(args: argparse.Namespace) -> dict:
                 pretrained = run / "weights" / "mae" if mae == "run" else pretrain(out, run / "pool", seed, mae)
                 weights = finetune(out, run / "data", seed, pretrained, extra, args.steps, args.labelled)
             results.append({"run": str(run), **_score_variant(name, out, weights, data_h, cache_h)})
-    return {"experiment": "ablations", "held_out_cases": args.cases, "results": results,
+    return {"experiment": "ablations", "held_out_cases": args.cases, "heldout_seed": args.heldout_seed,
+            "results": results,
             **_meta(sys.argv, started)}
 
 
@@ -361,27 +363,82 @@ def _heldout_md(r: dict) -> list[str]:
     return lines
 
 
-def _variants_md(r: dict, key: str) -> list[str]:
-    known = len(r["results"][0]["raw"]["y"]) if r["results"] else 0
-    lines = [f"{r['held_out_cases']} held-out phantoms (seed {HELD_OUT_SEED}), {known} with known pCR for the AUC; "
-             "one row per run.", "",
-             "| run | variant | pCR AUC | AUC, washout removed | Dice |", "|---|---|---|---|---|"]
-    for row in r["results"]:
-        lines.append(f"| {Path(row['run']).name} | {row['variant']} | {row['auc']:.3f} | "
-                     f"{row['auc_washout_removed']:.3f} | {row['dice']:.3f} |")
+REFERENCE = "joint model (reference)"
+
+
+def _heldout_seed(r: dict) -> int:
+    """The held-out seed of a result file (older files name it only in their command)."""
+    if "heldout_seed" in r:
+        return int(r["heldout_seed"])
+    words = shlex.split(r.get("command", ""))
+    return int(words[words.index("--heldout-seed") + 1]) if "--heldout-seed" in words else HELD_OUT_SEED
+
+
+def _paired(a: dict, b: dict, samples: int = 1000) -> dict:
+    """AUC and Dice of run `a`, and `a - b`, each with a 95% bootstrap interval over the same held-out cases."""
+    if a["raw"]["ids"] != b["raw"]["ids"]:
+        raise SystemExit(f"{a['variant']} and {b['variant']} were scored on different held-out cases")
+    y = np.array(a["raw"]["y"])
+    pa, pb = (np.array(r["raw"]["scores"]["joint model, as acquired"]) for r in (a, b))
+    da, db = np.array(a["raw"]["dice"]), np.array(b["raw"]["dice"])
+
+    def auc(p: np.ndarray, i: np.ndarray) -> float:
+        return roc_auc(y[i], p[i]) if len(np.unique(y[i])) == 2 else float("nan")
+
+    every = np.arange(len(y))
+    return {"auc_ci": bootstrap_interval(lambda i: auc(pa, i), len(y), samples=samples),
+            "dice_ci": bootstrap_interval(lambda i: float(da[i].mean()), len(y), samples=samples),
+            "auc_diff": auc(pa, every) - auc(pb, every),
+            "auc_diff_ci": bootstrap_interval(lambda i: auc(pa, i) - auc(pb, i), len(y), samples=samples),
+            "dice_diff": float((da - db).mean()),
+            "dice_diff_ci": bootstrap_interval(lambda i: float((da - db)[i].mean()), len(y), samples=samples)}
+
+
+def _variants_md(rows: list[dict], experiment: str, cases: int, seed: int) -> list[str]:
+    """One table for the rows of ablation or label-efficiency files: each run's AUC and Dice with intervals, and
+    its paired difference to the comparison a reader wants (ablations: the run's reference joint model;
+    label efficiency: MAE weights minus scratch at the same number of labelled cases)."""
+    known = len(rows[0]["raw"]["y"]) if rows else 0
+    against = "the reference joint model" if experiment == "ablations" else "scratch with the same labelled cases"
+    lines = [f"{cases} held-out phantoms (seed {seed}), {known} with known pCR for the AUC; one row per run; 95% "
+             f"bootstrap intervals over the held-out cases; differences are paired, against {against}.", "",
+             "| run | variant | pCR AUC | AUC, washout removed | Dice | AUC difference | Dice difference |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if experiment == "ablations":
+            base = next((r for r in rows if r["run"] == row["run"] and r["variant"] == REFERENCE), None)
+        else:
+            base = next((r for r in rows if r["run"] == row["run"] and r["labelled"] == row.get("labelled")
+                         and r["init"] == "scratch"), None)
+        ref = row if base is None or base is row else base
+        stats = _paired(row, ref)
+        diff = "" if ref is row else f"{stats['auc_diff']:+.3f} {_ci(stats['auc_diff_ci'])}"
+        ddiff = "" if ref is row else f"{stats['dice_diff']:+.3f} {_ci(stats['dice_diff_ci'])}"
+        flat = row["auc_washout_removed"]
+        lines.append(f"| {Path(row['run']).name} | {row['variant']} | {row['auc']:.3f} {_ci(stats['auc_ci'])} | "
+                     f"{'' if np.isnan(flat) else f'{flat:.3f}'} | {row['dice']:.3f} {_ci(stats['dice_ci'])} | "
+                     f"{diff} | {ddiff} |")
     return lines
 
 
 def cmd_report(args: argparse.Namespace) -> dict:
-    """Markdown tables of the given result files, to paste into docs/RESULTS.md."""
-    lines = []
+    """Markdown tables of the given result files, to paste into docs/RESULTS.md. Ablation and label-efficiency
+    files of the same held-out set are joined into one table each (a reference run may sit in another file)."""
+    lines: list[str] = []
+    joined: dict[tuple[str, int], dict] = {}
     for path in args.results:
         r = json.loads(Path(path).read_text())
-        if r["experiment"] not in ("heldout", "label-efficiency", "ablations"):
-            continue
-        lines += [f"### {r['experiment']}", "", f"`{r['command']}` ({r['seconds']:.0f} s, {r['device']})", ""]
-        lines += _heldout_md(r) if r["experiment"] == "heldout" else _variants_md(r, r["experiment"])
-        lines.append("")
+        if r["experiment"] == "heldout":
+            lines += [f"### {r['experiment']}", "", f"`{r['command']}` ({r['seconds']:.0f} s, {r['device']})", ""]
+            lines += _heldout_md(r) + [""]
+        elif r["experiment"] in ("label-efficiency", "ablations"):
+            group = joined.setdefault((r["experiment"], _heldout_seed(r)),
+                                      {"rows": [], "commands": [], "cases": r["held_out_cases"]})
+            group["rows"] += r["results"]
+            group["commands"].append(f"`{r['command']}` ({r['seconds']:.0f} s, {r['device']})")
+    for (experiment, seed), group in joined.items():
+        lines += [f"### {experiment}", "", *group["commands"], ""]
+        lines += _variants_md(group["rows"], experiment, group["cases"], seed) + [""]
     Path(args.out).write_text("\n".join(lines) + "\n")
     return {"experiment": "report", "files": args.results}
 

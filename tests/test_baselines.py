@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mtl_breast.baselines import FEATURE_SETS, LogisticBaseline, auc_with_interval, bootstrap_interval, case_features
+from mtl_breast.metrics.classification import roc_auc
 from mtl_breast.models.heads import PCRHead
 from mtl_breast.models.kinetics import (
     CONCENTRATION_FEATURES,
@@ -140,6 +141,44 @@ def test_science_summary_and_report(tmp_path):
     science.main(["report", str(result), "--out", str(tmp_path / "tables.md")])
     text = (tmp_path / "tables.md").read_text()
     assert "| joint model, as acquired |" in text and "model - model with washout removed" in text
+
+
+def test_science_report_joins_variant_files_with_paired_intervals(tmp_path):
+    science = _science()
+    rng = np.random.default_rng(1)
+    y = (rng.random(80) < 0.4).astype(float)
+    ids = [f"case{i}" for i in range(80)]
+
+    def row(variant: str, noise: float, dice: float, **extra) -> dict:
+        scores = (y + rng.normal(scale=noise, size=80)).tolist()
+        return {"run": "runs/x/seed0", "variant": variant, "auc": roc_auc(y, scores), "dice": dice,
+                "auc_washout_removed": float("nan"), **extra,
+                "raw": {"ids": ids, "y": y.tolist(), "scores": {"joint model, as acquired": scores},
+                        "dice": rng.normal(dice, 0.01, 80).tolist()}}
+
+    files = []
+    # The reference sits in one file, the variant in another (run at different times): one table, paired.
+    for name, rows in (("a", [row("joint model (reference)", 0.3, 0.94)]), ("b", [row("pCR loss only", 2.0, 0.5)])):
+        files.append(tmp_path / f"ablations_{name}.json")
+        files[-1].write_text(json.dumps({"experiment": "ablations", "held_out_cases": 90, "seconds": 1.0,
+                                         "device": "cpu", "results": rows,
+                                         "command": "bench/science.py ablations --heldout-seed 20000"}))
+    science.main(["report", *map(str, files), "--out", str(tmp_path / "tables.md")])
+    lines = (tmp_path / "tables.md").read_text().splitlines()
+    assert sum(line.startswith("### ablations") for line in lines) == 1
+    assert any("(seed 20000)" in line for line in lines)
+    variant = next(line for line in lines if line.startswith("| seed0 | pCR loss only |"))
+    cells = [c.strip() for c in variant.split("|")]
+    auc_diff, dice_diff = float(cells[6].split()[0]), float(cells[7].split()[0])
+    assert auc_diff < -0.1 and -0.5 < dice_diff < -0.4  # a much worse variant, paired against the reference
+    low, high = (float(v) for v in cells[6].split("[")[1].rstrip("]").split(","))
+    assert low <= auc_diff <= high < 0
+    # Scored on other cases than the reference: refused, not silently paired.
+    other = json.loads(files[1].read_text())
+    other["results"][0]["raw"]["ids"] = ids[::-1]
+    files[1].write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="different held-out cases"):
+        science.main(["report", *map(str, files), "--out", str(tmp_path / "tables.md")])
 
 
 def test_tofts_fit_recovers_kep_of_a_noise_free_curve():
