@@ -272,7 +272,8 @@ class ViTEncoder3d(nn.Module):
             ids_keep: ``[B, N_keep]`` spatial token indices to keep in every phase (MAE tube masking).
 
         Returns:
-            Tokens ``[B, T, N or N_keep, E]`` and the attention phase mask (None when all phases are real).
+            Tokens ``[B, T, N or N_keep, E]`` (``T = 1`` with ``phase_layout="channels"``) and the attention phase
+            mask (None when all phases are real, and always with stacked phases).
         """
         if x.ndim != 5:
             raise ValueError(f"expected an input [B, T, D, H, W], got shape {tuple(x.shape)}")
