@@ -161,6 +161,20 @@ def test_pcr_window_follows_the_largest_component_not_the_probability_mass():
     assert window[0, 0, :, 0, 0].tolist() == list(range(2, 10))  # centred on 5.5 along the first axis
 
 
+def test_windows_batched_by_volume_predict_the_same_as_one_at_a_time():
+    from mtl_breast.predictor import InferenceSettings, default_sw_batch_size, predict_volume
+
+    # ViT-B windows one at a time on the CPU (memory), two on a GPU; small windows batched (speed).
+    assert default_sw_batch_size((128, 128, 128), "cpu") == 1 and default_sw_batch_size((128,) * 3, "cuda") == 2
+    assert default_sw_batch_size((32, 32, 32), "cpu") == 4 and default_sw_batch_size((256, 256, 256), "cpu") == 1
+    torch.manual_seed(0)
+    model = create_model("mtl_vit_test").eval()
+    image, times = torch.randn(3, 48, 40, 48), torch.tensor([0.0, 90.0, 180.0])
+    outputs = [predict_volume(model, image, times, InferenceSettings(roi_size=(32, 32, 32), sw_batch_size=n))
+               for n in (1, None)]
+    assert np.allclose(outputs[0][0], outputs[1][0], atol=1e-5) and outputs[0][1] == pytest.approx(outputs[1][1])
+
+
 # ---------------------------------------------------------------------------------------------- concentration
 _SEQUENCE = {1.5: dict(tr_ms=4.5, flip_deg=10.0, t10=1.1), 3.0: dict(tr_ms=8.0, flip_deg=20.0, t10=1.3)}
 
