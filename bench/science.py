@@ -44,6 +44,7 @@ from mtl_breast.baselines import (
 )
 from mtl_breast.data.build import preprocess_dataset
 from mtl_breast.data.cache import CaseCache
+from mtl_breast.data.folder import read_dataset
 from mtl_breast.data.mamamia import read_splits
 from mtl_breast.metrics.classification import balanced_accuracy, roc_auc
 from mtl_breast.metrics.segmentation import dice as dice_score
@@ -106,8 +107,13 @@ def score_run(run: Path, weights: Path, data: Path, cache: CaseCache,
     model, config = load_joint_model(weights, "cpu")
     settings = InferenceSettings.from_config(config)
     roi = settings.roi_size
+    train_ids = read_splits(run / "data")["train"]
+    # The baselines' training cases, preprocessed as these weights expect (a run made under other preprocessing
+    # defaults has them under another cache key).
+    train_cases = [case for case in read_dataset(run / "data") if case.patient_id in set(train_ids)]
+    preprocess_dataset(run / "data", run / "cache" / "data", settings.preprocess, cases=train_cases, progress=False)
     train_cache = CaseCache(run / "cache" / "data", settings.preprocess)
-    _, train_rows, y_train = labelled_features(train_cache, read_splits(run / "data")["train"], roi)
+    _, train_rows, y_train = labelled_features(train_cache, train_ids, roi)
     ids, expert_rows, y = labelled_features(cache, cache.patient_ids(), roi)
     variants = ("as acquired", *(v for v in variants if v != "as acquired"))
     scores: dict[str, list[float]] = {name: [] for name in variants}
