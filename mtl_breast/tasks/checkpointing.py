@@ -88,9 +88,10 @@ class LastCheckpoint(Checkpoint):
             return path
         if trainer.is_global_zero:
             with atomic_path(path) as tmp:  # a failed save leaves the previous last.ckpt alone
-                trainer.save_checkpoint(tmp)  # collective: every rank calls it, rank 0 writes
+                # collective: every rank calls it, rank 0 writes; the full state (optimizer, loops, callbacks)
+                trainer.save_checkpoint(tmp, weights_only=False)
         else:
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)
         trainer.strategy.barrier("LastCheckpoint.save")
         self._saved_step, self._last_time, self._pending = trainer.global_step, time.monotonic(), False
         return path
