@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import shutil
+from argparse import ArgumentError
 from pathlib import Path
 
 import numpy as np
@@ -516,6 +517,32 @@ def test_default_cache_is_outside_the_dataset(mama, folder, tmp_path, monkeypatc
                 assert not where.is_relative_to(root.resolve()), (cwd, where)
         assert not default_cache_dir(mama["root"]).resolve().is_relative_to(mama["root"].resolve())
     assert not (mama["root"] / "cache").exists()
+
+
+@pytest.mark.parametrize("cls", [FinetuneDataModule, PretrainDataModule])
+def test_preprocess_is_one_mapping_and_keeps_the_cache_folder(cls, tmp_path):
+    # As LightningCLI reads a data module's arguments: `preprocess` is one nested mapping of PreprocessConfig fields.
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, "data")
+
+    def cache_folder(yaml_data: str) -> str:
+        cfg = parser.parse_string(f"data: {{root: {tmp_path}, cache_dir: {tmp_path / 'cache'}, {yaml_data}}}")
+        return parser.instantiate(cfg).data.cache.dir.name
+
+    # Pinned folder names (`PreprocessConfig.key()`): if they change, every existing cache is rebuilt.
+    assert cache_folder("crop_size: 32") == "7279e9114bc7"
+    assert cache_folder("preprocess: {spacing: [1, 1, 2], margin_mm: 5, crop_to_breast: false, "
+                        "clip_percentiles: [0.5, 99.5], cache_dtype: float32}") == "0b469629c9ab"
+    with pytest.raises(ArgumentError, match="does not accept option 'spacing'"):
+        cache_folder("spacing: [1, 1, 2]")
+    with pytest.raises(ArgumentError, match="does not accept option 'preprocess.spacings'"):
+        cache_folder("preprocess: {spacings: [1, 1, 2]}")
+    with pytest.raises(ValueError, match="cache_dtype must be one of"):
+        cache_folder("preprocess: {cache_dtype: int8}")
+    with pytest.raises(TypeError, match="preprocess must be a PreprocessConfig"):
+        cls(str(tmp_path), preprocess={"margin_mm": 5.0})
 
 
 # ------------------------------------------------------------------------------------------- bad cases

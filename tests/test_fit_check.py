@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 from pathlib import Path
 
@@ -151,6 +152,20 @@ def test_bad_configs_raise_clear_errors(tmp_path):
         estimate_training_memory(config(precision="64-true"))
     with pytest.raises(FitCheckError, match="max_phases"):
         estimate_training_memory(config(), phases=9)
+
+
+def test_config_goes_through_the_training_parser():
+    from mtl_breast.data.datamodule import FinetuneDataModule
+    from mtl_breast.run.train import parse_training_config
+
+    # A key `mtl-breast finetune fit` would refuse is refused here too, and unset values are the training defaults.
+    with pytest.raises(FitCheckError, match="does not accept option 'crop_sise'"):
+        estimate_training_memory({**config(), "data": {"crop_sise": 16}})
+    cfg = parse_training_config("finetune", ["--config", str(ROOT / "configs" / "finetune" / "demo.yaml"),
+                                             "--data.root=unused"])
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.gradient_clip_val == 1.0
+    assert cfg.model.img_size == cfg.data.crop_size == 32  # linked as in training
+    assert cfg.data.val_fraction == inspect.signature(FinetuneDataModule).parameters["val_fraction"].default
 
 
 def test_vit_b_finetune_config_on_fake_tensors_in_seconds():

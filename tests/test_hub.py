@@ -180,7 +180,7 @@ def test_absurd_config_is_refused_before_the_model_is_allocated(tmp_path, monkey
             raise AssertionError(f"{name} was built with real memory before the config was checked")
         return create_model(name, **kwargs)
 
-    monkeypatch.setattr("mtl_breast.hub.create_model", meta_only)
+    monkeypatch.setattr("mtl_breast.hub.pretrained.create_model", meta_only)
     with pytest.raises(WeightsError, match=match):
         load_pretrained(tmp_path)
 

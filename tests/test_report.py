@@ -115,12 +115,11 @@ def test_report_of_scores_without_intervals(tmp_path, scores):
 def test_subgroup_bars_show_counts_intervals_and_small_groups():
     from matplotlib.figure import Figure
 
-    from mtl_breast.run.report import _bars, _tick
+    from mtl_breast.run.report import _bars
 
     ax = Figure().subplots()
-    labels = [_tick("0-40", {"n": 12}), _tick("40-50", {"n": 3})]
-    _bars(ax, labels, {"DSC": [0.6, 0.8]}, "t", None, errors={"DSC": [(0.5, 0.7), (0.3, 0.95)]},
-          small=[False, True])
+    groups = {"40-50": {"n": 3, "too_small": True}, "0-40": {"n": 12}}
+    _bars(ax, groups, ["0-40", "40-50"], {"DSC": [0.6, 0.8]}, "t", None, errors={"DSC": [(0.5, 0.7), (0.3, 0.95)]})
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0-40\n(n=12)", "40-50\n(n=3)"]
     big, small = ax.patches
     assert big.get_hatch() is None and small.get_hatch() == "///"  # the small group is hatched

@@ -29,6 +29,8 @@ from mtl_breast.data.transforms import finetune_transforms, pretrain_transforms
 from mtl_breast.models.layers import to_3tuple
 
 log = logging.getLogger(__name__)
+# The default `preprocess` of both data modules: PreprocessConfig is frozen, so one shared instance is safe.
+DEFAULT_PREPROCESS = PreprocessConfig()
 
 
 def default_cache_dir(root: str | Path, others: Sequence[str | Path] = ()) -> Path:
@@ -49,9 +51,8 @@ def default_cache_dir(root: str | Path, others: Sequence[str | Path] = ()) -> Pa
 class _CachedDataModule(L.LightningDataModule):
     """Shared part: preprocessing config, cache, loader settings."""
 
-    def __init__(self, roots: Sequence[str], cache_dir: str | None, spacing: Sequence[float], margin_mm: float,
-                 crop_to_breast: bool, clip_percentiles: Sequence[float] | None, batch_size: int, num_workers: int,
-                 preprocess_workers: int, cache_dtype: str):
+    def __init__(self, roots: Sequence[str], cache_dir: str | None, preprocess: PreprocessConfig, batch_size: int,
+                 num_workers: int, preprocess_workers: int):
         super().__init__()
         if not roots:
             raise ValueError("no data root given (--data.root DIR)")
@@ -59,11 +60,9 @@ class _CachedDataModule(L.LightningDataModule):
         for r in self.roots:
             if not r.is_dir():
                 raise FileNotFoundError(f"data root {r} does not exist or is not a folder")
-        self.preprocess_config = PreprocessConfig(
-            spacing=tuple(float(s) for s in spacing), margin_mm=float(margin_mm), crop_to_breast=crop_to_breast,
-            clip_percentiles=None if clip_percentiles is None else tuple(float(c) for c in clip_percentiles),
-            cache_dtype=cache_dtype,
-        )
+        if not isinstance(preprocess, PreprocessConfig):
+            raise TypeError(f"preprocess must be a PreprocessConfig, got {type(preprocess).__name__}")
+        self.preprocess_config = preprocess
         self.cache_root = Path(cache_dir) if cache_dir else default_cache_dir(self.roots[0], self.roots[1:])
         self.cache = CaseCache(self.cache_root, self.preprocess_config)
         self.batch_size, self.num_workers, self.preprocess_workers = batch_size, num_workers, preprocess_workers
@@ -150,10 +149,8 @@ class FinetuneDataModule(_CachedDataModule):
     Args:
         root: MAMA-MIA dataset root.
         cache_dir: preprocessed-case cache (default ./cache/<root name>, see `default_cache_dir`).
-        spacing: target voxel spacing in mm.
-        margin_mm: margin around the breast box.
-        crop_to_breast: crop to the breast box when the case has one.
-        clip_percentiles: optional (low, high) intensity percentile clip.
+        preprocess: spacing, orientation, breast crop and margin, intensity clip and cache dtype (in YAML a
+            mapping, ``preprocess: {spacing: [1, 1, 2]}``); the cache folder is named by its `key()`.
         crop_size: training crop (D, H, W); must be divisible by the model's patch size.
         batch_size: training batch size (validation and test run one full case at a time).
         num_workers: DataLoader worker processes.
@@ -165,17 +162,14 @@ class FinetuneDataModule(_CachedDataModule):
         phase_dropout: probability of hiding one post-contrast phase in a training sample.
         repeats: crops drawn per training case per epoch.
         preprocess_workers: processes for the one-off preprocessing.
-        cache_dtype: stored type of the cached phases, "float16" (default) or "float32" (`PreprocessConfig`).
     """
 
-    def __init__(self, root: str, cache_dir: str | None = None, spacing: Sequence[float] = (1.0, 1.0, 1.0),
-                 margin_mm: float = 10.0, crop_to_breast: bool = True, clip_percentiles: Sequence[float] | None = None,
+    def __init__(self, root: str, cache_dir: str | None = None, preprocess: PreprocessConfig = DEFAULT_PREPROCESS,
                  crop_size: int | Sequence[int] = 64, batch_size: int = 2, num_workers: int = 0,
                  val_fraction: float = 0.2, split_seed: int = 0, pos_fraction: float = 0.67,
                  intensity_jitter: float = 0.1, phase_jitter: float = 0.0, phase_dropout: float = 0.0,
-                 repeats: int = 1, preprocess_workers: int = 1, cache_dtype: str = "float16"):
-        super().__init__([root], cache_dir, spacing, margin_mm, crop_to_breast, clip_percentiles, batch_size,
-                         num_workers, preprocess_workers, cache_dtype)
+                 repeats: int = 1, preprocess_workers: int = 1):
+        super().__init__([root], cache_dir, preprocess, batch_size, num_workers, preprocess_workers)
         self.root = Path(root)
         self.crop_size = to_3tuple(crop_size, name="crop_size")
         self.val_fraction, self.split_seed, self.repeats = val_fraction, split_seed, repeats
@@ -241,7 +235,7 @@ class PretrainDataModule(_CachedDataModule):
     Args:
         root: a dataset root, or a list of roots combined into one pool.
         cache_dir: preprocessed-case cache (default ./cache/<first root name>).
-        spacing, margin_mm, crop_to_breast, clip_percentiles: preprocessing (see FinetuneDataModule).
+        preprocess: preprocessing (see FinetuneDataModule).
         crop_size: random crop (D, H, W), divisible by the patch size.
         batch_size: volumes per step.
         num_workers: DataLoader worker processes.
@@ -253,18 +247,15 @@ class PretrainDataModule(_CachedDataModule):
             must stay unseen by every stage that is later scored on them).
         repeats: crops drawn per case per epoch.
         preprocess_workers: processes for the one-off preprocessing.
-        cache_dtype: stored type of the cached phases (see FinetuneDataModule).
     """
 
     def __init__(self, root: str | list[str], cache_dir: str | None = None,
-                 spacing: Sequence[float] = (1.0, 1.0, 1.0), margin_mm: float = 10.0, crop_to_breast: bool = True,
-                 clip_percentiles: Sequence[float] | None = None, crop_size: int | Sequence[int] = 64,
+                 preprocess: PreprocessConfig = DEFAULT_PREPROCESS, crop_size: int | Sequence[int] = 64,
                  batch_size: int = 2, num_workers: int = 0, val_fraction: float = 0.1, split_seed: int = 0,
                  intensity_jitter: float = 0.1, phase_jitter: float = 0.0, include_test: bool = False,
-                 repeats: int = 1, preprocess_workers: int = 1, cache_dtype: str = "float16"):
+                 repeats: int = 1, preprocess_workers: int = 1):
         roots = [root] if isinstance(root, str | Path) else list(root)
-        super().__init__(roots, cache_dir, spacing, margin_mm, crop_to_breast, clip_percentiles, batch_size,
-                         num_workers, preprocess_workers, cache_dtype)
+        super().__init__(roots, cache_dir, preprocess, batch_size, num_workers, preprocess_workers)
         self.crop_size = to_3tuple(crop_size, name="crop_size")
         self.val_fraction, self.split_seed, self.repeats = val_fraction, split_seed, repeats
         self.include_test = include_test

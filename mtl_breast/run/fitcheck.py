@@ -1,8 +1,9 @@
 """Will a training configuration fit on the GPU? Peak memory estimated on a machine without one.
 
-`estimate_training_memory(config)` builds the config's LightningModule (`MAEPretrainModule` for a ``mae_*``
-arch, `MTLFinetuneModule` for ``mtl_*``) with the same arguments `mtl-breast pretrain|finetune fit` would
-pass, on fake tensors (shapes and dtypes, no data), and runs one steady-state training step: AdamW's moments
+`estimate_training_memory(config)` parses the config with the LightningCLI parser of `mtl-breast pretrain|finetune
+fit` (`run.train.parse_training_config`: the same classes, links and defaults, nothing instantiated), builds its
+LightningModule (`MAEPretrainModule` for a ``mae_*`` arch, `MTLFinetuneModule` for ``mtl_*``) from the parsed
+``model`` values on fake tensors (shapes and dtypes, no data), and runs one steady-state training step: AdamW's moments
 already allocated (and, when the trainer accumulates gradients, the previous micro-batch's gradients), then
 ``training_step`` under the configured precision, ``backward``, gradient clipping and the AdamW step (built
 by the module's own ``configure_optimizers``). `mtl_breast.memtrace.LiveBytes` follows every allocation and
@@ -24,18 +25,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from jsonargparse import Namespace
 
-from mtl_breast.data.datamodule import FinetuneDataModule, PretrainDataModule
 from mtl_breast.memtrace import CudaAutocastPolicy, FakeMode, LiveBytes, block_bytes
 from mtl_breast.models.layers import to_3tuple
-from mtl_breast.run.train import trainer_defaults
+from mtl_breast.run.train import parse_training_config, task_classes
 
 __all__ = ["DEFAULT_PHASES", "FitCheckError", "add_arguments", "estimate_training_memory", "format_table",
            "load_config", "prepare_module", "run", "synthetic_batch"]
@@ -75,6 +75,13 @@ def load_config(config: str | Path | dict) -> dict:
     return data
 
 
+def _dtypes(flag: str) -> tuple[torch.dtype | None, torch.dtype]:
+    """(autocast dtype, parameter dtype) of a Lightning precision flag the fit check knows."""
+    if flag not in PRECISIONS:
+        raise FitCheckError(f"precision {flag!r} is not supported by the fit check; one of {sorted(PRECISIONS)}")
+    return PRECISIONS[flag]
+
+
 def _task_of(arch: str) -> str:
     if arch.startswith("mae_"):
         return "pretrain"
@@ -83,16 +90,26 @@ def _task_of(arch: str) -> str:
     raise FitCheckError(f"model.arch {arch!r}: the fit check knows MAE ('mae_*') and joint ('mtl_*') models")
 
 
-def _build_module(cfg: dict, task: str, crop: tuple[int, int, int], grad_checkpointing: bool | None):
-    """The task's LightningModule from the config's ``model:`` section (pretrained weights not loaded)."""
-    kwargs = {k: v for k, v in cfg["model"].items() if k != "pretrained"}
-    kwargs["img_size"] = list(crop)  # LightningCLI links data.crop_size to model.img_size
-    if grad_checkpointing is not None:
-        kwargs["grad_checkpointing"] = bool(grad_checkpointing)
-    if task == "pretrain":
-        from mtl_breast.tasks.pretrain import MAEPretrainModule as cls
-    else:
-        from mtl_breast.tasks.finetune import MTLFinetuneModule as cls
+def _parse(config: str | Path | dict, raw: dict, task: str, overrides: dict) -> Namespace:
+    """``config`` (``raw``: its content, from `load_config`) and ``overrides`` (dotted keys) through the parser of
+    ``mtl-breast <task> fit``: the values and defaults training would use, with the trainer defaults of a bf16 GPU
+    (the kind a config is checked for)."""
+    # A dict goes in as the text of a config file (JSON is YAML), so both take the same path through the parser.
+    args = ["--config", json.dumps(raw) if isinstance(config, dict) else str(config)]
+    # The data root is required by the data module but never read here: a placeholder satisfies the parser.
+    args += [f"--{key}={json.dumps(value) if not isinstance(value, str) else value}"
+             for key, value in {"data.root": "unused", **overrides}.items()]
+    try:
+        return parse_training_config(task, args, bf16=True)
+    except argparse.ArgumentError as err:
+        where = "config" if isinstance(config, dict) else str(config)
+        raise FitCheckError(f"{where}: not a valid `mtl-breast {task} fit` config: {err}") from err
+
+
+def _build_module(model_cfg: Namespace, task: str, grad_checkpointing: bool | None):
+    """The task's LightningModule from the parsed ``model`` section (pretrained weights not loaded)."""
+    kwargs = {k: v for k, v in model_cfg.as_dict().items() if k != "pretrained"}
+    cls = task_classes(task)[0]
     try:
         module = cls(**kwargs)
     except (TypeError, ValueError) as err:
@@ -224,31 +241,29 @@ def estimate_training_memory(
     Raises:
         FitCheckError: unreadable config, unknown arch or precision, or a model that rejects the input.
     """
-    cfg = load_config(config)
-    model_cfg, data_cfg, trainer_cfg = cfg["model"], cfg.get("data") or {}, cfg.get("trainer") or {}
-    task = _task_of(str(model_cfg["arch"]))
-    trainer = {**trainer_defaults(bf16=True), **trainer_cfg}  # the GPU a config is checked for runs bf16
-    data_cls = PretrainDataModule if task == "pretrain" else FinetuneDataModule
-    data_defaults = {k: p.default for k, p in inspect.signature(data_cls.__init__).parameters.items()}
-    flag = str(precision if precision is not None else trainer["precision"])
-    if flag not in PRECISIONS:
-        raise FitCheckError(f"precision {flag!r} is not supported by the fit check; one of {sorted(PRECISIONS)}")
-    autocast_dtype, param_dtype = PRECISIONS[flag]
-    crop_value = crop_size if crop_size is not None else data_cfg.get("crop_size", data_defaults["crop_size"])
-    crop = to_3tuple(int(crop_value) if isinstance(crop_value, float) else crop_value, name="crop_size")
-    b = int(batch_size if batch_size is not None else data_cfg.get("batch_size", data_defaults["batch_size"]))
+    raw = load_config(config)
+    task = _task_of(str(raw["model"]["arch"]))
+    if precision is not None:  # checked here too, so a bad flag is named before the parser's list of every flag
+        _dtypes(str(precision))
+    overrides = {"data.batch_size": batch_size, "data.crop_size": crop_size, "trainer.precision": precision,
+                 "model.grad_checkpointing": grad_checkpointing}
+    cfg = _parse(config, raw, task, {k: v for k, v in overrides.items() if v is not None})
+    flag = str(cfg.trainer.precision)
+    autocast_dtype, param_dtype = _dtypes(flag)
+    crop = to_3tuple(cfg.data.crop_size, name="crop_size")
+    b = int(cfg.data.batch_size)
     t = int(phases if phases is not None else DEFAULT_PHASES[task])
-    accumulate = int(trainer.get("accumulate_grad_batches") or 1)
-    clip = trainer["gradient_clip_val"]
+    accumulate = int(cfg.trainer.accumulate_grad_batches or 1)
+    clip = cfg.trainer.gradient_clip_val
     if b < 1 or t < 1 or len(crop) != 3 or min(crop) < 1:
         raise FitCheckError(f"batch size ({b}) and phases ({t}) must be >= 1 and crop_size three sizes ({crop})")
 
     if real_cpu:
         fake_mode = contextlib.nullcontext()
-        module = _build_module(cfg, task, crop, grad_checkpointing).to(param_dtype)
+        module = _build_module(cfg.model, task, grad_checkpointing).to(param_dtype)
     else:
         with torch.device("meta"):  # initialisers do nothing on meta; storage comes from to_empty below
-            module = _build_module(cfg, task, crop, grad_checkpointing).to(param_dtype)
+            module = _build_module(cfg.model, task, grad_checkpointing).to(param_dtype)
         fake_mode = FakeMode()
     with fake_mode:
         if not real_cpu:
@@ -281,7 +296,7 @@ def estimate_training_memory(
     ]
     return {
         "config": None if isinstance(config, dict) else str(config),
-        "task": task, "arch": model_cfg["arch"], "crop_size": list(crop), "phases": t, "batch_size": b,
+        "task": task, "arch": cfg.model.arch, "crop_size": list(crop), "phases": t, "batch_size": b,
         "precision": flag, "grad_checkpointing": bool(module.model.encoder.grad_checkpointing),
         "accumulate_grad_batches": accumulate,
         "params": {"total": n_total, "trainable": n_train},

@@ -21,6 +21,7 @@ global state or the process-wide backend.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,23 +114,24 @@ def _ordered(variable: str, groups: dict) -> list[str]:
     return sorted(groups, key=lambda g: (order.index(g) if g in order else len(order), g))
 
 
-def _bars(ax, labels: list[str], series: dict[str, list[float]], title: str, ylim: tuple[float, float] | None,
-          *, errors: dict[str, list[tuple[float, float]]] | None = None, small: list[bool] | None = None) -> None:
+def _bars(ax, groups: dict, order: list[str], series: dict[str, list[float]], title: str,
+          ylim: tuple[float, float] | None, *, errors: dict[str, list[tuple[float, float]]] | None = None) -> None:
     """Grouped bars, one colour per series, each bar labelled with its value.
 
     Args:
-        labels: `[G]` tick labels, one per group.
+        groups: {group: scores}; a group's ``n`` goes under its tick label, and a group flagged ``too_small`` is
+            hatched and faded so it is not read like the others.
+        order: `[G]` the groups, in the order shown.
         series: {name: `[G]` bar heights}.
         title: axes title.
         ylim: y range, or None to fit the bars, their intervals and the value labels.
         errors: {name: `[G]` (low, high)} 95% intervals drawn as error bars (NaN = none). They are drawn from
             low to high, not around the bar, because an official rate can lie outside its interval.
-        small: `[G]` flags of groups too small to judge: their bars are hatched and faded so they are not read
-            like the others.
     """
+    labels = [_tick(g, groups[g]) for g in order]
+    small = [bool(groups[g].get("too_small")) for g in order]
     x = np.arange(len(labels))
     width = 0.8 / max(len(series), 1)
-    small = small or [False] * len(labels)
     tops, legend = [0.0], []
     for i, (name, values) in enumerate(series.items()):
         xs = x + (i - (len(series) - 1) / 2) * width
@@ -176,23 +178,30 @@ def _eo_disparity(groups: dict) -> float:
     return (max(tpr) - min(tpr)) + (max(fpr) - min(fpr))
 
 
-def _plot_seg_subgroups(seg: dict, path: Path) -> Path:
-    fig = Figure(figsize=(9, 2.6 * len(FAIRNESS_VARIABLES)))
-    axes = fig.subplots(len(FAIRNESS_VARIABLES), 2, squeeze=False)
+def _plot_subgroups(part: dict, path: Path, title: str, row_height: float, columns: int,
+                    draw: Callable[[list, str, dict, list[str]], None]) -> Path:
+    """One row of ``columns`` axes per fairness variable, filled by ``draw(axes, variable, groups, order)`` from
+    ``part["by_variable"]`` (``order``: the group names as shown), under ``title`` and above the small-group note."""
+    fig = Figure(figsize=(9, row_height * len(FAIRNESS_VARIABLES)))
+    axes = fig.subplots(len(FAIRNESS_VARIABLES), columns, squeeze=False)
     for row, variable in enumerate(FAIRNESS_VARIABLES):
-        groups = seg["by_variable"].get(variable, {})
-        labels = _ordered(variable, groups)
-        fair = _fmt(_seg_fairness(groups))
-        ticks = [_tick(g, groups[g]) for g in labels]
-        small = [bool(groups[g].get("too_small")) for g in labels]
-        for col, (key, name) in enumerate((("dsc", "mean DSC"), ("norm_hd", "mean NormHD"))):
-            values = [_num(groups[g][key]) for g in labels]
-            _bars(axes[row][col], ticks, {name: values}, f"{_NAMES[variable]}: {name} (fairness {fair})", None,
-                  errors={name: [_ci(groups[g], key) for g in labels]}, small=small)
-    fig.suptitle("Segmentation by subgroup (higher DSC, lower NormHD is better)")
+        groups = part["by_variable"].get(variable, {})
+        draw(axes[row], variable, groups, _ordered(variable, groups))
+    fig.suptitle(title)
     fig.text(0.5, 0.005, _SMALL_NOTE, ha="center", va="bottom", fontsize=7)
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     return save_png(fig, path)
+
+
+def _plot_seg_subgroups(seg: dict, path: Path) -> Path:
+    def draw(axes, variable: str, groups: dict, order: list[str]) -> None:
+        fair = _fmt(_seg_fairness(groups))
+        for ax, (key, name) in zip(axes, (("dsc", "mean DSC"), ("norm_hd", "mean NormHD")), strict=True):
+            _bars(ax, groups, order, {name: [_num(groups[g][key]) for g in order]},
+                  f"{_NAMES[variable]}: {name} (fairness {fair})", None,
+                  errors={name: [_ci(groups[g], key) for g in order]})
+
+    return _plot_subgroups(seg, path, "Segmentation by subgroup (higher DSC, lower NormHD is better)", 2.6, 2, draw)
 
 
 def _plot_seg_per_case(seg: dict, path: Path) -> Path:
@@ -209,20 +218,14 @@ def _plot_seg_per_case(seg: dict, path: Path) -> Path:
 
 
 def _plot_pcr_subgroups(cls: dict, path: Path) -> Path:
-    fig = Figure(figsize=(9, 2.4 * len(FAIRNESS_VARIABLES)))
-    axes = fig.subplots(len(FAIRNESS_VARIABLES), 1, squeeze=False)
-    for row, variable in enumerate(FAIRNESS_VARIABLES):
-        groups = cls["by_variable"].get(variable, {})
-        labels = _ordered(variable, groups)
-        series = {"TPR": [_num(groups[g]["tpr"]) for g in labels], "FPR": [_num(groups[g]["fpr"]) for g in labels]}
-        errors = {name: [_ci(groups[g], name.lower()) for g in labels] for name in series}
+    def draw(axes, variable: str, groups: dict, order: list[str]) -> None:
+        series = {"TPR": [_num(groups[g]["tpr"]) for g in order], "FPR": [_num(groups[g]["fpr"]) for g in order]}
+        errors = {name: [_ci(groups[g], name.lower()) for g in order] for name in series}
         title = f"{_NAMES[variable]}: disparity (TPR range + FPR range) = {_fmt(_eo_disparity(groups))}"
-        _bars(axes[row][0], [_tick(g, groups[g]) for g in labels], series, title, (0, 1.3), errors=errors,
-              small=[bool(groups[g].get("too_small")) for g in labels])
-    fig.suptitle("pCR true- and false-positive rates by subgroup (equal bars = fair)")
-    fig.text(0.5, 0.005, _SMALL_NOTE, ha="center", va="bottom", fontsize=7)
-    fig.tight_layout(rect=(0, 0.02, 1, 1))
-    return save_png(fig, path)
+        _bars(axes[0], groups, order, series, title, (0, 1.3), errors=errors)
+
+    title = "pCR true- and false-positive rates by subgroup (equal bars = fair)"
+    return _plot_subgroups(cls, path, title, 2.4, 1, draw)
 
 
 def _plot_reliability(reliability: tuple, path: Path) -> Path:

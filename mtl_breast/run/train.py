@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
@@ -24,64 +25,117 @@ def trainer_defaults(bf16: bool) -> dict:
             "log_every_n_steps": 10}
 
 
+def task_classes(task: str) -> tuple[type, type]:
+    """``(LightningModule, LightningDataModule)`` of ``"pretrain"`` or ``"finetune"``."""
+    if task == "pretrain":
+        return MAEPretrainModule, PretrainDataModule
+    if task == "finetune":
+        return MTLFinetuneModule, FinetuneDataModule
+    raise ValueError(f"unknown task {task!r}: 'pretrain' or 'finetune'")
+
+
+class SaveConfigToLogs(SaveConfigCallback):
+    """config.yaml in the log folder (LightningCLI's default) and the same text in TensorBoard."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        text = self.parser.dump(self.config, skip_none=False)
+        log_text(trainer.loggers, "config", "```yaml\n" + text + "\n```")
+
+
+class TaskCLI(LightningCLI):
+    """LightningCLI with the run folder layout: one logger version folder, checkpoints under the run folder."""
+
+    def instantiate_trainer(self, **kwargs):
+        # TensorBoard and CSV in one version folder, unless the config names its own logger or turns it off.
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        if trainer_config.get("logger") in (None, True):
+            kwargs.setdefault("logger", run_loggers(trainer_config.get("default_root_dir")))
+        return super().instantiate_trainer(**kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # One value, typed once: the crop the data module cuts is the size the model is built for.
+        parser.link_arguments("data.crop_size", "model.img_size")
+        # Checkpoints live at a fixed place under the run folder, so `--ckpt_path last` finds them
+        # again after a restart (the logger's version folder changes on every start).
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": False, "checkpoint.monitor": self.model_class.monitor,
+                             "checkpoint.mode": self.model_class.monitor_mode,
+                             "checkpoint.filename": "best-{epoch:03d}", "checkpoint.save_top_k": 1})
+        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath",
+                              compute_fn=lambda root: str(Path(root or ".") / "checkpoints"))
+        # last.ckpt is LastCheckpoint's: every few minutes, after each validation and at the end, atomically.
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
+        parser.link_arguments("trainer.default_root_dir", "last_checkpoint.dirpath",
+                              compute_fn=lambda root: str(Path(root or ".") / "checkpoints"))
+
+    def parse_arguments(self, parser, args) -> None:
+        # The arguments come in `args`; sys.argv holds the same command for the DDP launcher (see
+        # `lightning_cli`) and is hidden here so LightningCLI does not warn about getting both.
+        argv, sys.argv = sys.argv, sys.argv[:1]
+        try:
+            super().parse_arguments(parser, args)
+        finally:
+            sys.argv = argv
+
+
+def _cli_kwargs(task: str, bf16: bool) -> dict:
+    """What `TaskCLI` is built with for ``task``: the classes, the parser's program name and trainer defaults."""
+    model_cls, data_cls = task_classes(task)
+    return {"model_class": model_cls, "datamodule_class": data_cls, "subclass_mode_model": False,
+            "subclass_mode_data": False, "parser_kwargs": {"prog": f"mtl-breast {task}"},
+            "save_config_callback": SaveConfigToLogs, "save_config_kwargs": {"overwrite": True},
+            "trainer_defaults": {**trainer_defaults(bf16=bf16), "callbacks": [LearningRates(logging_interval="step")]}}
+
+
 def lightning_cli(task: str, args: list[str]) -> int:
     """`mtl-breast pretrain|finetune <fit|validate|test> --config X.yaml ...` through LightningCLI."""
-    if task == "pretrain":
-        data_cls, model_cls = PretrainDataModule, MAEPretrainModule
-    else:
-        data_cls, model_cls = FinetuneDataModule, MTLFinetuneModule
-
-    class SaveConfigToLogs(SaveConfigCallback):
-        # config.yaml in the log folder (LightningCLI's default) and the same text in TensorBoard.
-        def save_config(self, trainer, pl_module, stage: str) -> None:
-            text = self.parser.dump(self.config, skip_none=False)
-            log_text(trainer.loggers, "config", "```yaml\n" + text + "\n```")
-
-    class TaskCLI(LightningCLI):
-        def instantiate_trainer(self, **kwargs):
-            # TensorBoard and CSV in one version folder, unless the config names its own logger or turns it off.
-            trainer_config = self._get(self.config_init, "trainer", default={})
-            if trainer_config.get("logger") in (None, True):
-                kwargs.setdefault("logger", run_loggers(trainer_config.get("default_root_dir")))
-            return super().instantiate_trainer(**kwargs)
-
-        def add_arguments_to_parser(self, parser) -> None:
-            # One value, typed once: the crop the data module cuts is the size the model is built for.
-            parser.link_arguments("data.crop_size", "model.img_size")
-            # Checkpoints live at a fixed place under the run folder, so `--ckpt_path last` finds them
-            # again after a restart (the logger's version folder changes on every start).
-            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-            parser.set_defaults({"checkpoint.save_last": False, "checkpoint.monitor": model_cls.monitor,
-                                 "checkpoint.mode": model_cls.monitor_mode,
-                                 "checkpoint.filename": "best-{epoch:03d}", "checkpoint.save_top_k": 1})
-            parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath",
-                                  compute_fn=lambda root: str(Path(root or ".") / "checkpoints"))
-            # last.ckpt is LastCheckpoint's: every few minutes, after each validation and at the end, atomically.
-            parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
-            parser.link_arguments("trainer.default_root_dir", "last_checkpoint.dirpath",
-                                  compute_fn=lambda root: str(Path(root or ".") / "checkpoints"))
-
-        def parse_arguments(self, parser, args) -> None:
-            # The arguments come in `args`; sys.argv holds the same command for the DDP launcher (see
-            # below) and is hidden here so LightningCLI does not warn about getting both.
-            argv, sys.argv = sys.argv, sys.argv[:1]
-            try:
-                super().parse_arguments(parser, args)
-            finally:
-                sys.argv = argv
-
     # LightningCLI parses `args`; sys.argv is set to the same command because Lightning's DDP launcher
     # starts the other ranks by re-running `sys.executable sys.argv` (`-m <module>` when run as one):
     # anything else there would start the wrong program on ranks 1..N-1.
     argv, sys.argv = sys.argv, [sys.argv[0] if sys.argv else "mtl-breast", task, *args]
     try:
-        TaskCLI(
-            model_cls, data_cls, args=args, subclass_mode_model=False, subclass_mode_data=False,
-            parser_kwargs={"prog": f"mtl-breast {task}"}, save_config_callback=SaveConfigToLogs,
-            save_config_kwargs={"overwrite": True},
-            trainer_defaults={**trainer_defaults(bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
-                              "callbacks": [LearningRates(logging_interval="step")]},
-        )
+        TaskCLI(args=args, **_cli_kwargs(task, bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported()))
     finally:
         sys.argv = argv
     return 0
+
+
+class _Parsed(Exception):
+    """Carries the parsed config out of ``LightningCLI.__init__``, which would go on to seed and instantiate."""
+
+    def __init__(self, config: Namespace) -> None:
+        super().__init__("parsed")
+        self.config = config
+
+
+class _ParseOnlyCLI(TaskCLI):
+    """Stops right after parsing: no seeding, nothing instantiated (no Trainer, data module or model)."""
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        raise _Parsed(self.config)
+
+
+def parse_training_config(task: str, args: list[str], *, bf16: bool = True) -> Namespace:
+    """The values ``mtl-breast <task> fit <args>`` would train with, from the same LightningCLI parser.
+
+    The parser is the one `lightning_cli` builds (same classes, links and trainer defaults), without the
+    subcommand level: the result has ``model``, ``data``, ``trainer``, ``checkpoint``, ... at the top. Nothing is
+    instantiated, so a config naming a GPU or a data folder this machine lacks still parses (``data.root`` must
+    still be given).
+
+    Args:
+        task: ``"pretrain"`` or ``"finetune"``.
+        args: command-line arguments (``["--config", "X.yaml", "--data.batch_size=2"]``).
+        bf16: the trainer's default precision is ``bf16-mixed`` (a GPU that supports it) instead of ``32-true``.
+
+    Raises:
+        argparse.ArgumentError: the arguments do not parse (the message names the key).
+    """
+    kwargs = _cli_kwargs(task, bf16)
+    kwargs["parser_kwargs"] = {**kwargs["parser_kwargs"], "exit_on_error": False}
+    try:
+        _ParseOnlyCLI(args=args, run=False, **kwargs)
+    except _Parsed as parsed:
+        return parsed.config
+    raise AssertionError("unreachable: _ParseOnlyCLI always stops after parsing")
