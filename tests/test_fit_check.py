@@ -168,6 +168,26 @@ def test_config_goes_through_the_training_parser():
     assert cfg.data.val_fraction == inspect.signature(FinetuneDataModule).parameters["val_fraction"].default
 
 
+def test_configs_saved_before_the_preprocess_mapping_still_parse(tmp_path, caplog):
+    from mtl_breast.data.preprocess import PreprocessConfig
+    from mtl_breast.run.train import parse_training_config, upgrade_legacy_args
+
+    # A config.yaml as earlier runs saved it: the preprocessing fields directly under data.
+    old = tmp_path / "config.yaml"
+    text = ("model:\n  arch: mtl_vit_test\ndata:\n  root: unused\n  crop_size: 32\n  spacing: [1.0, 1.0, 2.0]\n"
+            "  margin_mm: 5.0\n  crop_to_breast: true\n  clip_percentiles: null\n  cache_dtype: float32\n")
+    old.write_text(text)
+    cfg = parse_training_config("finetune", ["--config", str(old), "--data.crop_to_breast=false"])
+    assert PreprocessConfig(**cfg.data.preprocess.as_dict()) == PreprocessConfig(
+        spacing=(1.0, 1.0, 2.0), margin_mm=5.0, crop_to_breast=False, cache_dtype="float32")
+    assert old.read_text() == text and "read data.spacing" in caplog.text  # the user's file is left alone
+    # Configs in today's layout and other flags pass through untouched.
+    new = ROOT / "configs" / "finetune" / "demo.yaml"
+    assert upgrade_legacy_args(["--config", str(new), "--data.batch_size=2"]) == ["--config", str(new),
+                                                                                  "--data.batch_size=2"]
+    assert upgrade_legacy_args(["--data.spacing", "[1, 1, 1]"]) == ["--data.preprocess.spacing", "[1, 1, 1]"]
+
+
 def test_vit_b_finetune_config_on_fake_tensors_in_seconds():
     result = estimate_training_memory(ROOT / "configs" / "finetune" / "vit_b.yaml", phases=3, batch_size=2)
     assert result["arch"] == "mtl_vit_base" and result["crop_size"] == [128, 128, 128]

@@ -3,10 +3,13 @@ LightningCLI, with the run folder layout (checkpoints/, one logger version folde
 
 from __future__ import annotations
 
+import logging
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -16,6 +19,57 @@ from mtl_breast.tasks.checkpointing import LastCheckpoint
 from mtl_breast.tasks.finetune import MTLFinetuneModule
 from mtl_breast.tasks.loggers import LearningRates, log_text, run_loggers
 from mtl_breast.tasks.pretrain import MAEPretrainModule
+
+log = logging.getLogger(__name__)
+
+# Preprocessing settings that were separate data-module arguments before they became one `data.preprocess`
+# mapping; configs saved by earlier runs (config.yaml in their log folders) still hold them so.
+LEGACY_PREPROCESS_KEYS = ("spacing", "margin_mm", "crop_to_breast", "clip_percentiles", "cache_dtype")
+
+
+def upgrade_legacy_args(args: list[str]) -> list[str]:
+    """``args`` with the legacy preprocessing keys moved under ``data.preprocess``.
+
+    A flag ``--data.spacing=...`` becomes ``--data.preprocess.spacing=...``; a ``--config`` file whose ``data``
+    section holds such keys is read as an upgraded copy (written to the temporary folder; the file itself is left
+    alone). Anything else passes through unchanged.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        key, eq, value = arg.partition("=")
+        if key in ("--config", "-c"):
+            path = value if eq else (args[i + 1] if i + 1 < len(args) else None)
+            i += 0 if eq else 1
+            out += ["--config", _upgraded_config(path)] if path is not None else [arg]
+        elif key.startswith("--data.") and key[len("--data."):] in LEGACY_PREPROCESS_KEYS:
+            out.append(f"--data.preprocess.{key[len('--data.'):]}{eq}{value}")
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def _upgraded_config(path: str) -> str:
+    """``path``, or a copy with its legacy ``data`` keys moved under ``data.preprocess`` when it has any."""
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return path  # not a readable YAML file (or config text given inline): the parser says what is wrong
+    data = config.get("data") if isinstance(config, dict) else None
+    legacy = [k for k in LEGACY_PREPROCESS_KEYS if isinstance(data, dict) and k in data]
+    if not legacy:
+        return path
+    preprocess = dict(data.get("preprocess") or {})
+    for key in legacy:
+        preprocess.setdefault(key, data.pop(key))
+    data["preprocess"] = preprocess
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="upgraded-config-", delete=False) as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    log.warning("%s: read data.%s as data.preprocess.* (the layout of configs since 2026-12-01)", path,
+                ", data.".join(legacy))
+    return f.name
 
 
 def trainer_defaults(bf16: bool) -> dict:
@@ -92,6 +146,7 @@ def lightning_cli(task: str, args: list[str]) -> int:
     # LightningCLI parses `args`; sys.argv is set to the same command because Lightning's DDP launcher
     # starts the other ranks by re-running `sys.executable sys.argv` (`-m <module>` when run as one):
     # anything else there would start the wrong program on ranks 1..N-1.
+    args = upgrade_legacy_args(args)
     argv, sys.argv = sys.argv, [sys.argv[0] if sys.argv else "mtl-breast", task, *args]
     try:
         TaskCLI(args=args, **_cli_kwargs(task, bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported()))
@@ -135,7 +190,7 @@ def parse_training_config(task: str, args: list[str], *, bf16: bool = True) -> N
     kwargs = _cli_kwargs(task, bf16)
     kwargs["parser_kwargs"] = {**kwargs["parser_kwargs"], "exit_on_error": False}
     try:
-        _ParseOnlyCLI(args=args, run=False, **kwargs)
+        _ParseOnlyCLI(args=upgrade_legacy_args(args), run=False, **kwargs)
     except _Parsed as parsed:
         return parsed.config
     raise AssertionError("unreachable: _ParseOnlyCLI always stops after parsing")
