@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_bench_script
 
 from mtl_breast.baselines import FEATURE_SETS, LogisticBaseline, auc_with_interval, bootstrap_interval, case_features
 from mtl_breast.metrics.classification import roc_auc
@@ -27,11 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _science():
-    spec = importlib.util.spec_from_file_location("science", ROOT / "bench" / "science.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["science"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("science")
 
 
 def test_logistic_baseline_recovers_a_known_model():
@@ -184,9 +179,7 @@ def test_science_report_joins_variant_files_with_paired_intervals(tmp_path):
 def test_tofts_fit_recovers_kep_of_a_noise_free_curve():
     from mtl_breast.phantoms.physics import tofts_concentration
 
-    spec = importlib.util.spec_from_file_location("kinetics_ceiling", ROOT / "bench" / "kinetics_ceiling.py")
-    ceiling = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ceiling)
+    ceiling = load_bench_script("kinetics_ceiling")
     times = np.array([0.0, 90.0, 180.0, 270.0, 360.0])
     for kep in (0.3, 1.7, 6.0):
         conc = np.asarray(tofts_concentration(np.array([1.0]), np.array([1.0 / kep]), np.array([0.0]), list(times),
