@@ -2,18 +2,20 @@
 # The whole evidence suite of docs/RESULTS.md, in order, on CPU: three demo runs (seeds 0-2), the held-out
 # comparison with baselines and kinetics removed, the ablations and the label-efficiency runs (on seed 0).
 # Each step writes OUT/<step>.json and skips work whose outputs exist, so a stopped suite resumes.
-#   bash bench/science.sh runs/science       # about 2 hours on 2 cores
+# Held-out phantoms: seed 20000 (HELDOUT_SEED), the set docs/RESULTS.md judges the current model on.
+#   bash bench/science.sh runs/science       # about 3 hours on 2 cores
 set -euo pipefail
 OUT=${1:-runs/science}
 PY=${PYTHON:-.venv/bin/python}
+HELDOUT=(--heldout-dir "$OUT/heldout_data" --heldout-seed "${HELDOUT_SEED:-20000}")
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 $PY bench/science.py demo-runs --seeds 0 1 2 --workdir "$OUT" --out "$OUT/demo_runs.json"
-$PY bench/science.py heldout --runs "$OUT/seed0" "$OUT/seed1" "$OUT/seed2" --heldout-dir "$OUT/heldout_data" \
+$PY bench/science.py heldout --runs "$OUT/seed0" "$OUT/seed1" "$OUT/seed2" "${HELDOUT[@]}" \
     --out "$OUT/heldout.json"
-$PY bench/science.py ablations --runs "$OUT/seed0" --heldout-dir "$OUT/heldout_data" \
+$PY bench/science.py ablations --runs "$OUT/seed0" "${HELDOUT[@]}" \
     --workdir "$OUT/ablations" --out "$OUT/ablations.json"
-$PY bench/science.py label-efficiency --runs "$OUT/seed0" --heldout-dir "$OUT/heldout_data" \
+$PY bench/science.py label-efficiency --runs "$OUT/seed0" "${HELDOUT[@]}" \
     --workdir "$OUT/label_efficiency" --out "$OUT/label_efficiency.json"
 $PY bench/science.py report "$OUT/heldout.json" "$OUT/ablations.json" "$OUT/label_efficiency.json" \
     --out "$OUT/tables.md"
