@@ -47,6 +47,7 @@ from mtl_breast.data.cache import CaseCache
 from mtl_breast.data.folder import read_dataset
 from mtl_breast.data.mamamia import read_splits
 from mtl_breast.metrics.classification import balanced_accuracy, roc_auc
+from mtl_breast.metrics.intervals import mean_interval
 from mtl_breast.metrics.segmentation import dice as dice_score
 from mtl_breast.phantoms.collection import generate_dataset
 from mtl_breast.predictor import InferenceSettings, load_joint_model, predict_volume, read_weights_config
@@ -110,7 +111,8 @@ def score_run(run: Path, weights: Path, data: Path, cache: CaseCache,
     train_ids = read_splits(run / "data")["train"]
     # The baselines' training cases, preprocessed as these weights expect (a run made under other preprocessing
     # defaults has them under another cache key).
-    train_cases = [case for case in read_dataset(run / "data") if case.patient_id in set(train_ids)]
+    wanted = set(train_ids)
+    train_cases = [case for case in read_dataset(run / "data") if case.patient_id in wanted]
     preprocess_dataset(run / "data", run / "cache" / "data", settings.preprocess, cases=train_cases, progress=False)
     train_cache = CaseCache(run / "cache" / "data", settings.preprocess)
     _, train_rows, y_train = labelled_features(train_cache, train_ids, roi)
@@ -380,24 +382,22 @@ def _heldout_seed(r: dict) -> int:
     return int(words[words.index("--heldout-seed") + 1]) if "--heldout-seed" in words else HELD_OUT_SEED
 
 
-def _paired(a: dict, b: dict, samples: int = 1000) -> dict:
-    """AUC and Dice of run `a`, and `a - b`, each with a 95% bootstrap interval over the same held-out cases."""
+def _intervals(a: dict, b: dict | None, samples: int = 1000) -> dict:
+    """95% bootstrap intervals over the held-out cases of run `a`'s AUC and Dice and, given a run `b` scored on the
+    same cases, the paired differences `a - b`."""
+    y = np.array(a["raw"]["y"])
+    pa, da = np.array(a["raw"]["scores"]["joint model, as acquired"]), np.array(a["raw"]["dice"])
+    out = {"auc_ci": bootstrap_interval(lambda i: roc_auc(y[i], pa[i]), len(y), samples=samples),
+           "dice_ci": mean_interval(da, samples=samples)}
+    if b is None:
+        return out
     if a["raw"]["ids"] != b["raw"]["ids"]:
         raise SystemExit(f"{a['variant']} and {b['variant']} were scored on different held-out cases")
-    y = np.array(a["raw"]["y"])
-    pa, pb = (np.array(r["raw"]["scores"]["joint model, as acquired"]) for r in (a, b))
-    da, db = np.array(a["raw"]["dice"]), np.array(b["raw"]["dice"])
-
-    def auc(p: np.ndarray, i: np.ndarray) -> float:
-        return roc_auc(y[i], p[i]) if len(np.unique(y[i])) == 2 else float("nan")
-
-    every = np.arange(len(y))
-    return {"auc_ci": bootstrap_interval(lambda i: auc(pa, i), len(y), samples=samples),
-            "dice_ci": bootstrap_interval(lambda i: float(da[i].mean()), len(y), samples=samples),
-            "auc_diff": auc(pa, every) - auc(pb, every),
-            "auc_diff_ci": bootstrap_interval(lambda i: auc(pa, i) - auc(pb, i), len(y), samples=samples),
-            "dice_diff": float((da - db).mean()),
-            "dice_diff_ci": bootstrap_interval(lambda i: float((da - db)[i].mean()), len(y), samples=samples)}
+    pb, db = np.array(b["raw"]["scores"]["joint model, as acquired"]), np.array(b["raw"]["dice"])
+    return {**out, "auc_diff": roc_auc(y, pa) - roc_auc(y, pb),
+            "auc_diff_ci": bootstrap_interval(lambda i: roc_auc(y[i], pa[i]) - roc_auc(y[i], pb[i]), len(y),
+                                              samples=samples),
+            "dice_diff": float((da - db).mean()), "dice_diff_ci": mean_interval(da - db, samples=samples)}
 
 
 def _variants_md(rows: list[dict], experiment: str, cases: int, seed: int) -> list[str]:
@@ -416,10 +416,9 @@ def _variants_md(rows: list[dict], experiment: str, cases: int, seed: int) -> li
         else:
             base = next((r for r in rows if r["run"] == row["run"] and r["labelled"] == row.get("labelled")
                          and r["init"] == "scratch"), None)
-        ref = row if base is None or base is row else base
-        stats = _paired(row, ref)
-        diff = "" if ref is row else f"{stats['auc_diff']:+.3f} {_ci(stats['auc_diff_ci'])}"
-        ddiff = "" if ref is row else f"{stats['dice_diff']:+.3f} {_ci(stats['dice_diff_ci'])}"
+        stats = _intervals(row, None if base is row else base)
+        diff = f"{stats['auc_diff']:+.3f} {_ci(stats['auc_diff_ci'])}" if "auc_diff" in stats else ""
+        ddiff = f"{stats['dice_diff']:+.3f} {_ci(stats['dice_diff_ci'])}" if "dice_diff" in stats else ""
         flat = row["auc_washout_removed"]
         lines.append(f"| {Path(row['run']).name} | {row['variant']} | {row['auc']:.3f} {_ci(stats['auc_ci'])} | "
                      f"{'' if np.isnan(flat) else f'{flat:.3f}'} | {row['dice']:.3f} {_ci(stats['dice_ci'])} | "
