@@ -125,9 +125,11 @@ class TaskCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         # The arguments come in `args`; sys.argv holds the same command for the DDP launcher (see
         # `lightning_cli`) and is hidden here so LightningCLI does not warn about getting both.
+        # Configs saved before `data.preprocess` existed are read in today's layout here, where training and
+        # `parse_training_config` both pass (and where DDP ranks, re-running the command, pass again).
         argv, sys.argv = sys.argv, sys.argv[:1]
         try:
-            super().parse_arguments(parser, args)
+            super().parse_arguments(parser, upgrade_legacy_args(args) if isinstance(args, list) else args)
         finally:
             sys.argv = argv
 
@@ -146,7 +148,6 @@ def lightning_cli(task: str, args: list[str]) -> int:
     # LightningCLI parses `args`; sys.argv is set to the same command because Lightning's DDP launcher
     # starts the other ranks by re-running `sys.executable sys.argv` (`-m <module>` when run as one):
     # anything else there would start the wrong program on ranks 1..N-1.
-    args = upgrade_legacy_args(args)
     argv, sys.argv = sys.argv, [sys.argv[0] if sys.argv else "mtl-breast", task, *args]
     try:
         TaskCLI(args=args, **_cli_kwargs(task, bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported()))
@@ -190,7 +191,7 @@ def parse_training_config(task: str, args: list[str], *, bf16: bool = True) -> N
     kwargs = _cli_kwargs(task, bf16)
     kwargs["parser_kwargs"] = {**kwargs["parser_kwargs"], "exit_on_error": False}
     try:
-        _ParseOnlyCLI(args=upgrade_legacy_args(args), run=False, **kwargs)
+        _ParseOnlyCLI(args=args, run=False, **kwargs)
     except _Parsed as parsed:
         return parsed.config
     raise AssertionError("unreachable: _ParseOnlyCLI always stops after parsing")
