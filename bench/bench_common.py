@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import platform
+import shlex
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -140,6 +142,15 @@ def count_flops(fn: Callable[[], object]) -> int:
     with counter:
         fn()
     return int(counter.get_total_flops())
+
+
+def run_meta(command: Iterable[str], started: float, threads: int | None = None) -> dict:
+    """What a CPU experiment ran and on what: the command, seconds since ``started`` (``time.perf_counter``), the
+    CPU with ``threads`` torch threads (default: torch's own count) and torch's version."""
+    return {"command": shlex.join(command), "seconds": round(time.perf_counter() - started, 1),
+            "device": f"cpu ({platform.processor() or platform.machine()}, {threads or torch.get_num_threads()} "
+                      "threads)",
+            "torch": torch.__version__}
 
 
 def emit(result: dict, out: str | Path | None = None) -> dict:

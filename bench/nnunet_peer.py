@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shlex
 import subprocess
@@ -46,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_common import run_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = (0, 1, 2)  # input channels: pre-contrast, first and second post-contrast
@@ -73,15 +73,6 @@ torch.set_num_threads(cap)
 (entry,) = entry_points(group="console_scripts", name=name)
 sys.exit(entry.load()())
 """
-
-
-def _meta(command: Sequence[str], started: float, threads: int | None = None) -> dict:
-    import torch
-
-    threads = threads or torch.get_num_threads()
-    return {"command": shlex.join(command), "seconds": round(time.perf_counter() - started, 1),
-            "device": f"cpu ({platform.processor() or platform.machine()}, {threads} threads)",
-            "torch": torch.__version__}
 
 
 # ------------------------------------------------------------------------------------------------ conversion
@@ -574,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     else:
         result = run(args)
         threads = args.threads
-    result = {**result, **_meta(command, started, threads)}
+    result = {**result, **run_meta(command, started, threads)}
     if args.cmd == "run" and not args.json_out:
         args.json_out = str(Path(args.out) / f"results{'_' + args.tag if args.tag else ''}.json")
     out = args.json_out

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_common import run_meta
 
 from mtl_breast.baselines import (
     FEATURE_SETS,
@@ -54,12 +54,6 @@ from mtl_breast.predictor import InferenceSettings, load_joint_model, predict_vo
 
 HELD_OUT_SEED = 10_000
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _meta(command: list[str], started: float) -> dict:
-    return {"command": shlex.join(command), "seconds": round(time.perf_counter() - started, 1),
-            "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-            "torch": torch.__version__}
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -200,7 +194,7 @@ def cmd_heldout(args: argparse.Namespace) -> dict:
     scored = [score_run(run, run / "weights" / "mtl", data, cache) for run in runs]
     return {"experiment": "heldout", **summarise(scored), "runs": [str(r) for r in runs],
             "heldout_seed": args.heldout_seed,
-            **_meta(sys.argv, started)}
+            **run_meta(sys.argv, started)}
 
 
 def _demo(workdir: Path, seed: int, extra: list[str]) -> None:
@@ -215,7 +209,8 @@ def cmd_demo_runs(args: argparse.Namespace) -> dict:
         if not (out / f"seed{seed}" / "weights" / "mtl" / "model.safetensors").exists():
             _demo(out / f"seed{seed}", seed, [])
         (out / f"seed{seed}" / "seed.json").write_text(json.dumps({"seed": seed}) + "\n")
-    return {"experiment": "demo-runs", "runs": [str(out / f"seed{s}") for s in args.seeds], **_meta(sys.argv, started)}
+    return {"experiment": "demo-runs", "runs": [str(out / f"seed{s}") for s in args.seeds],
+            **run_meta(sys.argv, started)}
 
 
 # ------------------------------------------------------------------------------------------------ fine-tuning variants
@@ -300,7 +295,7 @@ def cmd_label_efficiency(args: argparse.Namespace) -> dict:
                 results.append({"run": str(run), "labelled": n, "init": init, **row})
     return {"experiment": "label-efficiency", "held_out_cases": args.cases, "heldout_seed": args.heldout_seed,
             "steps": args.steps,
-            "results": results, **_meta(sys.argv, started)}
+            "results": results, **run_meta(sys.argv, started)}
 
 
 # name -> (MAE model_args for its own pretraining, or "run" = the run's MAE weights, or None = scratch;
@@ -343,7 +338,7 @@ def cmd_ablations(args: argparse.Namespace) -> dict:
             results.append({"run": str(run), **_score_variant(name, out, weights, data_h, cache_h)})
     return {"experiment": "ablations", "held_out_cases": args.cases, "heldout_seed": args.heldout_seed,
             "results": results,
-            **_meta(sys.argv, started)}
+            **run_meta(sys.argv, started)}
 
 
 # ------------------------------------------------------------------------------------------------ report

@@ -20,7 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_bench_script(name: str) -> ModuleType:
-    """``bench/<name>.py`` imported as module ``name`` (the bench scripts are not a package)."""
+    """``bench/<name>.py`` imported as module ``name`` (the bench scripts are not a package), with bench/ on the
+    import path as ``python bench/<name>.py`` has it (for `bench_common`)."""
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses and pickling look the module up by name
