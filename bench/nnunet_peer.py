@@ -45,7 +45,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import SimpleITK as sitk
 from bench_common import run_meta
+
+from mtl_breast.data.case import CaseError
+from mtl_breast.data.datamodule import split_train_val
+from mtl_breast.data.mamamia import read_mamamia, read_splits
+from mtl_breast.data.volumes import read_volume
+from mtl_breast.files import atomic_path, write_text
+from mtl_breast.metrics.intervals import describe, mean_interval
+from mtl_breast.run.evaluate import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = (0, 1, 2)  # input channels: pre-contrast, first and second post-contrast
@@ -96,7 +105,6 @@ def same_grid(a, b, tolerance: float = GRID_TOLERANCE) -> bool:
 def onto_grid(image, reference, interpolator: int):
     """`image` on `reference`'s grid: a copy carrying the reference header when the grids already agree, else
     resampled in physical space (identity transform, 0 outside the source's field of view)."""
-    import SimpleITK as sitk
 
     if same_grid(image, reference):
         out = sitk.Image(image)
@@ -107,9 +115,7 @@ def onto_grid(image, reference, interpolator: int):
 
 
 def _write_image(image, path: Path) -> None:
-    import SimpleITK as sitk
 
-    from mtl_breast.files import atomic_path
 
     with atomic_path(path) as tmp:
         sitk.WriteImage(image, str(tmp), True)
@@ -129,10 +135,7 @@ def convert_case(case, folder: Path, label_folder: Path | None) -> dict[str, Any
     Raises:
         CaseError: naming the case and the file (too few phases, unreadable or malformed volume, no expert mask).
     """
-    import SimpleITK as sitk
 
-    from mtl_breast.data.case import CaseError
-    from mtl_breast.data.volumes import read_volume
 
     pid = case.patient_id
     if len(case.image_paths) < len(PHASES):
@@ -184,9 +187,6 @@ def convert(data: Path | str, raw: Path | str, dataset_id: int = 501, name: str 
         {"dataset": folder, "dataset_id", "num_training", "num_test", "resampled_cases": {pid: phases}, "skipped",
         "spacings": {spacing: cases}}.
     """
-    from mtl_breast.data.case import CaseError
-    from mtl_breast.data.mamamia import read_mamamia, read_splits
-    from mtl_breast.files import write_text
 
     data, raw = Path(data), Path(raw)
     folder = raw / dataset_folder_name(dataset_id, name)
@@ -237,8 +237,6 @@ def convert(data: Path | str, raw: Path | str, dataset_id: int = 501, name: str 
 def our_validation_split(data: Path | str, train_ids: Sequence[str], val_fraction: float = 0.2,
                          seed: int = 0) -> dict[str, list[str]]:
     """The training/validation division `FinetuneDataModule` makes of `train_ids` (stratified by pCR)."""
-    from mtl_breast.data.datamodule import split_train_val
-    from mtl_breast.data.mamamia import read_mamamia
 
     pcr = {c.patient_id.lower(): c.pcr for c in read_mamamia(data, skipped=[])}
     train, val = split_train_val(list(train_ids), [pcr[p.lower()] for p in train_ids], val_fraction, seed)
@@ -252,7 +250,6 @@ def score(pred_dir: Path | str, data: Path | str, out: Path | str, cases: Sequen
     Returns the segmentation part of its scores.json (dsc, norm_hd, performance, fairness, ranking, n, *_ci,
     per_case, by_variable, missing_predictions); the full file and report.md are in `out`.
     """
-    from mtl_breast.run.evaluate import evaluate
 
     scores = evaluate(pred_dir, data, out, cases=cases)
     if "segmentation" not in scores:
@@ -272,7 +269,6 @@ def paired_difference(peer: dict, ours: dict, seed: int = 0) -> dict:
     Args:
         peer, ours: {pid: {"dsc", "norm_hd", ...}} (the `per_case` of two segmentation scores).
     """
-    from mtl_breast.metrics.intervals import describe, mean_interval
 
     ours_by_key = {k.lower(): v for k, v in ours.items()}
     common = [k for k in peer if k.lower() in ours_by_key]
@@ -402,7 +398,6 @@ def trainer_summary(fold_dir: Path) -> dict:
 
 
 def _record(path: Path, update: dict) -> dict:
-    from mtl_breast.files import write_text
 
     state = json.loads(path.read_text()) if path.is_file() else {}
     state.update(update)
@@ -413,7 +408,6 @@ def _record(path: Path, update: dict) -> dict:
 def run(args: argparse.Namespace) -> dict:
     """Convert, plan and preprocess, then per budget: train, predict the test split, score. Resumable: a stage
     whose output exists is not run again (its earlier wall time is kept in `<out>/stages.json`)."""
-    from mtl_breast.files import write_text
 
     out, data = Path(args.out).resolve(), Path(args.data).resolve()
     python = args.nnunet_python or sys.executable
@@ -572,7 +566,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     text = json.dumps(result, indent=2, default=str)
     print(text)
     if out:
-        from mtl_breast.files import write_text
 
         write_text(out, text + "\n")
     return result
