@@ -395,6 +395,75 @@ def _intervals(a: dict, b: dict | None, samples: int = 1000) -> dict:
             "dice_diff": float((da - db).mean()), "dice_diff_ci": mean_interval(da - db, samples=samples)}
 
 
+def _comparison(row: dict, rows: list[dict], experiment: str) -> dict | None:
+    """The row `row` is compared with (same run): ablations, the run's reference joint model; label efficiency,
+    scratch with the same labelled cases. None where that is `row` itself or was not run."""
+    if experiment == "ablations":
+        base = next((r for r in rows if r["run"] == row["run"] and r["variant"] == REFERENCE), None)
+    else:
+        base = next((r for r in rows if r["run"] == row["run"] and r["labelled"] == row.get("labelled")
+                     and r["init"] == "scratch"), None)
+    return None if base is row else base
+
+
+def _as_acquired(row: dict) -> np.ndarray:
+    return np.array(row["raw"]["scores"]["joint model, as acquired"])
+
+
+def _mean_auc_interval(y: np.ndarray, scores: list[np.ndarray], against: list[np.ndarray] | None,
+                       samples: int) -> tuple[float, float]:
+    """Bootstrap interval over cases of the mean over runs of each run's AUC, or of its paired AUC difference to
+    `against` (one score array per run)."""
+    def statistic(i: np.ndarray) -> float:
+        aucs = [roc_auc(y[i], s[i]) for s in scores]
+        if against is not None:
+            aucs = [a - roc_auc(y[i], b[i]) for a, b in zip(aucs, against, strict=True)]
+        return float(np.mean(aucs))
+
+    return bootstrap_interval(statistic, len(y), samples=samples)
+
+
+def _over_seeds_md(rows: list[dict], experiment: str, samples: int = 1000) -> list[str]:
+    """Variants run from more than one training run (seed): the mean over runs, with 95% bootstrap intervals over
+    the held-out cases, resampled jointly for every run (as the held-out comparison does), and the mean paired
+    difference to each run's own comparison row (`_comparison`)."""
+    by_variant: dict[str, list[dict]] = {}
+    for row in rows:
+        by_variant.setdefault(row["variant"], []).append(row)
+    repeated = {name: group for name, group in by_variant.items() if len({r["run"] for r in group}) > 1}
+    if not repeated:
+        return []
+    lines = ["Mean over training runs (seeds), 95% bootstrap intervals over the held-out cases; per-run values in "
+             "run order.", "",
+             "| variant | runs | pCR AUC | per run | Dice | AUC difference | per run | Dice difference |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, group in repeated.items():
+        if any(r["raw"]["ids"] != group[0]["raw"]["ids"] for r in group):
+            raise SystemExit(f"the runs of {name} were scored on different held-out cases")
+        y = np.array(group[0]["raw"]["y"])
+        scores = [_as_acquired(r) for r in group]
+        dice = np.stack([np.array(r["raw"]["dice"]) for r in group])  # [runs, cases]
+        aucs = [roc_auc(y, s) for s in scores]
+        auc_ci = _mean_auc_interval(y, scores, None, samples)
+        cells = [name, str(len(group)), f"{np.mean(aucs):.3f} {_ci(auc_ci)}", ", ".join(f"{a:.3f}" for a in aucs),
+                 f"{dice.mean():.3f} {_ci(mean_interval(dice.mean(axis=0), samples=samples))}"]
+        bases = [_comparison(r, rows, experiment) for r in group]
+        if all(b is not None for b in bases):
+            for r, b in zip(group, bases, strict=True):
+                if r["raw"]["ids"] != b["raw"]["ids"]:
+                    raise SystemExit(f"{r['variant']} and {b['variant']} were scored on different held-out cases")
+            pairs = [(s, _as_acquired(b)) for s, b in zip(scores, bases, strict=True)]
+            diffs = [roc_auc(y, a) - roc_auc(y, b) for a, b in pairs]
+            diff_ci = _mean_auc_interval(y, scores, [b for _, b in pairs], samples)
+            dice_diff = (dice - np.stack([np.array(b["raw"]["dice"]) for b in bases])).mean(axis=0)  # [cases]
+            cells += [f"{np.mean(diffs):+.3f} {_ci(diff_ci)}", ", ".join(f"{d:+.3f}" for d in diffs),
+                      f"{dice_diff.mean():+.3f} {_ci(mean_interval(dice_diff, samples=samples))}"]
+        else:
+            cells += ["", "", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def _variants_md(rows: list[dict], experiment: str, cases: int, seed: int) -> list[str]:
     """One table for the rows of ablation or label-efficiency files: each run's AUC and Dice with intervals, and
     its paired difference to the comparison a reader wants (ablations: the run's reference joint model;
@@ -406,12 +475,7 @@ def _variants_md(rows: list[dict], experiment: str, cases: int, seed: int) -> li
              "| run | variant | pCR AUC | AUC, washout removed | Dice | AUC difference | Dice difference |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
-        if experiment == "ablations":
-            base = next((r for r in rows if r["run"] == row["run"] and r["variant"] == REFERENCE), None)
-        else:
-            base = next((r for r in rows if r["run"] == row["run"] and r["labelled"] == row.get("labelled")
-                         and r["init"] == "scratch"), None)
-        stats = _intervals(row, None if base is row else base)
+        stats = _intervals(row, _comparison(row, rows, experiment))
         diff = f"{stats['auc_diff']:+.3f} {_ci(stats['auc_diff_ci'])}" if "auc_diff" in stats else ""
         ddiff = f"{stats['dice_diff']:+.3f} {_ci(stats['dice_diff_ci'])}" if "dice_diff" in stats else ""
         flat = row["auc_washout_removed"]
@@ -439,6 +503,8 @@ def cmd_report(args: argparse.Namespace) -> dict:
     for (experiment, seed), group in joined.items():
         lines += [f"### {experiment}", "", *group["commands"], ""]
         lines += _variants_md(group["rows"], experiment, group["cases"], seed) + [""]
+        over_seeds = _over_seeds_md(group["rows"], experiment)
+        lines += [*over_seeds, ""] if over_seeds else []
     Path(args.out).write_text("\n".join(lines) + "\n")
     return {"experiment": "report", "files": args.results}
 

@@ -176,6 +176,44 @@ def test_science_report_joins_variant_files_with_paired_intervals(tmp_path):
         science.main(["report", *map(str, files), "--out", str(tmp_path / "tables.md")])
 
 
+def test_science_report_averages_label_efficiency_over_runs(tmp_path):
+    """Three runs (seeds) of MAE vs scratch on the same held-out cases: one mean-over-runs row per variant whose
+    AUC is the mean of the runs' AUCs and whose paired difference is the mean of the runs' differences."""
+    science = _science()
+    rng = np.random.default_rng(2)
+    y = (rng.random(90) < 0.4).astype(float)
+    ids = [f"case{i}" for i in range(90)]
+
+    def row(run: str, init: str, noise: float, dice: float) -> dict:
+        scores = (y + rng.normal(scale=noise, size=90)).tolist()
+        return {"run": run, "variant": f"16 labelled, {init}", "labelled": 16, "init": init,
+                "auc": roc_auc(y, scores), "dice": dice, "auc_washout_removed": float("nan"),
+                "raw": {"ids": ids, "y": y.tolist(), "scores": {"joint model, as acquired": scores},
+                        "dice": np.full(90, dice).tolist()}}
+
+    runs = [f"runs/x/seed{k}" for k in range(3)]
+    rows = [row(run, init, noise, dice) for run in runs
+            for init, noise, dice in (("MAE", 0.4, 0.92), ("scratch", 1.0, 0.90))]
+    path = tmp_path / "label_efficiency.json"
+    path.write_text(json.dumps({"experiment": "label-efficiency", "held_out_cases": 90, "heldout_seed": 20000,
+                                "seconds": 1.0, "device": "cpu", "command": "x", "results": rows}))
+    science.main(["report", str(path), "--out", str(tmp_path / "tables.md")])
+    lines = (tmp_path / "tables.md").read_text().splitlines()
+    mae = next(line for line in lines if line.startswith("| 16 labelled, MAE | 3 |"))
+    cells = [c.strip() for c in mae.split("|")][1:-1]
+    aucs = [r["auc"] for r in rows if r["init"] == "MAE"]
+    diffs = [a - r["auc"] for a, r in zip(aucs, (r for r in rows if r["init"] == "scratch"), strict=True)]
+    assert float(cells[2].split()[0]) == pytest.approx(np.mean(aucs), abs=5e-4)
+    assert cells[3] == ", ".join(f"{a:.3f}" for a in aucs)
+    assert float(cells[4].split()[0]) == pytest.approx(0.92, abs=5e-4)
+    assert float(cells[5].split()[0]) == pytest.approx(np.mean(diffs), abs=5e-4) and np.mean(diffs) > 0.1
+    low, high = (float(v) for v in cells[5].split("[")[1].rstrip("]").split(","))
+    assert 0 < low <= np.mean(diffs) <= high
+    assert float(cells[7].split()[0]) == pytest.approx(0.02, abs=5e-4)
+    scratch = next(line for line in lines if line.startswith("| 16 labelled, scratch | 3 |"))
+    assert scratch.rstrip().endswith("|  |  |  |")  # scratch is the comparison: no difference to itself
+
+
 def test_tofts_fit_recovers_kep_of_a_noise_free_curve():
     from mtl_breast.phantoms.physics import tofts_concentration
 
