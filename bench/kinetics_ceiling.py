@@ -3,32 +3,36 @@
 Cross-validated logistic regressions on the labelled TRAINING cases of one or more demo runs (no held-out case is
 read): features under the expert mask (curve summaries of `models.kinetics`, a Tofts fit of the mean
 relative-enhancement curve, and the tumour's contrast concentration from inverting the spoiled-gradient-echo
-signal equation, `models.kinetics.tumour_concentration`) next to the generating model's own tumour
+signal equation, `models.kinetics.tumour_concentration`, and a Tofts fit of that concentration with the arrival
+searched) next to the generating model's own tumour
 radius, Ktrans and kep read from the phantoms' `patient_info_files/*.json`, and next to the same concentration
-features computed from the noise-free Tofts curve at the case's acquisition times (what a perfect estimate from
-the images could reach: Ktrans and kep themselves are not identifiable from 3-6 late samples). The gaps say how
-much a better kinetic estimate could add, and where it is lost (per enhancement pattern).
+features and Tofts fit computed from the noise-free Tofts curve at the case's acquisition times (what a perfect
+estimate from the images could reach: Ktrans and kep themselves are not identifiable from 3-6 late samples). The
+gaps say how much a better kinetic estimate could add, and where it is lost (per enhancement pattern).
 
-    python bench/kinetics_ceiling.py runs/science/seed0 runs/science/seed1 runs/science/seed2
+    python bench/kinetics_ceiling.py runs/science_conc/seed0 runs/science_conc/seed1 runs/science_conc/seed2
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 
 import numpy as np
+import torch
 
 from mtl_breast.baselines import LogisticBaseline, case_features
 from mtl_breast.data.cache import CaseCache
 from mtl_breast.data.mamamia import read_splits
 from mtl_breast.metrics.classification import roc_auc
-from mtl_breast.models.kinetics import CONCENTRATION_FEATURES, acquisition_vector
+from mtl_breast.models.kinetics import CONCENTRATION_FEATURES, acquisition_vector, spgr_concentration
 from mtl_breast.phantoms.physics import tofts_concentration
 from mtl_breast.predictor import InferenceSettings, read_weights_config
 
 _KEP_GRID = np.logspace(-1, 1.3, 48)  # /min
 _ARRIVAL_S = 15.0  # assumed bolus arrival after the pre-contrast acquisition
+_ARRIVAL_GRID_S = (10.0, 15.0, 20.0, 25.0)  # the phantoms draw arrival in 10-25 s
 
 FEATURE_SETS = {
     "log volume": ("log_volume",),
@@ -41,6 +45,10 @@ FEATURE_SETS = {
     "log volume + concentration (phase 1, last, log slope)": ("log_volume", "ln_conc_first", "ln_conc_last",
                                                               "conc_log_slope"),
     "concentration baseline (the same + core ratio)": CONCENTRATION_FEATURES,
+    "log volume + Tofts fit of the tumour concentration (ln Ktrans, ln kep)": ("log_volume", "conc_tofts_ln_ktrans",
+                                                                            "conc_tofts_ln_kep"),
+    "log volume + Tofts fit of the noise-free concentration (true arrival, with vp)": (
+        "log_volume", "ideal_tofts_ln_ktrans", "ideal_tofts_ln_kep"),
     "TRUE radius + noise-free concentration (phase 1, last, log slope)": ("true_radius", "ideal_ln_first",
                                                                           "ideal_ln_last", "ideal_log_slope"),
     "log volume + noise-free concentration (phase 1, last, log slope)": ("log_volume", "ideal_ln_first",
@@ -53,17 +61,56 @@ FEATURE_SETS = {
 }
 
 
-def tofts_fit(relative: np.ndarray, times_s: np.ndarray) -> tuple[float, float]:
-    """(amplitude, kep) of ``relative[1:] ~ amplitude * C(t; Ktrans=1, kep)`` by a grid over kep (least squares)."""
+@functools.lru_cache(maxsize=4096)
+def _tofts_basis(times_s: tuple, arrival_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """``([K, T], [T])``: the Tofts tissue curve per kep of `_KEP_GRID` at Ktrans 1, ve 1/kep, and the plasma AIF."""
+    curves = np.stack([np.asarray(tofts_concentration(np.array([1.0]), np.array([1.0 / kep]), np.array([0.0]),
+                                                      list(times_s), arrival_s)).reshape(-1) for kep in _KEP_GRID])
+    plasma = np.asarray(tofts_concentration(np.array([0.0]), np.array([1.0]), np.array([1.0]), list(times_s),
+                                            arrival_s)).reshape(-1)
+    return curves, plasma
+
+
+def tofts_fit(curve: np.ndarray, times_s: np.ndarray, arrivals_s: tuple[float, ...] = (_ARRIVAL_S,),
+              with_vp: bool = False, nonnegative: bool = False) -> tuple[float, float]:
+    """(amplitude, kep) of ``curve[1:] ~ amplitude * C(t; Ktrans=1, kep) [+ vp * Cp(t)]``: least squares over a grid
+    of kep and bolus arrival times, amplitude (and vp) solved per grid point. On a concentration curve the amplitude
+    is Ktrans (/min); `nonnegative` keeps it and vp >= 0, as physics does (the relative-enhancement fit of a
+    falling curve is left free to take a negative amplitude)."""
+    y = np.asarray(curve, dtype=np.float64)[1:]
     best = (np.inf, 0.0, 1.0)
-    for kep in _KEP_GRID:
-        conc = np.asarray(tofts_concentration(np.array([1.0]), np.array([1.0 / kep]), np.array([0.0]),
-                                              list(times_s), _ARRIVAL_S)).reshape(-1)[1:]
-        amplitude = float(relative[1:] @ conc / max(conc @ conc, 1e-12))
-        residual = float(((relative[1:] - amplitude * conc) ** 2).sum())
-        if residual < best[0]:
-            best = (residual, amplitude, float(kep))
+    for arrival in arrivals_s:
+        curves, plasma = _tofts_basis(tuple(times_s), float(arrival))  # times as given (float32 from the cache)
+        for kep, tissue in zip(_KEP_GRID, curves[:, 1:], strict=True):
+            columns = np.stack([tissue, plasma[1:]], axis=1) if with_vp else tissue[:, None]
+            residual, amplitude = _least_squares(columns, y, nonnegative)
+            if residual < best[0]:
+                best = (residual, amplitude, float(kep))
     return best[1], best[2]
+
+
+def _least_squares(columns: np.ndarray, y: np.ndarray, nonnegative: bool) -> tuple[float, float]:
+    """(residual sum of squares, first coefficient) of ``y ~ columns @ coef`` ([T, 1] or [T, 2] columns), with
+    ``coef >= 0`` if `nonnegative` (for two columns: the free solution, else the best one-column solution)."""
+    coef = np.linalg.lstsq(columns, y, rcond=None)[0]
+    if nonnegative and (coef < 0).any():
+        candidates = [np.zeros(columns.shape[1])]
+        for k in range(columns.shape[1]):
+            c = columns[:, k]
+            candidates.append(np.eye(columns.shape[1])[k] * max(float(y @ c / max(c @ c, 1e-12)), 0.0))
+        coef = min(candidates, key=lambda v: float(((y - columns @ v) ** 2).sum()))
+    return float(((y - columns @ coef) ** 2).sum()), float(coef[0])
+
+
+def enhancing_concentration_curve(image: torch.Tensor, mask: torch.Tensor, normalization: dict,
+                                  acquisition: torch.Tensor) -> np.ndarray:
+    """``[T]`` mean contrast concentration (mM) of the tumour's enhancing half (phase-1 concentration at least its
+    median), the region `models.kinetics.tumour_concentration` reads, from ``[T, D, H, W]`` preprocessed phases."""
+    signal = image.float()[:, mask] * normalization["std"] + normalization["mean"]  # [T, V] scanner units
+    acq = acquisition[None]
+    conc = spgr_concentration(signal[None], signal[None, :1], acq[:, 2], acq[:, 3], acq[:, 4])[0]  # [T, V]
+    enhancing = conc[1] >= conc[1].median()
+    return conc[:, enhancing].mean(dim=1).numpy()
 
 
 def concentration_features(curve: np.ndarray, times_s: np.ndarray, prefix: str) -> dict[str, float]:
@@ -95,8 +142,19 @@ def training_rows(run: str) -> tuple[list[dict], list[float]]:
                 "flip_angle": imaging["flip_angle"]}
         ideal = np.asarray(tofts_concentration(np.array([truth["ktrans"]]), np.array([truth["ve"]]),
                                                np.array([truth["vp"]]), list(times), truth["bolus_arrival_s"]))
+        acquisition = acquisition_vector(case["info"]["normalization"], meta)
+        # Concentration-domain Tofts fits: of the image's enhancing half (arrival unknown: a grid), and of the
+        # noise-free curve with everything the images cannot tell (true arrival, the vp term) given.
+        conc_ktrans, conc_kep = tofts_fit(enhancing_concentration_curve(case["image"], mask, norm, acquisition),
+                                          times, _ARRIVAL_GRID_S, nonnegative=True)
+        ideal_ktrans, ideal_kep = tofts_fit(ideal.reshape(-1), times, (truth["bolus_arrival_s"],), with_vp=True,
+                                            nonnegative=True)
         rows.append({**case_features(case["image"], case["label"], case["phase_time"], settings.roi_size,
-                                     acquisition_vector(case["info"]["normalization"], meta)),
+                                     acquisition),
+                     "conc_tofts_ln_ktrans": float(np.log(max(conc_ktrans, 1e-4))),
+                     "conc_tofts_ln_kep": float(np.log(conc_kep)),
+                     "ideal_tofts_ln_ktrans": float(np.log(max(ideal_ktrans, 1e-4))),
+                     "ideal_tofts_ln_kep": float(np.log(ideal_kep)),
                      **concentration_features(ideal.reshape(-1), times, "ideal"),
                      "pattern": truth["enhancement_pattern"],
                      "tofts_ln_kep": float(np.log(kep)), "tofts_ln_amplitude": float(np.log(max(amplitude, 1e-3))),
@@ -135,7 +193,8 @@ def main() -> None:
         table[name] = {"cv_auc": float(np.mean(aucs)), "sd_over_repeats": float(np.std(aucs))}
     truth = {k: np.array([r[k] for r in rows]) for k in ("true_ln_ktrans", "true_ln_kep")}
     correlation = {f"{f} vs {k}": float(np.corrcoef([r[f] for r in rows], truth[k])[0, 1])
-                   for f in ("wash_in", "washout_per_min", "tofts_ln_kep") for k in truth}
+                   for f in ("wash_in", "washout_per_min", "tofts_ln_kep", "conc_tofts_ln_ktrans", "conc_tofts_ln_kep",
+                             "ideal_tofts_ln_kep") for k in truth}
     # How well the image concentration follows the noise-free one, per enhancement pattern.
     by_pattern = {}
     for pattern in sorted({r["pattern"] for r in rows}):
