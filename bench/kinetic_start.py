@@ -38,12 +38,12 @@ def starting_regression(run: Path) -> tuple[LogisticBaseline, int, int]:
     """The regression `FinetuneModule._init_kinetic_pathway` fits for `run` (the datamodule's training cases, with
     its default division of the training split, as the demo and `bench/science.py` runs use): (model, training
     cases, pCR among them)."""
-    settings = InferenceSettings.from_config(read_weights_config(run / "weights" / "mtl"))
+    model, config = load_joint_model(run / "weights" / "mtl", "cpu")
+    settings = InferenceSettings.from_config(config)
     dm = FinetuneDataModule(str(run / "data"), cache_dir=str(run / "cache" / "data"), preprocess=settings.preprocess)
     dm.setup("fit")
     _, rows, y = labelled_features(dm.cache, dm.train_ids, settings.roi_size)
-    features = load_joint_model(run / "weights" / "mtl", "cpu")[0].pcr_head.feature_names  # the head's columns
-    return LogisticBaseline(tuple(features)).fit(rows, y), len(y), int(sum(y))
+    return LogisticBaseline(tuple(model.pcr_head.feature_names)).fit(rows, y), len(y), int(sum(y))
 
 
 def main(argv: list[str] | None = None) -> dict:

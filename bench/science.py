@@ -377,18 +377,27 @@ def _heldout_seed(r: dict) -> int:
     return int(words[words.index("--heldout-seed") + 1]) if "--heldout-seed" in words else HELD_OUT_SEED
 
 
+def _as_acquired(row: dict) -> np.ndarray:
+    return np.array(row["raw"]["scores"]["joint model, as acquired"])
+
+
+def _check_same_cases(a: dict, b: dict) -> None:
+    """Rows are paired case by case: refuse two that were scored on different held-out cases."""
+    if a["raw"]["ids"] != b["raw"]["ids"]:
+        raise SystemExit(f"{a['variant']} and {b['variant']} were scored on different held-out cases")
+
+
 def _intervals(a: dict, b: dict | None, samples: int = 1000) -> dict:
     """95% bootstrap intervals over the held-out cases of run `a`'s AUC and Dice and, given a run `b` scored on the
     same cases, the paired differences `a - b`."""
     y = np.array(a["raw"]["y"])
-    pa, da = np.array(a["raw"]["scores"]["joint model, as acquired"]), np.array(a["raw"]["dice"])
+    pa, da = _as_acquired(a), np.array(a["raw"]["dice"])
     out = {"auc_ci": bootstrap_interval(lambda i: roc_auc(y[i], pa[i]), len(y), samples=samples),
            "dice_ci": mean_interval(da, samples=samples)}
     if b is None:
         return out
-    if a["raw"]["ids"] != b["raw"]["ids"]:
-        raise SystemExit(f"{a['variant']} and {b['variant']} were scored on different held-out cases")
-    pb, db = np.array(b["raw"]["scores"]["joint model, as acquired"]), np.array(b["raw"]["dice"])
+    _check_same_cases(a, b)
+    pb, db = _as_acquired(b), np.array(b["raw"]["dice"])
     return {**out, "auc_diff": roc_auc(y, pa) - roc_auc(y, pb),
             "auc_diff_ci": bootstrap_interval(lambda i: roc_auc(y[i], pa[i]) - roc_auc(y[i], pb[i]), len(y),
                                               samples=samples),
@@ -404,10 +413,6 @@ def _comparison(row: dict, rows: list[dict], experiment: str) -> dict | None:
         base = next((r for r in rows if r["run"] == row["run"] and r["labelled"] == row.get("labelled")
                      and r["init"] == "scratch"), None)
     return None if base is row else base
-
-
-def _as_acquired(row: dict) -> np.ndarray:
-    return np.array(row["raw"]["scores"]["joint model, as acquired"])
 
 
 def _mean_auc_interval(y: np.ndarray, scores: list[np.ndarray], against: list[np.ndarray] | None,
@@ -438,8 +443,8 @@ def _over_seeds_md(rows: list[dict], experiment: str, samples: int = 1000) -> li
              "| variant | runs | pCR AUC | per run | Dice | AUC difference | per run | Dice difference |",
              "|---|---|---|---|---|---|---|---|"]
     for name, group in repeated.items():
-        if any(r["raw"]["ids"] != group[0]["raw"]["ids"] for r in group):
-            raise SystemExit(f"the runs of {name} were scored on different held-out cases")
+        for r in group[1:]:
+            _check_same_cases(group[0], r)
         y = np.array(group[0]["raw"]["y"])
         scores = [_as_acquired(r) for r in group]
         dice = np.stack([np.array(r["raw"]["dice"]) for r in group])  # [runs, cases]
@@ -450,8 +455,7 @@ def _over_seeds_md(rows: list[dict], experiment: str, samples: int = 1000) -> li
         bases = [_comparison(r, rows, experiment) for r in group]
         if all(b is not None for b in bases):
             for r, b in zip(group, bases, strict=True):
-                if r["raw"]["ids"] != b["raw"]["ids"]:
-                    raise SystemExit(f"{r['variant']} and {b['variant']} were scored on different held-out cases")
+                _check_same_cases(r, b)
             pairs = [(s, _as_acquired(b)) for s, b in zip(scores, bases, strict=True)]
             diffs = [roc_auc(y, a) - roc_auc(y, b) for a, b in pairs]
             diff_ci = _mean_auc_interval(y, scores, [b for _, b in pairs], samples)
