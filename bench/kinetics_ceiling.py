@@ -26,7 +26,12 @@ from mtl_breast.baselines import LogisticBaseline, case_features
 from mtl_breast.data.cache import CaseCache
 from mtl_breast.data.mamamia import read_splits
 from mtl_breast.metrics.classification import roc_auc
-from mtl_breast.models.kinetics import CONCENTRATION_FEATURES, acquisition_vector, spgr_concentration
+from mtl_breast.models.kinetics import (
+    CONCENTRATION_FEATURES,
+    acquisition_vector,
+    enhancing_half,
+    spgr_concentration,
+)
 from mtl_breast.phantoms.physics import tofts_concentration
 from mtl_breast.predictor import InferenceSettings, read_weights_config
 
@@ -104,13 +109,13 @@ def _least_squares(columns: np.ndarray, y: np.ndarray, nonnegative: bool) -> tup
 
 def enhancing_concentration_curve(image: torch.Tensor, mask: torch.Tensor, normalization: dict,
                                   acquisition: torch.Tensor) -> np.ndarray:
-    """``[T]`` mean contrast concentration (mM) of the tumour's enhancing half (phase-1 concentration at least its
-    median), the region `models.kinetics.tumour_concentration` reads, from ``[T, D, H, W]`` preprocessed phases."""
+    """``[T]`` mean contrast concentration (mM) of the tumour's enhancing half (`models.kinetics.enhancing_half`,
+    the region `models.kinetics.tumour_concentration` reads), from ``[T, D, H, W]`` preprocessed phases."""
     signal = image.float()[:, mask] * normalization["std"] + normalization["mean"]  # [T, V] scanner units
     acq = acquisition[None]
     conc = spgr_concentration(signal[None], signal[None, :1], acq[:, 2], acq[:, 3], acq[:, 4])[0]  # [T, V]
-    enhancing = conc[1] >= conc[1].median()
-    return conc[:, enhancing].mean(dim=1).numpy()
+    weights = enhancing_half(conc[1][None], torch.ones_like(conc[1], dtype=torch.bool)[None])[0]  # [V]
+    return ((conc * weights).sum(dim=1) / weights.sum()).numpy()
 
 
 def concentration_features(curve: np.ndarray, times_s: np.ndarray, prefix: str) -> dict[str, float]:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["ACQUISITION_FIELDS", "CONCENTRATION_FEATURES", "KINETIC_FEATURES", "acquisition_vector",
-           "spgr_concentration", "tumour_concentration", "tumour_kinetics"]
+           "enhancing_half", "spgr_concentration", "tumour_concentration", "tumour_kinetics"]
 
 # Names of the columns returned by `tumour_kinetics`, in order.
 KINETIC_FEATURES = ("log_volume", "wash_in", "peak_enhancement", "washout_ratio", "washout_per_min",
@@ -162,6 +162,14 @@ def spgr_concentration(signal: Tensor, baseline: Tensor, field_t: Tensor, tr_ms:
     return (-torch.log(e) / tr - 1.0 / t10) / r1
 
 
+def enhancing_half(first: Tensor, mask: Tensor) -> Tensor:
+    """``[B, V]`` float weights (0/1) of the tumour's enhancing half: the voxels of bool ``mask`` ``[B, V]`` whose
+    phase-1 concentration ``first`` ``[B, V]`` is at least the tumour's median (all zero for an empty mask)."""
+    # A masked median without boolean indexing: shapes stay static, so fake-tensor tracing works too.
+    median = torch.where(mask, first, float("nan")).nanmedian(dim=1).values  # [B] (NaN for an empty mask)
+    return (mask & (first >= median[:, None])).float()
+
+
 def tumour_concentration(image: Tensor, tumour_prob: Tensor, phase_mask: Tensor | None = None,
                          phase_time: Tensor | None = None, acquisition: Tensor | None = None) -> Tensor:
     """Concentration features of the tumour in each volume.
@@ -216,10 +224,9 @@ def tumour_concentration(image: Tensor, tumour_prob: Tensor, phase_mask: Tensor 
     minutes = torch.where(torch.isfinite(minutes) & (minutes > 0), minutes,
                           (last - 1).clamp_min(1).float() * _DEFAULT_INTERVAL_S / 60.0)
 
-    # Masked means and medians (no boolean indexing: shapes stay static, so fake-tensor tracing works too).
+    # Masked means (no boolean indexing: shapes stay static, so fake-tensor tracing works too).
     first = conc[:, 1]  # [B, V]
-    median = torch.where(mask, first, float("nan")).nanmedian(dim=1).values  # [B] (NaN for an empty mask)
-    enhancing = (mask & (first >= median[:, None])).float()  # the tumour's enhancing half [B, V]
+    enhancing = enhancing_half(first, mask)  # [B, V]
 
     def mean_over(values: Tensor, weights: Tensor) -> Tensor:  # [B, V], [B, V] -> [B]
         return (values * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
