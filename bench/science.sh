@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The whole evidence suite of docs/RESULTS.md, in order, on CPU: three demo runs (seeds 0-2), the held-out
-# comparison with baselines and kinetics removed, the ablations (seed 0; phases-as-channels on seeds 0-2) and the
+# comparison with baselines and kinetics removed, the ablations (seeds 0-2) and the
 # label-efficiency runs (seeds 0-2) with the starting regressions of their kinetic pathways.
 # Each step writes OUT/<step>.json and skips work whose outputs exist, so a stopped suite resumes.
 # Held-out phantoms: seed 20000 (HELDOUT_SEED), the set docs/RESULTS.md judges the current model on.
-#   bash bench/science.sh runs/science       # about 6 hours on 2 cores
+#   bash bench/science.sh runs/science       # about 9 hours on 2 cores
 set -euo pipefail
 OUT=${1:-runs/science}
 PY=${PYTHON:-.venv/bin/python}
@@ -14,15 +14,19 @@ mkdir -p "$OUT"
 $PY bench/science.py demo-runs --seeds 0 1 2 --workdir "$OUT" --out "$OUT/demo_runs.json"
 $PY bench/science.py heldout --runs "$OUT/seed0" "$OUT/seed1" "$OUT/seed2" "${HELDOUT[@]}" \
     --out "$OUT/heldout.json"
-# every ablation on seed 0; the phases-as-channels baseline (the one that differs) on seeds 1 and 2 too
-$PY bench/science.py ablations --runs "$OUT/seed0" "${HELDOUT[@]}" \
-    --workdir "$OUT/ablations" --out "$OUT/ablations.json"
-$PY bench/science.py ablations --runs "$OUT/seed1" "$OUT/seed2" "${HELDOUT[@]}" \
-    --only "joint model (reference)" "phases as input channels (plain spatial ViT)" \
-    --workdir "$OUT/ablations" --out "$OUT/ablations_channels_seeds12.json"
+# every ablation on seeds 0-2: the reference scored once, then one variant at a time across the seeds, so a suite
+# stopped midway leaves whole variants
+$PY bench/science.py ablations --runs "$OUT/seed0" "$OUT/seed1" "$OUT/seed2" "${HELDOUT[@]}" \
+    --only "joint model (reference)" --workdir "$OUT/ablations" --out "$OUT/ablations_reference.json"
+for variant in "segmentation loss only" "pCR loss only" "phases as input channels (plain spatial ViT)" \
+        "joint space-time attention" "MAE with whole-phase masking (0.5)" "no kinetic pathway" \
+        "pCR token path with dropout 0.5"; do
+    tag=$(echo "${variant%% (*}" | tr ' ' _)
+    [ -f "$OUT/ablations_$tag.json" ] || $PY bench/science.py ablations --runs "$OUT/seed0" "$OUT/seed1" "$OUT/seed2" \
+        "${HELDOUT[@]}" --only "$variant" --workdir "$OUT/ablations" --out "$OUT/ablations_$tag.json"
+done
 $PY bench/science.py label-efficiency --runs "$OUT/seed0" "$OUT/seed1" "$OUT/seed2" "${HELDOUT[@]}" \
     --workdir "$OUT/label_efficiency" --out "$OUT/label_efficiency.json"
 $PY bench/kinetic_start.py "$OUT"/label_efficiency/seed{0,1,2}_n{16,32,64}_MAE \
     --against "$OUT/seed0" "$OUT/seed1" "$OUT/seed2" > "$OUT/kinetic_start.json"
-$PY bench/science.py report "$OUT/heldout.json" "$OUT/ablations.json" "$OUT/ablations_channels_seeds12.json" \
-    "$OUT/label_efficiency.json" --out "$OUT/tables.md"
+$PY bench/science.py report "$OUT/heldout.json" "$OUT"/ablations_*.json "$OUT/label_efficiency.json" --out "$OUT/tables.md"
