@@ -137,6 +137,23 @@ def test_science_summary_and_report(tmp_path):
     text = (tmp_path / "tables.md").read_text()
     assert "| joint model, as acquired |" in text and "model - model with washout removed" in text
 
+    # The ablations score the reference without reversed phases: its held-out table skips that pair only.
+    reference = run(0.3)
+    del reference["scores"]["joint model, post-contrast phases reversed"]
+    partial = science.summarise([reference])
+    assert "model - model with phases reversed" not in partial["differences"]
+    assert "model - model with washout removed" in partial["differences"]
+    ablations = tmp_path / "ablations.json"
+    ablations.write_text(json.dumps({
+        "experiment": "ablations", "command": "x", "seconds": 1.0, "device": "cpu", "held_out_cases": 60,
+        "heldout_seed": 7, "results": [{"run": "seed0", "variant": "joint model (reference)", "auc": 0.8,
+                                        "auc_washout_removed": 0.7, "dice": 0.85,
+                                        "raw": {"ids": [str(i) for i in range(60)], **reference}}]}))
+    science.main(["report", str(ablations), "--out", str(tmp_path / "ablations.md")])
+    text = (tmp_path / "ablations.md").read_text()
+    assert "The reference joint models next to the baselines" in text
+    assert "| size baseline, expert mask |" in text and "phases reversed" not in text
+
 
 def test_science_report_joins_variant_files_with_paired_intervals(tmp_path):
     science = _science()
@@ -149,7 +166,7 @@ def test_science_report_joins_variant_files_with_paired_intervals(tmp_path):
         return {"run": "runs/x/seed0", "variant": variant, "auc": roc_auc(y, scores), "dice": dice,
                 "auc_washout_removed": float("nan"), **extra,
                 "raw": {"ids": ids, "y": y.tolist(), "scores": {"joint model, as acquired": scores},
-                        "dice": rng.normal(dice, 0.01, 80).tolist()}}
+                        "thresholds": {"joint model, as acquired": 0.5}, "dice": rng.normal(dice, 0.01, 80).tolist()}}
 
     files = []
     # The reference sits in one file, the variant in another (run at different times): one table, paired.
