@@ -384,10 +384,11 @@ def _as_acquired(row: dict) -> np.ndarray:
     return np.array(row["raw"]["scores"]["joint model, as acquired"])
 
 
-def _check_same_cases(a: dict, b: dict) -> None:
-    """Rows are paired case by case: refuse two that were scored on different held-out cases."""
-    if a["raw"]["ids"] != b["raw"]["ids"]:
-        raise SystemExit(f"{a['variant']} and {b['variant']} were scored on different held-out cases")
+def _check_same_cases(first: dict, *others: dict) -> None:
+    """Rows are paired case by case: refuse any row scored on other held-out cases than `first`."""
+    for other in others:
+        if first["raw"]["ids"] != other["raw"]["ids"]:
+            raise SystemExit(f"{first['variant']} and {other['variant']} were scored on different held-out cases")
 
 
 def _intervals(a: dict, b: dict | None, samples: int = 1000) -> dict:
@@ -446,8 +447,7 @@ def _over_seeds_md(rows: list[dict], experiment: str, samples: int = 1000) -> li
              "| variant | runs | pCR AUC | per run | Dice | AUC difference | per run | Dice difference |",
              "|---|---|---|---|---|---|---|---|"]
     for name, group in repeated.items():
-        for r in group[1:]:
-            _check_same_cases(group[0], r)
+        _check_same_cases(*group)
         y = np.array(group[0]["raw"]["y"])
         scores = [_as_acquired(r) for r in group]
         dice = np.stack([np.array(r["raw"]["dice"]) for r in group])  # [runs, cases]
@@ -512,8 +512,7 @@ def cmd_report(args: argparse.Namespace) -> dict:
         lines += _variants_md(group["rows"], experiment, group["cases"], seed) + [""]
         references = [r for r in group["rows"] if r["variant"] == REFERENCE]
         if references:  # scored with the baselines and the washout removed, as the held-out comparison is
-            for r in references[1:]:
-                _check_same_cases(references[0], r)
+            _check_same_cases(*references)
             lines += ["The reference joint models next to the baselines on the same cases:", "",
                       *_heldout_md({**summarise([r["raw"] for r in references]), "heldout_seed": seed}), ""]
         over_seeds = _over_seeds_md(group["rows"], experiment)

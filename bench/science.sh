@@ -16,8 +16,8 @@ $PY bench/science.py heldout --runs "$OUT/seed0" "$OUT/seed1" "$OUT/seed2" "${HE
     --out "$OUT/heldout.json"
 # every ablation on seeds 0-2: the reference scored once, then one variant at a time across the seeds, so a suite
 # stopped midway leaves whole variants
-$PY bench/science.py ablations --runs "$OUT/seed0" "$OUT/seed1" "$OUT/seed2" "${HELDOUT[@]}" \
-    --only "joint model (reference)" --workdir "$OUT/ablations" --out "$OUT/ablations_reference.json"
+[ -f "$OUT/ablations_reference.json" ] || $PY bench/science.py ablations --runs "$OUT/seed0" "$OUT/seed1" "$OUT/seed2" \
+    "${HELDOUT[@]}" --only "joint model (reference)" --workdir "$OUT/ablations" --out "$OUT/ablations_reference.json"
 for variant in "segmentation loss only" "pCR loss only" "phases as input channels (plain spatial ViT)" \
         "joint space-time attention" "MAE with whole-phase masking (0.5)" "no kinetic pathway" \
         "pCR token path with dropout 0.5"; do
