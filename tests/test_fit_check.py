@@ -168,7 +168,9 @@ def test_config_goes_through_the_training_parser():
     assert cfg.data.val_fraction == inspect.signature(FinetuneDataModule).parameters["val_fraction"].default
 
 
-def test_configs_saved_before_the_preprocess_mapping_still_parse(tmp_path, caplog):
+def test_configs_saved_before_the_preprocess_mapping_still_parse(tmp_path, caplog, monkeypatch):
+    import tempfile
+
     from mtl_breast.data.preprocess import PreprocessConfig
     from mtl_breast.run.train import parse_training_config, upgrade_legacy_args
 
@@ -177,7 +179,11 @@ def test_configs_saved_before_the_preprocess_mapping_still_parse(tmp_path, caplo
     text = ("model:\n  arch: mtl_vit_test\ndata:\n  root: unused\n  crop_size: 32\n  spacing: [1.0, 1.0, 2.0]\n"
             "  margin_mm: 5.0\n  crop_to_breast: true\n  clip_percentiles: null\n  cache_dtype: float32\n")
     old.write_text(text)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     cfg = parse_training_config("finetune", ["--config", str(old), "--data.crop_to_breast=false"])
+    assert not any(scratch.iterdir())  # the upgraded config is not left behind as a file
     assert PreprocessConfig(**cfg.data.preprocess.as_dict()) == PreprocessConfig(
         spacing=(1.0, 1.0, 2.0), margin_mm=5.0, crop_to_breast=False, cache_dtype="float32")
     assert old.read_text() == text and "read data.spacing" in caplog.text  # the user's file is left alone

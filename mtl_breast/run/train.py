@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -31,8 +30,8 @@ def upgrade_legacy_args(args: list[str]) -> list[str]:
     """``args`` with the legacy preprocessing keys moved under ``data.preprocess``.
 
     A flag ``--data.spacing=...`` becomes ``--data.preprocess.spacing=...``; a ``--config`` file whose ``data``
-    section holds such keys is read as an upgraded copy (written to the temporary folder; the file itself is left
-    alone). Anything else passes through unchanged.
+    section holds such keys is passed on as the upgraded YAML text (the file itself is left alone, and no copy is
+    written). Anything else passes through unchanged.
     """
     out: list[str] = []
     i = 0
@@ -52,7 +51,8 @@ def upgrade_legacy_args(args: list[str]) -> list[str]:
 
 
 def _upgraded_config(path: str) -> str:
-    """``path``, or a copy with its legacy ``data`` keys moved under ``data.preprocess`` when it has any."""
+    """``path``, or, when it has legacy ``data`` keys, the YAML text of its config with them moved under
+    ``data.preprocess``."""
     try:
         config = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError):
@@ -65,11 +65,11 @@ def _upgraded_config(path: str) -> str:
     for key in legacy:
         preprocess.setdefault(key, data.pop(key))
     data["preprocess"] = preprocess
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="upgraded-config-", delete=False) as f:
-        yaml.safe_dump(config, f, sort_keys=False)
     log.warning("%s: read data.%s as data.preprocess.* (the layout of configs since 2026-12-01)", path,
                 ", data.".join(legacy))
-    return f.name
+    # The upgraded config goes to the parser as YAML text (jsonargparse takes a path or the text itself), so no
+    # copy is left on disk; its paths are plain strings, resolved against the working directory either way.
+    return yaml.safe_dump(config, sort_keys=False)
 
 
 def trainer_defaults(bf16: bool) -> dict:
