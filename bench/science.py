@@ -90,7 +90,7 @@ def held_out_set(out: Path, cases: int, size: int, settings: InferenceSettings,
 
 # ------------------------------------------------------------------------------------------------ experiments
 def score_run(run: Path, weights: Path, data: Path, cache: CaseCache,
-              variants: tuple[str, ...] = tuple(VARIANTS)) -> dict:
+              variants: tuple[str, ...] = tuple(VARIANTS), ids: list[str] | None = None) -> dict:
     """Per held-out case: the model's pCR probability for each input variant, baselines' probabilities, truth.
 
     Args:
@@ -98,6 +98,7 @@ def score_run(run: Path, weights: Path, data: Path, cache: CaseCache,
         weights: the joint model to score.
         data, cache: the held-out phantoms and their preprocessed cache.
         variants: which input variants of `VARIANTS` to predict ("as acquired" always).
+        ids: the cases of `cache` to score (default: all of them).
     """
     model, config = load_joint_model(weights, "cpu")
     settings = InferenceSettings.from_config(config)
@@ -110,7 +111,7 @@ def score_run(run: Path, weights: Path, data: Path, cache: CaseCache,
     preprocess_dataset(run / "data", run / "cache" / "data", settings.preprocess, cases=train_cases, progress=False)
     train_cache = CaseCache(run / "cache" / "data", settings.preprocess)
     _, train_rows, y_train = labelled_features(train_cache, train_ids, roi)
-    ids, expert_rows, y = labelled_features(cache, cache.patient_ids(), roi)
+    ids, expert_rows, y = labelled_features(cache, cache.patient_ids() if ids is None else ids, roi)
     variants = ("as acquired", *(v for v in variants if v != "as acquired"))
     scores: dict[str, list[float]] = {name: [] for name in variants}
     predicted_rows, dice = [], []
@@ -197,6 +198,61 @@ def cmd_heldout(args: argparse.Namespace) -> dict:
     return {"experiment": "heldout", **summarise(scored), "runs": [str(r) for r in runs],
             "heldout_seed": args.heldout_seed,
             **run_meta(sys.argv, started)}
+
+
+# The paired differences `own-heldout` reports: (label, minuend, subtrahend) of `score_run`'s score names.
+OWN_PAIRS = (("model - size baseline (expert mask)", "joint model, as acquired", "size baseline, expert mask"),
+             ("model - kinetic baseline (expert mask)", "joint model, as acquired", "kinetic baseline, expert mask"),
+             ("model - concentration baseline (expert mask)", "joint model, as acquired",
+              "concentration baseline, expert mask"),
+             ("model - model with washout removed", "joint model, as acquired",
+              "joint model, washout removed (post-contrast flattened)"))
+
+
+def pooled_differences(scored: list[dict], samples: int = 1000, seed: int = 0) -> dict:
+    """Mean over runs of each `OWN_PAIRS` AUC difference, each run on its OWN held-out cases, with a 95% bootstrap
+    interval that resamples every run's cases independently (the runs share no case)."""
+    rng = np.random.default_rng(seed)
+    ys = [np.array(r["y"]) for r in scored]
+
+    def mean_difference(a: str, b: str, picks: list[np.ndarray]) -> float:
+        return float(np.mean([roc_auc(y[i], np.array(r["scores"][a])[i]) - roc_auc(y[i], np.array(r["scores"][b])[i])
+                              for r, y, i in zip(scored, ys, picks, strict=True)]))
+
+    everything = [np.arange(len(y)) for y in ys]
+    out = {}
+    for label, a, b in OWN_PAIRS:
+        draws = []
+        while len(draws) < samples:
+            picks = [rng.integers(0, len(y), len(y)) for y in ys]
+            if all(len(np.unique(y[i])) == 2 for y, i in zip(ys, picks, strict=True)):  # AUC needs both classes
+                draws.append(mean_difference(a, b, picks))
+        out[label] = {"auc_difference": mean_difference(a, b, everything),
+                      "per_run": [roc_auc(y, r["scores"][a]) - roc_auc(y, r["scores"][b])
+                                  for r, y in zip(scored, ys, strict=True)],
+                      "ci": [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]}
+    return out
+
+
+def cmd_own_heldout(args: argparse.Namespace) -> dict:
+    """Each demo run on its own held-out split (the cases `mtl-breast demo` predicts and scores), with the washout
+    removed too: the same comparisons as `heldout`, on as many different case sets as there are runs."""
+    started = time.perf_counter()
+    removed = "washout removed (post-contrast flattened)"
+    scored = []
+    for run in map(Path, args.runs):
+        weights = run / "weights" / "mtl"
+        settings = InferenceSettings.from_config(read_weights_config(weights))
+        test_ids = read_splits(run / "data")["test"]
+        wanted = set(test_ids)
+        cases = [case for case in read_dataset(run / "data") if case.patient_id in wanted]
+        preprocess_dataset(run / "data", run / "cache" / "data", settings.preprocess, cases=cases, progress=False)
+        cache = CaseCache(run / "cache" / "data", settings.preprocess)
+        scored.append({"run": str(run), **score_run(run, weights, run / "data", cache, ("as acquired", removed),
+                                                     ids=test_ids)})
+    return {"experiment": "own-heldout", "runs": [s["run"] for s in scored],
+            "per_run": [{"run": s["run"], **summarise([s])} for s in scored],
+            "pooled": pooled_differences(scored), "raw": scored, **run_meta(sys.argv, started)}
 
 
 def _demo(workdir: Path, seed: int, extra: list[str]) -> None:
@@ -369,6 +425,25 @@ def _heldout_md(r: dict) -> list[str]:
     return lines
 
 
+def _own_heldout_md(r: dict) -> list[str]:
+    """Per run: AUCs on its own held-out split; then the mean over runs of each paired difference."""
+    shown = ("joint model, as acquired", "joint model, washout removed (post-contrast flattened)",
+             "size baseline, expert mask", "kinetic baseline, expert mask", "concentration baseline, expert mask")
+    lines = ["Each run scored on its own held-out split (the cases its demo predicted; no two runs share a case); "
+             "baselines fitted on the run's training split, features from the expert mask.", "",
+             "| run | cases (pCR) | model | washout removed | size | kinetic | concentration | Dice |",
+             "|---|---|---|---|---|---|---|---|"]
+    for run in r["per_run"]:
+        aucs = " | ".join(f"{run['table'][name]['auc']:.3f}" for name in shown)
+        lines.append(f"| {Path(run['run']).name} | {run['cases']} ({run['positives']}) | {aucs} | {run['dice']:.3f} |")
+    lines += ["", "Mean over runs of each run's paired AUC difference; 95% bootstrap interval resampling each run's "
+              "cases independently:", "", "| paired AUC difference | mean | 95% CI | per run |", "|---|---|---|---|"]
+    for label, row in r["pooled"].items():
+        per_run = ", ".join(f"{d:+.3f}" for d in row["per_run"])
+        lines.append(f"| {label} | {row['auc_difference']:+.4f} | {_ci(row['ci'])} | {per_run} |")
+    return lines
+
+
 REFERENCE = "joint model (reference)"
 
 
@@ -502,6 +577,9 @@ def cmd_report(args: argparse.Namespace) -> dict:
         if r["experiment"] == "heldout":
             lines += [f"### {r['experiment']}", "", f"`{r['command']}` ({r['seconds']:.0f} s, {r['device']})", ""]
             lines += _heldout_md(r) + [""]
+        elif r["experiment"] == "own-heldout":
+            lines += [f"### {r['experiment']}", "", f"`{r['command']}` ({r['seconds']:.0f} s, {r['device']})", ""]
+            lines += _own_heldout_md(r) + [""]
         elif r["experiment"] in ("label-efficiency", "ablations"):
             group = joined.setdefault((r["experiment"], _heldout_seed(r)),
                                       {"rows": [], "commands": [], "cases": r["held_out_cases"]})
@@ -529,6 +607,8 @@ def main(argv: list[str] | None = None) -> int:
     runs.add_argument("--workdir", default="runs/science")
     held = sub.add_parser("heldout", help="model vs baselines vs kinetics-removed inputs on fresh phantoms")
     held.add_argument("--runs", nargs="+", required=True)
+    own = sub.add_parser("own-heldout", help="each demo run on its own held-out split, with the washout removed too")
+    own.add_argument("--runs", nargs="+", required=True)
     eff = sub.add_parser("label-efficiency", help="fine-tune n labelled cases from MAE weights and from scratch")
     eff.add_argument("--runs", nargs="+", required=True)
     eff.add_argument("--labelled", type=int, nargs="+", default=[16, 32, 64])
@@ -546,13 +626,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--heldout-seed", type=int, default=HELD_OUT_SEED,
                             help="seed of the held-out phantoms (one used nowhere else; a new one per new model)")
         parser.add_argument("--size", type=int, default=48)
-    for parser in (runs, held, eff, abl):
+    for parser in (runs, held, own, eff, abl):
         parser.add_argument("--out", required=True, help="JSON file to write")
     rep = sub.add_parser("report", help="markdown tables of result files")
     rep.add_argument("results", nargs="+")
     rep.add_argument("--out", required=True, help="markdown file to write")
     args = p.parse_args(argv)
-    commands = {"demo-runs": cmd_demo_runs, "heldout": cmd_heldout, "label-efficiency": cmd_label_efficiency,
+    commands = {"demo-runs": cmd_demo_runs, "heldout": cmd_heldout, "own-heldout": cmd_own_heldout,
+                "label-efficiency": cmd_label_efficiency,
                 "ablations": cmd_ablations}
     if args.command == "report":
         print(json.dumps(cmd_report(args)))
@@ -560,7 +641,8 @@ def main(argv: list[str] | None = None) -> int:
     result = commands[args.command](args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k not in ("table", "results")}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("table", "results", "raw", "per_run")},
+                     indent=2))
     return 0
 
 

@@ -155,6 +155,41 @@ def test_science_summary_and_report(tmp_path):
     assert "| size baseline, expert mask |" in text and "phases reversed" not in text
 
 
+def test_own_heldout_pools_runs_that_share_no_case(tmp_path):
+    """Each run is scored on its own cases: the pooled difference is the mean of the runs' own paired differences,
+    its interval resamples each run's cases separately, and the report shows both."""
+    science = _science()
+    rng = np.random.default_rng(1)
+    names = {name for _, a, b in science.OWN_PAIRS for name in (a, b)}
+
+    def run(n: int, model_noise: float) -> dict:
+        y = (rng.random(n) < 0.4).astype(float)
+        scores = {name: (y + rng.normal(scale=model_noise if "as acquired" in name else 1.5, size=n)).tolist()
+                  for name in names}
+        return {"run": f"runs/seed{n}", "ids": [str(i) for i in range(n)], "y": y.tolist(), "scores": scores,
+                "thresholds": dict.fromkeys(names, 0.5), "dice": rng.uniform(0.8, 0.9, n).tolist()}
+
+    scored = [run(50, 0.4), run(80, 3.0)]  # a good model on one set, a poor one on the other
+    pooled = science.pooled_differences(scored, samples=200)
+    size = pooled["model - size baseline (expert mask)"]
+    by_hand = [roc_auc(np.array(r["y"]), r["scores"]["joint model, as acquired"])
+               - roc_auc(np.array(r["y"]), r["scores"]["size baseline, expert mask"]) for r in scored]
+    assert size["per_run"] == pytest.approx(by_hand)
+    assert size["auc_difference"] == pytest.approx(np.mean(by_hand))
+    assert by_hand[0] > 0.2 and by_hand[1] < by_hand[0]
+    low, high = size["ci"]
+    assert low < size["auc_difference"] < high and high - low < 0.5
+    result = tmp_path / "own.json"
+    result.write_text(json.dumps({"experiment": "own-heldout", "command": "x", "seconds": 1.0, "device": "cpu",
+                                  "runs": [r["run"] for r in scored],
+                                  "per_run": [{"run": r["run"], **science.summarise([r])} for r in scored],
+                                  "pooled": pooled}))
+    science.main(["report", str(result), "--out", str(tmp_path / "own.md")])
+    text = (tmp_path / "own.md").read_text()
+    assert "| seed50 | 50 (" in text and "| seed80 | 80 (" in text
+    assert f"| model - size baseline (expert mask) | {size['auc_difference']:+.4f} |" in text
+
+
 def test_science_report_joins_variant_files_with_paired_intervals(tmp_path):
     science = _science()
     rng = np.random.default_rng(1)
