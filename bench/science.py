@@ -8,6 +8,9 @@ never enter pretraining, fine-tuning, threshold choice or checkpoint selection.
     python bench/science.py demo-runs --seeds 0 1 2 --out runs/science
     python bench/science.py heldout --runs runs/science/seed0 runs/science/seed1 runs/science/seed2 \
         --cases 160 --out runs/science/heldout.json
+    # the same runs, each on the held-out split its demo scored (other cases per run), washout removed too
+    python bench/science.py own-heldout --runs runs/science/seed0 runs/science/seed1 runs/science/seed2 \
+        --out runs/science/own_heldout.json
     # label efficiency: fine-tune 16/32/64 labelled cases from the MAE weights of each run and from scratch
     python bench/science.py label-efficiency --runs runs/science/seed0 --labelled 16 32 64 \
         --out runs/science/label_efficiency.json

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole evidence suite of docs/RESULTS.md, in order, on CPU: three demo runs (seeds 0-2), the held-out
-# comparison with baselines and kinetics removed, the ablations (seeds 0-2) and the
-# label-efficiency runs (seeds 0-2) with the starting regressions of their kinetic pathways.
+# comparison with baselines and kinetics removed (on fresh phantoms, then on each run's own held-out split), the
+# ablations (seeds 0-2) and the label-efficiency runs (seeds 0-2) with the starting regressions of their kinetic
+# pathways.
 # Each step writes OUT/<step>.json and skips work whose outputs exist, so a stopped suite resumes.
 # Held-out phantoms: seed 20000 (HELDOUT_SEED), the set docs/RESULTS.md judges the current model on.
 #   bash bench/science.sh runs/science       # about 9 hours on 2 cores
@@ -14,6 +15,9 @@ mkdir -p "$OUT"
 $PY bench/science.py demo-runs --seeds 0 1 2 --workdir "$OUT" --out "$OUT/demo_runs.json"
 $PY bench/science.py heldout --runs "$OUT/seed0" "$OUT/seed1" "$OUT/seed2" "${HELDOUT[@]}" \
     --out "$OUT/heldout.json"
+# the same runs, each on its own held-out split (other cases per run), with the washout removed too
+[ -f "$OUT/own_heldout.json" ] || $PY bench/science.py own-heldout --runs "$OUT/seed0" "$OUT/seed1" "$OUT/seed2" \
+    --out "$OUT/own_heldout.json"
 # every ablation on seeds 0-2: the reference scored once, then one variant at a time across the seeds, so a suite
 # stopped midway leaves whole variants
 [ -f "$OUT/ablations_reference.json" ] || $PY bench/science.py ablations --runs "$OUT/seed0" "$OUT/seed1" "$OUT/seed2" \
@@ -29,4 +33,4 @@ $PY bench/science.py label-efficiency --runs "$OUT/seed0" "$OUT/seed1" "$OUT/see
     --workdir "$OUT/label_efficiency" --out "$OUT/label_efficiency.json"
 $PY bench/kinetic_start.py "$OUT"/label_efficiency/seed{0,1,2}_n{16,32,64}_MAE \
     --against "$OUT/seed0" "$OUT/seed1" "$OUT/seed2" > "$OUT/kinetic_start.json"
-$PY bench/science.py report "$OUT/heldout.json" "$OUT"/ablations_*.json "$OUT/label_efficiency.json" --out "$OUT/tables.md"
+$PY bench/science.py report "$OUT/heldout.json" "$OUT/own_heldout.json" "$OUT"/ablations_*.json "$OUT/label_efficiency.json" --out "$OUT/tables.md"
