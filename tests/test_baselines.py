@@ -11,7 +11,14 @@ import pytest
 import torch
 from conftest import load_bench_script
 
-from mtl_breast.baselines import FEATURE_SETS, LogisticBaseline, auc_with_interval, bootstrap_interval, case_features
+from mtl_breast.baselines import (
+    FEATURE_SETS,
+    LogisticBaseline,
+    auc_with_interval,
+    bootstrap_interval,
+    case_features,
+    paired_auc_difference,
+)
 from mtl_breast.metrics.classification import roc_auc
 from mtl_breast.models.heads import PCRHead
 from mtl_breast.models.kinetics import (
@@ -57,6 +64,21 @@ def test_bootstrap_interval_covers_the_statistic_and_shrinks_with_n():
     y = np.array([0, 0, 1, 1, 0, 1])
     row = auc_with_interval(y, y.astype(float))
     assert row["auc"] == 1.0 and row["low"] == row["high"] == 1.0
+
+
+def test_paired_auc_difference_is_tighter_than_two_separate_intervals():
+    rng = np.random.default_rng(3)
+    y = (rng.random(150) < 0.4).astype(float)
+    shared = y + rng.normal(scale=1.0, size=150)  # what both predictors see
+    better, worse = shared + rng.normal(scale=0.2, size=150), shared + rng.normal(scale=1.5, size=150)
+    paired = paired_auc_difference(y, better, worse)
+    assert paired["difference"] == pytest.approx(roc_auc(y, better) - roc_auc(y, worse))
+    assert 0 < paired["low"] < paired["difference"] < paired["high"]
+    a, b = auc_with_interval(y, better), auc_with_interval(y, worse)
+    assert paired["high"] - paired["low"] < (a["high"] - a["low"]) + (b["high"] - b["low"])
+    assert paired_auc_difference(y, better, better)["difference"] == 0.0
+    with pytest.raises(ValueError, match="one score per case"):
+        paired_auc_difference(y, better, worse[:-1])
 
 
 def test_case_features_are_the_kinetics_of_the_tumour_window():

@@ -106,6 +106,10 @@ def test_shortened_demo_learns(tmp_path):
     assert scores["classification"]["auc"] > 0.6, scores["classification"]
     baselines = json.loads((tmp_path / "demo" / "evaluation" / "baselines.json").read_text())
     assert baselines["cases"] >= 80 and set(baselines["auc"]) >= {"joint model", "size baseline"}
+    size = baselines["model_minus"]["size baseline"]
+    assert size["difference"] == pytest.approx(baselines["auc"]["joint model"]["auc"]
+                                               - baselines["auc"]["size baseline"]["auc"])
+    assert size["low"] <= size["difference"] <= size["high"]
     # What a user watches and ships: TensorBoard logs and PNG curves of both runs, model cards in both exports.
     for run, curves in (("pretrain", {"losses.png", "learning_rate.png"}),
                         ("finetune", {"losses.png", "learning_rate.png", "validation.png"})):

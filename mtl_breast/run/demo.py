@@ -13,7 +13,13 @@ import json
 import time
 from pathlib import Path
 
-from mtl_breast.baselines import FEATURE_SETS, LogisticBaseline, auc_with_interval, labelled_features
+from mtl_breast.baselines import (
+    FEATURE_SETS,
+    LogisticBaseline,
+    auc_with_interval,
+    labelled_features,
+    paired_auc_difference,
+)
 from mtl_breast.data.cache import CaseCache
 from mtl_breast.data.mamamia import read_splits
 from mtl_breast.phantoms.collection import generate_dataset
@@ -56,7 +62,8 @@ def _best_checkpoint(run_dir: Path) -> Path:
 
 
 def _held_out_pcr(data: Path, cache_dir: Path, weights: Path, predictions: Path) -> dict:
-    """pCR AUC of the model on the held-out split next to the size and kinetic baselines on the same cases.
+    """pCR AUC of the model on the held-out split next to the size and kinetic baselines on the same cases, and the
+    paired difference of the model to each (``model_minus``).
 
     The baselines are logistic regressions fitted on the training split (expert masks, `baselines.py`) and scored
     on the held-out cases with features from their expert masks, which favours them over the model (it only
@@ -77,7 +84,11 @@ def _held_out_pcr(data: Path, cache_dir: Path, weights: Path, predictions: Path)
     for name, features in FEATURE_SETS.items():
         scores[f"{name} baseline"] = LogisticBaseline(features).fit(train_rows, y_train).predict_proba(test_rows)
     table = {name: auc_with_interval(y_test, s) for name, s in scores.items()}
-    return {"cases": len(test_ids), "positives": int(sum(y_test)), "auc": table}
+    # Paired on the same cases: the interval says whether the model is above a baseline, which two overlapping
+    # AUC intervals cannot.
+    model_minus = {name: paired_auc_difference(y_test, scores["joint model"], s)
+                   for name, s in scores.items() if name != "joint model"}
+    return {"cases": len(test_ids), "positives": int(sum(y_test)), "auc": table, "model_minus": model_minus}
 
 
 def run_demo(workdir: Path | str = "runs/demo", labelled: int = 96, held_out: int = 150, pool: int = 200,
@@ -145,4 +156,7 @@ def run_demo(workdir: Path | str = "runs/demo", labelled: int = 96, held_out: in
           "95% bootstrap intervals; baselines fitted on the training split with expert masks:")
     for name, row in baselines["auc"].items():
         print(f"  {name:<24} {row['auc']:.3f}  [{row['low']:.3f}, {row['high']:.3f}]")
+    print("paired AUC differences on the same cases, 95% bootstrap intervals:")
+    for name, row in baselines["model_minus"].items():
+        print(f"  model - {name:<24} {row['difference']:+.3f}  [{row['low']:+.3f}, {row['high']:+.3f}]")
     return scores
