@@ -217,6 +217,9 @@ def pooled_differences(scored: list[dict], samples: int = 1000, seed: int = 0) -
     interval that resamples every run's cases independently (the runs share no case)."""
     rng = np.random.default_rng(seed)
     ys = [np.array(r["y"]) for r in scored]
+    for r, y in zip(scored, ys, strict=True):
+        if len(np.unique(y)) < 2:
+            raise SystemExit(f"{r.get('run', 'a run')}: its held-out cases hold one pCR class only, no AUC")
 
     def mean_difference(a: str, b: str, picks: list[np.ndarray]) -> float:
         return float(np.mean([roc_auc(y[i], np.array(r["scores"][a])[i]) - roc_auc(y[i], np.array(r["scores"][b])[i])

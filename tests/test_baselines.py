@@ -201,6 +201,9 @@ def test_own_heldout_pools_runs_that_share_no_case(tmp_path):
     assert by_hand[0] > 0.1 and by_hand[1] < by_hand[0]
     low, high = size["ci"]
     assert low < size["auc_difference"] < high and high - low < 0.5
+    one_class = {**scored[0], "y": [1.0] * 50}
+    with pytest.raises(SystemExit, match="one pCR class"):
+        science.pooled_differences([one_class, scored[1]], samples=10)
     result = tmp_path / "own.json"
     result.write_text(json.dumps({"experiment": "own-heldout", "command": "x", "seconds": 1.0, "device": "cpu",
                                   "runs": [r["run"] for r in scored],
