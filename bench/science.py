@@ -50,7 +50,7 @@ from mtl_breast.data.cache import CaseCache
 from mtl_breast.data.folder import read_dataset
 from mtl_breast.data.mamamia import read_splits
 from mtl_breast.metrics.classification import balanced_accuracy, roc_auc
-from mtl_breast.metrics.intervals import mean_interval
+from mtl_breast.metrics.intervals import mean_interval, percentile_interval, resample_indices
 from mtl_breast.metrics.segmentation import dice as dice_score
 from mtl_breast.phantoms.collection import generate_dataset
 from mtl_breast.predictor import InferenceSettings, load_joint_model, predict_volume, read_weights_config
@@ -214,29 +214,26 @@ OWN_PAIRS = (("model - size baseline (expert mask)", "joint model, as acquired",
 
 def pooled_differences(scored: list[dict], samples: int = 1000, seed: int = 0) -> dict:
     """Mean over runs of each `OWN_PAIRS` AUC difference, each run on its OWN held-out cases, with a 95% bootstrap
-    interval that resamples every run's cases independently (the runs share no case)."""
-    rng = np.random.default_rng(seed)
+    interval that resamples every run's cases independently (the runs share no case; a resample where a run's
+    cases hold one pCR class has no AUC and is left out, as in `bootstrap_interval`)."""
     ys = [np.array(r["y"]) for r in scored]
     for r, y in zip(scored, ys, strict=True):
         if len(np.unique(y)) < 2:
             raise SystemExit(f"{r.get('run', 'a run')}: its held-out cases hold one pCR class only, no AUC")
-
-    def mean_difference(a: str, b: str, picks: list[np.ndarray]) -> float:
-        return float(np.mean([roc_auc(y[i], np.array(r["scores"][a])[i]) - roc_auc(y[i], np.array(r["scores"][b])[i])
-                              for r, y, i in zip(scored, ys, picks, strict=True)]))
-
-    everything = [np.arange(len(y)) for y in ys]
+    # [samples, n_run] case indices per run, each run from its own seed
+    resamples = [resample_indices(len(y), samples, seed + k) for k, y in enumerate(ys)]
     out = {}
     for label, a, b in OWN_PAIRS:
-        draws = []
-        while len(draws) < samples:
-            picks = [rng.integers(0, len(y), len(y)) for y in ys]
-            if all(len(np.unique(y[i])) == 2 for y, i in zip(ys, picks, strict=True)):  # AUC needs both classes
-                draws.append(mean_difference(a, b, picks))
-        out[label] = {"auc_difference": mean_difference(a, b, everything),
-                      "per_run": [roc_auc(y, r["scores"][a]) - roc_auc(y, r["scores"][b])
-                                  for r, y in zip(scored, ys, strict=True)],
-                      "ci": [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))]}
+        pairs = [(np.array(r["scores"][a]), np.array(r["scores"][b])) for r in scored]
+
+        def difference(k: int, i: np.ndarray, pairs: list = pairs) -> float:
+            y, (sa, sb) = ys[k][i], pairs[k]
+            return roc_auc(y, sa[i]) - roc_auc(y, sb[i]) if len(np.unique(y)) == 2 else float("nan")
+
+        per_run = [difference(k, np.arange(len(y))) for k, y in enumerate(ys)]
+        draws = [np.mean([difference(k, picks[j]) for k, picks in enumerate(resamples)]) for j in range(samples)]
+        low, high = percentile_interval(draws)
+        out[label] = {"auc_difference": float(np.mean(per_run)), "per_run": per_run, "ci": [low, high]}
     return out
 
 
@@ -580,12 +577,10 @@ def cmd_report(args: argparse.Namespace) -> dict:
     joined: dict[tuple[str, int], dict] = {}
     for path in args.results:
         r = json.loads(Path(path).read_text())
-        if r["experiment"] == "heldout":
+        if r["experiment"] in ("heldout", "own-heldout"):
+            render = _heldout_md if r["experiment"] == "heldout" else _own_heldout_md
             lines += [f"### {r['experiment']}", "", f"`{r['command']}` ({r['seconds']:.0f} s, {r['device']})", ""]
-            lines += _heldout_md(r) + [""]
-        elif r["experiment"] == "own-heldout":
-            lines += [f"### {r['experiment']}", "", f"`{r['command']}` ({r['seconds']:.0f} s, {r['device']})", ""]
-            lines += _own_heldout_md(r) + [""]
+            lines += render(r) + [""]
         elif r["experiment"] in ("label-efficiency", "ablations"):
             group = joined.setdefault((r["experiment"], _heldout_seed(r)),
                                       {"rows": [], "commands": [], "cases": r["held_out_cases"]})
