@@ -14,8 +14,8 @@ never enter pretraining, fine-tuning, threshold choice or checkpoint selection.
     # label efficiency: fine-tune 16/32/64 labelled cases from the MAE weights of each run and from scratch
     python bench/science.py label-efficiency --runs runs/science/seed0 --labelled 16 32 64 \
         --out runs/science/label_efficiency.json
-    # ablations: no kinetic pathway, segmentation-only / pCR-only losses, joint attention, whole-phase masking,
-    # phases stacked as input channels of a plain spatial ViT
+    # ablations: no kinetic pathway, the rim-aware one, segmentation-only / pCR-only losses, joint attention,
+    # whole-phase masking, phases stacked as input channels of a plain spatial ViT
     python bench/science.py ablations --runs runs/science/seed0 --out runs/science/ablations.json
     python bench/science.py report runs/science/*.json --out docs/RESULTS.md
 
@@ -365,6 +365,8 @@ ABLATIONS: dict[str, tuple[str | None, list[str]]] = {
     "joint model (reference)": ("run", []),
     "no kinetic pathway": ("run", ["--model.model_args",
                                    '{"encoder": {"phase_time_drop": 0.2}, "pcr_head": {"kinetic": false}}']),
+    "rim-aware kinetic pathway": ("run", [
+        "--model.model_args", '{"encoder": {"phase_time_drop": 0.2}, "pcr_head": {"kinetic_features": "rim"}}']),
     "pCR token path with dropout 0.5": ("run", ["--model.model_args",
                                                '{"encoder": {"phase_time_drop": 0.2}, "pcr_head": {"dropout": 0.5}}']),
     "segmentation loss only": ("run", ["--model.task_weights", '{"seg": 1.0, "pcr": 0.0}']),

@@ -1,7 +1,8 @@
 """The baselines a user tries before a foundation model: logistic regression on tumour size and kinetics.
 
 Features come from `models.kinetics`: the curve summaries of `tumour_kinetics` (the same numbers the pCR head's
-kinetic pathway sees) and the contrast concentration of `tumour_concentration`, computed on the same window
+kinetic pathway sees) and the contrast concentration of `tumour_concentration` and `tumour_rim_concentration`,
+computed on the same window
 (centred on the tumour's largest component, `data.window`) of the preprocessed case, under the expert mask or a
 predicted probability. A pCR model earns its keep only if it beats these on cases it never saw
 (docs/RESULTS.md).
@@ -11,6 +12,8 @@ predicted probability. A pCR model earns its keep only if it beats these on case
     kinetic+       all six curve features
     concentration  log volume + the tumour's concentration at phase 1 and at the last phase, its log slope per
                    minute and the core/whole enhancement ratio (signal equation inverted per voxel)
+    rim            the same, with the rim index and the washout of the tumour's surface layer instead of the
+                   core ratio (`tumour_rim_concentration`)
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ from mtl_breast.metrics.intervals import bootstrap_interval
 from mtl_breast.models.kinetics import (
     CONCENTRATION_FEATURES,
     KINETIC_FEATURES,
+    RIM_FEATURES,
     acquisition_vector,
     tumour_concentration,
     tumour_kinetics,
+    tumour_rim_concentration,
 )
 
 __all__ = ["FEATURE_SETS", "LogisticBaseline", "auc_with_interval", "bootstrap_interval", "case_acquisition",
@@ -42,6 +47,7 @@ FEATURE_SETS: dict[str, tuple[str, ...]] = {
     "kinetic": ("log_volume", "wash_in", "washout_ratio"),
     "kinetic+": KINETIC_FEATURES,
     "concentration": CONCENTRATION_FEATURES,
+    "rim": RIM_FEATURES,
 }
 
 
@@ -60,7 +66,8 @@ def case_features(image: np.ndarray | torch.Tensor, tumour: np.ndarray | torch.T
             features NaN.
 
     Returns:
-        ``{feature name: value}`` for every name in `KINETIC_FEATURES` and `CONCENTRATION_FEATURES`.
+        ``{feature name: value}`` for every name in `KINETIC_FEATURES`, `CONCENTRATION_FEATURES` and
+        `RIM_FEATURES`.
     """
     x = torch.as_tensor(np.asarray(image), dtype=torch.float32)  # [T, D, H, W]
     p = torch.as_tensor(np.asarray(tumour), dtype=torch.float32)  # [D, H, W]
@@ -69,8 +76,11 @@ def case_features(image: np.ndarray | torch.Tensor, tumour: np.ndarray | torch.T
     values = tumour_kinetics(window[:, :-1], window[:, -1:], phase_time=times)[0].tolist()
     acq = None if acquisition is None else torch.as_tensor(acquisition, dtype=torch.float32).reshape(1, -1)
     conc = tumour_concentration(window[:, :-1], window[:, -1:], phase_time=times, acquisition=acq)[0].tolist()
-    # Both sets start with log_volume; the curve set's (soft weights) is kept.
-    return {**dict(zip(CONCENTRATION_FEATURES, conc, strict=True)), **dict(zip(KINETIC_FEATURES, values, strict=True))}
+    rim = tumour_rim_concentration(window[:, :-1], window[:, -1:], phase_time=times, acquisition=acq)[0].tolist()
+    # Every set starts with log_volume, and the concentration sets share four columns; the curve set's log_volume
+    # (soft weights) is kept.
+    return {**dict(zip(RIM_FEATURES, rim, strict=True)), **dict(zip(CONCENTRATION_FEATURES, conc, strict=True)),
+            **dict(zip(KINETIC_FEATURES, values, strict=True))}
 
 
 def case_acquisition(info: dict) -> torch.Tensor:

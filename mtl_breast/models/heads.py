@@ -13,12 +13,20 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from mtl_breast.models.kinetics import CONCENTRATION_FEATURES, KINETIC_FEATURES, tumour_concentration, tumour_kinetics
+from mtl_breast.models.kinetics import (
+    CONCENTRATION_FEATURES,
+    KINETIC_FEATURES,
+    RIM_FEATURES,
+    tumour_concentration,
+    tumour_kinetics,
+    tumour_rim_concentration,
+)
 
 # Kinetic feature sets of the pathway: column names and the function computing them (`models.kinetics`).
 FEATURE_SETS = {
     "curve": (KINETIC_FEATURES, lambda image, prob, mask, time, acq: tumour_kinetics(image, prob, mask, time)),
     "concentration": (CONCENTRATION_FEATURES, tumour_concentration),
+    "rim": (RIM_FEATURES, tumour_rim_concentration),
 }
 
 __all__ = ["PCRHead"]
@@ -37,8 +45,10 @@ class PCRHead(nn.Module):
     With ``kinetic`` the logit also gets a linear term of the tumour's kinetic features under the predicted mask, so
     the response signal that DCE-MRI carries in the enhancement between phases reaches the head directly instead
     of only through pooled tokens: ``kinetic_features="concentration"`` (`tumour_concentration`: size and the
-    tumour's contrast concentration from the signal equation, which needs the case's ``acquisition`` vector) or
-    ``"curve"`` (`tumour_kinetics`: size, wash-in, peak enhancement, washout of the normalised intensities).
+    tumour's contrast concentration from the signal equation, which needs the case's ``acquisition`` vector),
+    ``"rim"`` (`tumour_rim_concentration`: the same, with a rim index and the washout of the tumour's surface layer
+    in place of the core ratio, so rim-enhancing tumours are read on the same scale) or ``"curve"``
+    (`tumour_kinetics`: size, wash-in, peak enhancement, washout of the normalised intensities).
 
     Args:
         embed_dim: token width E.
@@ -51,9 +61,9 @@ class PCRHead(nn.Module):
             standardised with buffers ``kinetic_mean``/``kinetic_std`` (weights format: ``pcr_head.kinetic_fc.weight
             [1, K]``, ``pcr_head.kinetic_mean [K]``, ``pcr_head.kinetic_std [K]``). Weights exported without it load
             with ``kinetic=False``.
-        kinetic_features: "concentration" (K = 5) or "curve" (K = 6). A feature that cannot be computed (NaN: the
-            acquisition vector is unknown) takes its training mean, i.e. contributes nothing. Joint weights
-            exported before this option existed load with "curve".
+        kinetic_features: "concentration" (K = 5), "rim" (K = 6) or "curve" (K = 6). A feature that cannot be
+            computed (NaN: the acquisition vector is unknown) takes its training mean, i.e. contributes nothing.
+            Joint weights exported before this option existed load with "curve".
         kinetic_threshold: the tumour curve averages the voxels with ``seg_prob >= kinetic_threshold`` (a hard mask,
             like the expert masks the pathway is initialised on); None = weight every voxel by its probability,
             which lets a low-probability halo around the tumour dilute the curve.

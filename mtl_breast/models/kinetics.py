@@ -2,14 +2,15 @@
 
 Breast DCE-MRI reads response from how the tumour takes up and releases contrast: how strongly it enhances in
 the first post-contrast phase (wash-in), whether its signal keeps rising, plateaus or falls afterwards
-(washout), and how large it is. These are the classic semi-quantitative features (Hylton's signal enhancement
-ratio, curve type); the pCR head gets them as an explicit pathway next to the pooled encoder tokens, and the
-baselines in ``bench/science`` fit a logistic regression on the same numbers from the expert mask.
+(washout), and how large it is. The pCR head gets one of the two feature sets below as an explicit pathway next
+to the pooled encoder tokens (`models.heads.PCRHead`, ``kinetic_features``), and the baselines in
+``bench/science`` fit a logistic regression on the same numbers from the expert mask.
 
 Two feature sets:
 
-- "curve" (`KINETIC_FEATURES`, `tumour_kinetics`), the pCR head's kinetic pathway and the kinetic baselines:
-  summaries of the tumour curve in the preprocessed intensities
+- "curve" (`KINETIC_FEATURES`, `tumour_kinetics`), the kinetic baselines and the head's earlier pathway: the
+  classic semi-quantitative summaries (Hylton's signal enhancement ratio, curve type) of the tumour curve in the
+  preprocessed intensities
   (all phases normalised with ONE mean/std, so differences between phases are enhancement in units of the case's
   intensity spread). They need nothing but the image, and they mix the enhancement with the breast's composition
   (the z-scoring), the site's flip angle and TR (the signal is not linear in contrast) and its timing.
@@ -17,8 +18,8 @@ Two feature sets:
   tumour, from inverting the spoiled-gradient-echo signal equation voxel by voxel with the case's field strength,
   TR and flip angle and its intensity normalisation (`acquisition_vector`). On the phantoms this recovers the
   noise-free concentration curve of homogeneous and heterogeneous tumours almost exactly (bench/kinetics_ceiling.py,
-  docs/RESULTS.md), where the curve summaries do not. The concentration baseline uses them; the head does not yet
-  (it would need the acquisition vector at every forward).
+  docs/RESULTS.md), where the curve summaries do not. The head's default pathway and the concentration baseline
+  use them; the head then needs each case's acquisition vector at every forward.
 
 References:
     Hylton N., Vascular and contrast kinetics in breast MRI (signal enhancement ratio, curve types). 2006.
@@ -34,14 +35,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ACQUISITION_FIELDS", "CONCENTRATION_FEATURES", "KINETIC_FEATURES", "acquisition_vector",
-           "enhancing_half", "spgr_concentration", "tumour_concentration", "tumour_kinetics"]
+__all__ = ["ACQUISITION_FIELDS", "CONCENTRATION_FEATURES", "KINETIC_FEATURES", "RIM_FEATURES", "acquisition_vector",
+           "edge_depth", "enhancing_half", "spgr_concentration", "tumour_concentration", "tumour_kinetics",
+           "tumour_rim_concentration"]
 
 # Names of the columns returned by `tumour_kinetics`, in order.
 KINETIC_FEATURES = ("log_volume", "wash_in", "peak_enhancement", "washout_ratio", "washout_per_min",
                     "contrast_to_surround")
 # Names of the columns returned by `tumour_concentration`, in order.
 CONCENTRATION_FEATURES = ("log_volume", "ln_conc_first", "ln_conc_last", "conc_log_slope", "core_ratio")
+# Names of the columns returned by `tumour_rim_concentration`, in order.
+RIM_FEATURES = ("log_volume", "ln_conc_first", "ln_conc_last", "conc_log_slope", "rim_index", "shell_log_slope")
 # Columns of the per-case acquisition vector [B, 5] (`acquisition_vector`); NaN = unknown.
 ACQUISITION_FIELDS = ("intensity_offset", "intensity_scale", "field_strength", "repetition_time", "flip_angle")
 # Used where the case does not say: 1.5 T, and a TR/flip angle typical of breast DCE-MRI (3D spoiled gradient echo).
@@ -52,6 +56,7 @@ _TUMOUR_T10_S = {1.5: 1.1, 3.0: 1.3}
 _R1 = {1.5: 4.5, 3.0: 4.0}
 _DEFAULT_INTERVAL_S = 90.0  # assumed spacing between post-contrast phases when acquisition times are unknown
 _EPS = 1e-6
+_MAX_DEPTH = 8  # voxels; deeper voxels of a large tumour share one depth for `rim_index`
 
 
 def _check_inputs(image: Tensor, tumour_prob: Tensor) -> None:
@@ -170,6 +175,61 @@ def enhancing_half(first: Tensor, mask: Tensor) -> Tensor:
     return (mask & (first >= median[:, None])).float()
 
 
+def _concentration_curves(image: Tensor, tumour_prob: Tensor, phase_mask: Tensor | None,
+                          phase_time: Tensor | None, acquisition: Tensor | None) -> dict[str, Tensor]:
+    """What both concentration feature sets read: the per-voxel concentration ``conc [B, T, V]``, the tumour
+    ``mask [B, V]`` (bool, seg_prob > 0.5), the ``last`` real phase ``[B]``, the ``minutes`` between phase 1 and
+    it ``[B]``, whether the intensity normalisation is ``known`` ``[B]``, and the common columns ``log_volume``,
+    ``c1``, ``c_last`` (mean concentration of the enhancing half, floored at 1e-3) and ``slope`` ``[B]``."""
+    _check_inputs(image, tumour_prob)
+    b, t = image.shape[:2]
+    device = image.device
+    acq = torch.full((b, len(ACQUISITION_FIELDS)), float("nan"), device=device) if acquisition is None \
+        else acquisition.to(device=device, dtype=torch.float32)
+    offset, scale = acq[:, 0], acq[:, 1]
+    field = torch.nan_to_num(acq[:, 2], nan=_DEFAULT_FIELD_T)
+    tr = torch.nan_to_num(acq[:, 3], nan=_DEFAULT_TR_MS)
+    flip = torch.nan_to_num(acq[:, 4], nan=_DEFAULT_FLIP_DEG)
+    known = torch.isfinite(offset) & torch.isfinite(scale)
+    signal = image.float().flatten(2) * torch.nan_to_num(scale, nan=1.0)[:, None, None] \
+        + torch.nan_to_num(offset, nan=0.0)[:, None, None]  # [B, T, V] scanner units
+    conc = spgr_concentration(signal, signal[:, :1], field, tr, flip)  # [B, T, V]
+
+    mask = (tumour_prob.float() > 0.5).flatten(1)  # [B, V]
+    real = torch.ones(b, t, dtype=torch.bool, device=device) if phase_mask is None else phase_mask.bool()
+    index = torch.arange(t, device=device)
+    last = torch.where(real, index, 0).amax(dim=1)  # last real phase [B]
+    if phase_time is None:
+        phase_time = torch.full((b, t), float("nan"), device=device)
+    minutes = (phase_time.float().gather(1, last[:, None])[:, 0] - phase_time.float()[:, 1]) / 60.0
+    minutes = torch.where(torch.isfinite(minutes) & (minutes > 0), minutes,
+                          (last - 1).clamp_min(1).float() * _DEFAULT_INTERVAL_S / 60.0)
+
+    first = conc[:, 1]  # [B, V]
+    enhancing = enhancing_half(first, mask)  # [B, V]
+    last_conc = conc.gather(1, last[:, None, None].expand(-1, 1, conc.shape[2]))[:, 0]  # [B, V]
+    c1 = _masked_mean(first, enhancing).clamp_min(1e-3)
+    c_last = _masked_mean(last_conc, enhancing).clamp_min(1e-3)
+    slope = torch.where(last >= 2, torch.log(c_last / c1) / minutes, 0.0).clamp(-1.0, 1.0)
+    return {"conc": conc, "mask": mask, "last": last, "minutes": minutes, "known": known,
+            "log_volume": torch.log1p(mask.float().sum(dim=1)) - 6.0, "c1": c1, "c_last": c_last, "slope": slope}
+
+
+def _masked_mean(values: Tensor, weights: Tensor) -> Tensor:
+    """``[B]`` weighted mean of ``values [B, V]`` (0 where the weights ``[B, V]`` sum to less than 1). No boolean
+    indexing: shapes stay static, so fake-tensor tracing works too."""
+    return (values * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+def _finish(parts: dict[str, Tensor], values: list[Tensor]) -> Tensor:
+    """``[B, 1 + len(values)]``: log volume, then the ``[B]`` columns `values`, zero without a tumour and NaN
+    where the intensity normalisation is unknown."""
+    out = torch.stack(values, dim=1)
+    out = torch.where(parts["mask"].any(dim=1)[:, None], out, 0.0)
+    out = torch.where(parts["known"][:, None], out, float("nan"))
+    return torch.cat([parts["log_volume"][:, None], out], dim=1)
+
+
 def tumour_concentration(image: Tensor, tumour_prob: Tensor, phase_mask: Tensor | None = None,
                          phase_time: Tensor | None = None, acquisition: Tensor | None = None) -> Tensor:
     """Concentration features of the tumour in each volume.
@@ -197,51 +257,71 @@ def tumour_concentration(image: Tensor, tumour_prob: Tensor, phase_mask: Tensor 
         Columns 1-4 are NaN where the intensity offset/scale is unknown; a missing field strength, TR or flip angle
         takes the default of a typical protocol.
     """
-    _check_inputs(image, tumour_prob)
-    b, t = image.shape[:2]
-    device = image.device
-    acq = torch.full((b, len(ACQUISITION_FIELDS)), float("nan"), device=device) if acquisition is None \
-        else acquisition.to(device=device, dtype=torch.float32)
-    offset, scale = acq[:, 0], acq[:, 1]
-    field = torch.nan_to_num(acq[:, 2], nan=_DEFAULT_FIELD_T)
-    tr = torch.nan_to_num(acq[:, 3], nan=_DEFAULT_TR_MS)
-    flip = torch.nan_to_num(acq[:, 4], nan=_DEFAULT_FLIP_DEG)
-    known = torch.isfinite(offset) & torch.isfinite(scale)
-    signal = image.float().flatten(2) * torch.nan_to_num(scale, nan=1.0)[:, None, None] \
-        + torch.nan_to_num(offset, nan=0.0)[:, None, None]  # [B, T, V] scanner units
-    conc = spgr_concentration(signal, signal[:, :1], field, tr, flip)  # [B, T, V]
-
-    mask = tumour_prob.float() > 0.5  # [B, 1, D, H, W]
+    parts = _concentration_curves(image, tumour_prob, phase_mask, phase_time, acquisition)
+    mask, first = parts["mask"], parts["conc"][:, 1]  # [B, V]
     # Core: erosion by 2 voxels (a 5^3 minimum filter of the mask).
-    core = -F.max_pool3d(-mask.float(), kernel_size=5, stride=1, padding=2) > 0.5
-    mask, core = mask.flatten(1), core.flatten(1)  # [B, V]
-    real = torch.ones(b, t, dtype=torch.bool, device=device) if phase_mask is None else phase_mask.bool()
-    index = torch.arange(t, device=device)
-    last = torch.where(real, index, 0).amax(dim=1)  # last real phase [B]
-    if phase_time is None:
-        phase_time = torch.full((b, t), float("nan"), device=device)
-    minutes = (phase_time.float().gather(1, last[:, None])[:, 0] - phase_time.float()[:, 1]) / 60.0
-    minutes = torch.where(torch.isfinite(minutes) & (minutes > 0), minutes,
-                          (last - 1).clamp_min(1).float() * _DEFAULT_INTERVAL_S / 60.0)
-
-    # Masked means (no boolean indexing: shapes stay static, so fake-tensor tracing works too).
-    first = conc[:, 1]  # [B, V]
-    enhancing = enhancing_half(first, mask)  # [B, V]
-
-    def mean_over(values: Tensor, weights: Tensor) -> Tensor:  # [B, V], [B, V] -> [B]
-        return (values * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
-
-    last_conc = conc.gather(1, last[:, None, None].expand(-1, 1, conc.shape[2]))[:, 0]  # [B, V]
-    c1 = mean_over(first, enhancing).clamp_min(1e-3)
-    c_last = mean_over(last_conc, enhancing).clamp_min(1e-3)
-    slope = torch.where(last >= 2, torch.log(c_last / c1) / minutes, 0.0).clamp(-1.0, 1.0)
-    core_first = mean_over(first, core.float()).clamp_min(1e-3)
-    whole_first = mean_over(first, mask.float()).clamp_min(1e-3)
+    core = (-F.max_pool3d(-(tumour_prob.float() > 0.5).float(), kernel_size=5, stride=1, padding=2) > 0.5).flatten(1)
+    core_first = _masked_mean(first, core.float()).clamp_min(1e-3)
+    whole_first = _masked_mean(first, mask.float()).clamp_min(1e-3)
     core_ratio = torch.where(core.any(dim=1), torch.log(core_first / whole_first), 0.0)
-    values = torch.stack([torch.log(c1), torch.log(c_last), slope, core_ratio], dim=1)  # [B, 4]
-    has_tumour = mask.any(dim=1)
-    values = torch.where(has_tumour[:, None], values, 0.0)
-    values = torch.where(known[:, None], values, float("nan"))
-    log_volume = torch.log1p(mask.float().sum(dim=1)) - 6.0
-    return torch.cat([log_volume[:, None], values], dim=1)
+    return _finish(parts, [torch.log(parts["c1"]), torch.log(parts["c_last"]), parts["slope"], core_ratio])
 
+
+def edge_depth(mask: Tensor, max_depth: int = _MAX_DEPTH) -> Tensor:
+    """``[B, 1, D, H, W]`` float depth of each voxel of the bool ``mask [B, 1, D, H, W]`` below its surface: 1 on
+    the outermost layer (a voxel with a 26-neighbour outside the mask), 2 on the next, ..., capped at `max_depth`
+    (chessboard distance by repeated 3^3 erosions); 0 outside. The volume's border does not count as outside, so a
+    tumour cut by its window keeps its depth there."""
+    current = mask.float()
+    depth = torch.zeros_like(current)
+    for _ in range(max_depth):
+        depth = depth + current
+        current = -F.max_pool3d(-current, kernel_size=3, stride=1, padding=1)  # erosion by one voxel
+    return depth
+
+
+def tumour_rim_concentration(image: Tensor, tumour_prob: Tensor, phase_mask: Tensor | None = None,
+                             phase_time: Tensor | None = None, acquisition: Tensor | None = None) -> Tensor:
+    """Rim-aware concentration features of the tumour in each volume.
+
+    A rim-enhancing tumour (a fast-exchanging rim around a slow, necrotic core) mixes its core's slow curve into
+    every region one can draw at the acquired resolution, which biases its washout towards a plateau; small ones
+    have no core to detect with an erosion (`tumour_concentration`'s core_ratio is 0 for them). Two columns
+    replace core_ratio: how strongly the tumour enhances at its surface rather than its centre (rim_index), and
+    the washout of its outermost voxel layer in the signal itself, where partial volume with non-enhancing tissue
+    scales every phase's enhancement alike and so leaves the ratio of enhancements unchanged (shell_log_slope).
+    The regression on these columns can then read a rim tumour's washout on the same scale as a homogeneous one's
+    (docs/RESULTS.md, "How much can image kinetics add?").
+
+    Args: as `tumour_concentration`.
+
+    Returns:
+        ``[B, 6]`` float32, columns `RIM_FEATURES`: log_volume, ln_conc_first, ln_conc_last, conc_log_slope as in
+        `tumour_concentration`, and
+        rim_index: the correlation over the tumour's voxels between phase-1 concentration and `edge_depth`, signed
+            so that rim enhancement is positive (about -0.4 for homogeneous tumours on the phantoms, +0.4 for rim
+            ones); 0 with fewer than two depths or no enhancement spread;
+        shell_log_slope: ``ln(sum(S_last - S_0) / sum(S_1 - S_0))`` over the outermost layer, per minute (the
+            ratio clipped to [0.05, 20], 0 without post-contrast enhancement there or with fewer than 3 real
+            phases), clipped to [-1, 1].
+        Columns 1-5 are NaN where the intensity offset/scale is unknown.
+    """
+    parts = _concentration_curves(image, tumour_prob, phase_mask, phase_time, acquisition)
+    mask, first, last = parts["mask"], parts["conc"][:, 1], parts["last"]
+    depth = edge_depth(tumour_prob.float() > 0.5).flatten(1)  # [B, V]
+    weights = mask.float()
+    mean_first, mean_depth = _masked_mean(first, weights), _masked_mean(depth, weights)
+    dc, dd = (first - mean_first[:, None]) * weights, (depth - mean_depth[:, None]) * weights
+    spread = torch.sqrt((dc * dc).sum(dim=1) * (dd * dd).sum(dim=1))
+    rim_index = torch.where(spread > _EPS, -(dc * dd).sum(dim=1) / spread.clamp_min(_EPS), 0.0)
+
+    x = image.float().flatten(2)  # [B, T, V]; ratios of enhancements do not depend on the normalisation
+    shell = (depth == 1).float()
+    wash_in = ((x[:, 1] - x[:, 0]) * shell).sum(dim=1)
+    last_x = x.gather(1, last[:, None, None].expand(-1, 1, x.shape[2]))[:, 0]
+    late = ((last_x - x[:, 0]) * shell).sum(dim=1)
+    ratio = (late / wash_in.clamp_min(_EPS)).clamp(0.05, 20.0)
+    shell_slope = torch.log(ratio) / parts["minutes"]
+    shell_slope = torch.where((last >= 2) & (wash_in > 0), shell_slope, 0.0).clamp(-1.0, 1.0)
+    return _finish(parts, [torch.log(parts["c1"]), torch.log(parts["c_last"]), parts["slope"], rim_index,
+                           shell_slope])
