@@ -24,9 +24,11 @@ from mtl_breast.models.heads import PCRHead
 from mtl_breast.models.kinetics import (
     CONCENTRATION_FEATURES,
     KINETIC_FEATURES,
+    RIM_FEATURES,
     acquisition_vector,
     tumour_concentration,
     tumour_kinetics,
+    tumour_rim_concentration,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,13 +96,16 @@ def test_case_features_are_the_kinetics_of_the_tumour_window():
     torch.testing.assert_close(torch.tensor([feats[k] for k in KINETIC_FEATURES]), expected)
     assert set(FEATURE_SETS["kinetic"]) < set(KINETIC_FEATURES)
     # Without the case's acquisition vector the concentration columns are there but unknown.
-    assert set(feats) == set(KINETIC_FEATURES) | set(CONCENTRATION_FEATURES)
-    assert all(math.isnan(feats[k]) for k in CONCENTRATION_FEATURES[1:])
+    assert set(feats) == set(KINETIC_FEATURES) | set(CONCENTRATION_FEATURES) | set(RIM_FEATURES)
+    assert all(math.isnan(feats[k]) for k in CONCENTRATION_FEATURES[1:] + RIM_FEATURES[1:])
     acquisition = acquisition_vector({"mean": 0.0, "std": 1.0}, {"field_strength": 1.5})
     with_acq = case_features(image + 1.0, mask, torch.tensor([0.0, 90.0, 180.0]), (16, 16, 16), acquisition)
     expected = tumour_concentration((window + 1.0)[None], mask[24:40, 0:16, 15:31][None, None], None,
                                     torch.tensor([[0.0, 90.0, 180.0]]), acquisition[None])[0]
     torch.testing.assert_close(torch.tensor([with_acq[k] for k in CONCENTRATION_FEATURES]), expected)
+    expected = tumour_rim_concentration((window + 1.0)[None], mask[24:40, 0:16, 15:31][None, None], None,
+                                        torch.tensor([[0.0, 90.0, 180.0]]), acquisition[None])[0]
+    torch.testing.assert_close(torch.tensor([with_acq[k] for k in RIM_FEATURES]), expected)
 
 
 def test_kinetic_pathway_initialised_from_a_logistic_regression():

@@ -16,10 +16,13 @@ from mtl_breast.models.kinetics import (
     ACQUISITION_FIELDS,
     CONCENTRATION_FEATURES,
     KINETIC_FEATURES,
+    RIM_FEATURES,
     acquisition_vector,
+    edge_depth,
     spgr_concentration,
     tumour_concentration,
     tumour_kinetics,
+    tumour_rim_concentration,
 )
 from mtl_breast.models.registry import create_model
 from mtl_breast.phantoms.physics import R1_RELAXIVITY, spgr_signal
@@ -76,7 +79,7 @@ def test_kinetic_features_see_washout_and_ignore_padding():
     assert torch.isfinite(empty).all()
 
 
-@pytest.mark.parametrize("features", ["curve", "concentration"])
+@pytest.mark.parametrize("features", ["curve", "concentration", "rim"])
 def test_pcr_head_kinetic_pathway_uses_the_image(features):
     torch.manual_seed(0)
     head = PCRHead(embed_dim=16, kinetic=True, kinetic_features=features).eval()
@@ -94,7 +97,7 @@ def test_pcr_head_kinetic_pathway_uses_the_image(features):
         logits = [head(tokens, seg_prob=mask, grid=(2, 2, 2), image=x, acquisition=acquisition)
                   for x in (washout, rising, flat)]
     assert len({round(float(v), 5) for v in logits}) == 3
-    if features == "concentration":
+    if features != "curve":
         # Without the acquisition vector the concentration terms are unknown and take their training mean: only the
         # tumour's size is left, the same for the three images.
         with torch.no_grad():
@@ -253,3 +256,60 @@ def test_concentration_features_need_the_intensity_normalisation():
     acquisition[0, 3:] = float("nan")
     f = tumour_concentration(image, mask, None, None, acquisition)[0]
     assert torch.isfinite(f).all() and f[1].item() == pytest.approx(math.log(0.8), abs=0.3)
+
+
+def test_edge_depth_counts_voxel_layers_from_the_surface():
+    mask = torch.zeros(1, 1, 9, 9, 9, dtype=torch.bool)
+    mask[0, 0, 2:7, 2:7, 2:7] = True  # a 5^3 cube: layers 1, 2 and its centre 3
+    depth = edge_depth(mask)[0, 0]
+    assert depth[2, 2, 2] == 1 and depth[3, 3, 3] == 2 and depth[4, 4, 4] == 3 and depth[0, 0, 0] == 0
+    assert int((depth == 1).sum()) == 5**3 - 3**3
+    assert edge_depth(mask, max_depth=2)[0, 0, 4, 4, 4] == 2  # capped
+    # A tumour cut by the volume's border keeps its depth there: the border is not tissue outside it.
+    cut = torch.zeros(1, 1, 9, 9, 9, dtype=torch.bool)
+    cut[0, 0, 0:5, 2:7, 2:7] = True
+    assert edge_depth(cut)[0, 0, 0, 4, 4] == 3
+
+
+def test_rim_features_flag_a_rim_and_share_the_concentration_columns():
+    rim, necrotic = [0.0, 0.9, 0.7, 0.5], [0.0, 0.05, 0.1, 0.15]
+    times = torch.tensor([[0.0, 90.0, 180.0, 270.0]])
+    for shell, core, sign in ((rim, necrotic, 1), (necrotic, rim, -1)):  # rim enhancement, then the centre's
+        image, mask, acquisition = _scanner_case([shell, core])
+        f = tumour_rim_concentration(image, mask, None, times, acquisition)[0]
+        g = tumour_concentration(image, mask, None, times, acquisition)[0]
+        torch.testing.assert_close(f[:4], g[:4])
+        named = dict(zip(RIM_FEATURES, f.tolist(), strict=True))
+        assert sign * named["rim_index"] > 0.5
+    # The rim's surface layer follows the rim curve: its signal washes out.
+    image, mask, acquisition = _scanner_case([rim, necrotic])
+    named = dict(zip(RIM_FEATURES, tumour_rim_concentration(image, mask, None, times, acquisition)[0].tolist(),
+                     strict=True))
+    assert named["shell_log_slope"] < -0.05
+    # One curve everywhere: no enhancement spread to correlate with depth.
+    image, mask, acquisition = _scanner_case([rim, rim])
+    assert tumour_rim_concentration(image, mask, None, times, acquisition)[0, 4] == 0.0
+
+
+def test_shell_washout_ignores_partial_volume_with_non_enhancing_tissue():
+    """A surface voxel that is part tumour, part fat enhances by that part of the tumour's enhancement in every
+    phase, so the ratio of its late to its early enhancement, hence shell_log_slope, stays the tumour's."""
+    curve, background = torch.tensor([100.0, 180.0, 170.0, 150.0]), 60.0
+    times = torch.tensor([[0.0, 60.0, 120.0, 240.0]])
+    acquisition = acquisition_vector({"mean": 0.0, "std": 1.0}, {"field_strength": 3.0})[None]
+    mask = torch.zeros(1, 1, 12, 12, 12)
+    mask[0, 0, 3:9, 3:9, 3:9] = 1
+    surface = (edge_depth(mask.bool()) == 1)[0, 0]
+    slopes = []
+    for part in (1.0, 0.3):
+        image = torch.full((1, 4, 12, 12, 12), background)
+        image[0, :, mask[0, 0].bool()] = curve[:, None]
+        image[0][:, surface] = part * curve[:, None] + (1 - part) * background
+        slopes.append(dict(zip(RIM_FEATURES, tumour_rim_concentration(image, mask, None, times, acquisition)[0]
+                               .tolist(), strict=True))["shell_log_slope"])
+    assert slopes[0] == pytest.approx(math.log((150.0 - 100.0) / (180.0 - 100.0)) / 3.0, rel=1e-5)
+    assert slopes[1] == pytest.approx(slopes[0], rel=1e-5)
+    # Post-contrast phases flattened to the first: no washout left.
+    flat = image.clone()
+    flat[:, 2:] = flat[:, 1:2]
+    assert tumour_rim_concentration(flat, mask, None, times, acquisition)[0, 5] == pytest.approx(0.0, abs=1e-6)
