@@ -8,9 +8,11 @@ searched) next to the generating model's own tumour
 radius, Ktrans and kep read from the phantoms' `patient_info_files/*.json`, and next to the same concentration
 features and Tofts fit computed from the noise-free Tofts curve at the case's acquisition times (what a perfect
 estimate from the images could reach: Ktrans and kep themselves are not identifiable from 3-6 late samples). The
-gaps say how much a better kinetic estimate could add, and where it is lost (per enhancement pattern).
+gaps say how much a better kinetic estimate could add, and where it is lost: per enhancement pattern, the
+cross-validated AUC within the pattern and the offset of the image's washout from the noise-free one (a pooled
+regression reads every pattern on one scale), next to the rim-aware set (`models.kinetics.tumour_rim_concentration`).
 
-    python bench/kinetics_ceiling.py runs/science_conc/seed0 runs/science_conc/seed1 runs/science_conc/seed2
+    python bench/kinetics_ceiling.py runs/science/seed0 runs/science/seed1 runs/science/seed2
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from mtl_breast.data.mamamia import read_splits
 from mtl_breast.metrics.classification import roc_auc
 from mtl_breast.models.kinetics import (
     CONCENTRATION_FEATURES,
+    RIM_FEATURES,
     acquisition_vector,
     enhancing_half,
     spgr_concentration,
@@ -38,6 +41,7 @@ from mtl_breast.predictor import InferenceSettings, read_weights_config
 _KEP_GRID = np.logspace(-1, 1.3, 48)  # /min
 _ARRIVAL_S = 15.0  # assumed bolus arrival after the pre-contrast acquisition
 _ARRIVAL_GRID_S = (10.0, 15.0, 20.0, 25.0)  # the phantoms draw arrival in 10-25 s
+_RIM_SET = "rim-aware concentration (the same with rim index and surface-layer washout instead of core ratio)"
 
 FEATURE_SETS = {
     "log volume": ("log_volume",),
@@ -50,6 +54,7 @@ FEATURE_SETS = {
     "log volume + concentration (phase 1, last, log slope)": ("log_volume", "ln_conc_first", "ln_conc_last",
                                                               "conc_log_slope"),
     "concentration baseline (the same + core ratio)": CONCENTRATION_FEATURES,
+    _RIM_SET: RIM_FEATURES,
     "log volume + Tofts fit of the tumour concentration (ln Ktrans, ln kep)": ("log_volume", "conc_tofts_ln_ktrans",
                                                                             "conc_tofts_ln_kep"),
     "log volume + Tofts fit of the noise-free concentration (true arrival, with vp)": (
@@ -209,6 +214,26 @@ def main() -> None:
                               ("log_slope", "conc_log_slope")):
             image, ideal = [r[feature] for r in sub], [r[f"ideal_{part}"] for r in sub]
             by_pattern[pattern][f"corr {part}"] = float(np.corrcoef(image, ideal)[0, 1])
+    # Within each enhancement pattern on its own, and how far the image's washout lies from the noise-free one:
+    # a pooled regression reads one scale of washout for all patterns, so an offset by pattern costs AUC there.
+    non_rim = np.array([r["pattern"] != "rim" for r in rows])
+    for feature in ("conc_log_slope", "shell_log_slope"):
+        image = np.array([r[feature] for r in rows])
+        ideal = np.array([r["ideal_log_slope"] for r in rows])
+        fit = np.polyfit(ideal[non_rim], image[non_rim], 1)  # the image washout as the other patterns relate it
+        residual = image - np.polyval(fit, ideal)
+        for pattern in by_pattern:
+            sub = np.array([r["pattern"] == pattern for r in rows])
+            by_pattern[pattern][f"{feature} offset from non-rim fit"] = float(residual[sub].mean())
+            by_pattern[pattern][f"{feature} sd around it"] = float(residual[sub].std())
+    for pattern in by_pattern:
+        sub = [i for i, r in enumerate(rows) if r["pattern"] == pattern]
+        by_pattern[pattern]["rim_index quartiles"] = np.percentile([rows[i]["rim_index"] for i in sub],
+                                                                   [25, 50, 75]).round(3).tolist()
+        for name in ("log volume", "concentration baseline (the same + core ratio)", _RIM_SET,
+                     "log volume + noise-free concentration (phase 1, last, log slope)"):
+            aucs = cross_validated_auc([rows[i] for i in sub], y[sub], FEATURE_SETS[name], args.repeats)
+            by_pattern[pattern][f"cv_auc {name}"] = float(np.mean(aucs))
     print(json.dumps({"runs": args.runs, "cases": len(y), "positives": int(y.sum()), "folds": 5,
                       "repeats": args.repeats, "table": table, "correlation": correlation,
                       "image_vs_noise_free_concentration": by_pattern}, indent=2))
