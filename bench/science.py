@@ -208,14 +208,17 @@ OWN_PAIRS = (("model - size baseline (expert mask)", "joint model, as acquired",
              ("model - kinetic baseline (expert mask)", "joint model, as acquired", "kinetic baseline, expert mask"),
              ("model - concentration baseline (expert mask)", "joint model, as acquired",
               "concentration baseline, expert mask"),
+             ("model - rim baseline (expert mask)", "joint model, as acquired", "rim baseline, expert mask"),
              ("model - model with washout removed", "joint model, as acquired",
               "joint model, washout removed (post-contrast flattened)"))
 
 
-def pooled_differences(scored: list[dict], samples: int = 1000, seed: int = 0) -> dict:
-    """Mean over runs of each `OWN_PAIRS` AUC difference, each run on its OWN held-out cases, with a 95% bootstrap
-    interval that resamples every run's cases independently (the runs share no case; a resample where a run's
-    cases hold one pCR class has no AUC and is left out, as in `bootstrap_interval`)."""
+def pooled_differences(scored: list[dict], samples: int = 1000, seed: int = 0,
+                       pairs: tuple[tuple[str, str, str], ...] = OWN_PAIRS) -> dict:
+    """Mean over runs of each AUC difference of `pairs` (label, score, other score) whose scores every run has, each
+    run on its OWN held-out cases, with a 95% bootstrap interval that resamples every run's cases independently (the
+    runs share no case; a resample where a run's cases hold one pCR class has no AUC and is left out, as in
+    `bootstrap_interval`)."""
     ys = [np.array(r["y"]) for r in scored]
     for r, y in zip(scored, ys, strict=True):
         if len(np.unique(y)) < 2:
@@ -223,11 +226,13 @@ def pooled_differences(scored: list[dict], samples: int = 1000, seed: int = 0) -
     # [samples, n_run] case indices per run, each run from its own seed
     resamples = [resample_indices(len(y), samples, seed + k) for k, y in enumerate(ys)]
     out = {}
-    for label, a, b in OWN_PAIRS:
-        pairs = [(np.array(r["scores"][a]), np.array(r["scores"][b])) for r in scored]
+    for label, a, b in pairs:
+        if not all(a in r["scores"] and b in r["scores"] for r in scored):
+            continue  # a baseline this file's runs were not scored with
+        arrays = [(np.array(r["scores"][a]), np.array(r["scores"][b])) for r in scored]
 
-        def difference(k: int, i: np.ndarray, pairs: list = pairs) -> float:
-            y, (sa, sb) = ys[k][i], pairs[k]
+        def difference(k: int, i: np.ndarray, arrays: list = arrays) -> float:
+            y, (sa, sb) = ys[k][i], arrays[k]
             return roc_auc(y, sa[i]) - roc_auc(y, sb[i]) if len(np.unique(y)) == 2 else float("nan")
 
         per_run = [difference(k, np.arange(len(y))) for k, y in enumerate(ys)]
@@ -432,18 +437,24 @@ def _heldout_md(r: dict) -> list[str]:
 
 def _own_heldout_md(r: dict) -> list[str]:
     """Per run: AUCs on its own held-out split; then the mean over runs of each paired difference."""
-    shown = ("joint model, as acquired", "joint model, washout removed (post-contrast flattened)",
-             "size baseline, expert mask", "kinetic baseline, expert mask", "concentration baseline, expert mask")
+    shown = ["joint model, as acquired", "joint model, washout removed (post-contrast flattened)",
+             "size baseline, expert mask", "kinetic baseline, expert mask", "concentration baseline, expert mask"]
+    header = ["model", "washout removed", "size", "kinetic", "concentration"]
+    if all("rim baseline, expert mask" in run["table"] for run in r["per_run"]):  # files since the rim set
+        shown.append("rim baseline, expert mask")
+        header.append("rim")
     lines = ["Each run scored on its own held-out split (the cases its demo predicted; no two runs share a case); "
              "baselines fitted on the run's training split, features from the expert mask.", "",
-             "| run | cases (pCR) | model | washout removed | size | kinetic | concentration | Dice |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"| run | cases (pCR) | {' | '.join(header)} | Dice |", "|" + "---|" * (len(header) + 3)]
     for run in r["per_run"]:
         aucs = " | ".join(f"{run['table'][name]['auc']:.3f}" for name in shown)
         lines.append(f"| {Path(run['run']).name} | {run['cases']} ({run['positives']}) | {aucs} | {run['dice']:.3f} |")
     lines += ["", "Mean over runs of each run's paired AUC difference; 95% bootstrap interval resampling each run's "
               "cases independently:", "", "| paired AUC difference | mean | 95% CI | per run |", "|---|---|---|---|"]
-    for label, row in r["pooled"].items():
+    # Pairs added after a file was written are computed from its per-case scores.
+    missing = tuple(pair for pair in OWN_PAIRS if pair[0] not in r["pooled"])
+    pooled = {**r["pooled"], **(pooled_differences(r["raw"], pairs=missing) if missing else {})}
+    for label, row in sorted(pooled.items(), key=lambda item: [p[0] for p in OWN_PAIRS].index(item[0])):
         per_run = ", ".join(f"{d:+.3f}" for d in row["per_run"])
         lines.append(f"| {label} | {row['auc_difference']:+.4f} | {_ci(row['ci'])} | {per_run} |")
     return lines

@@ -218,6 +218,18 @@ def test_own_heldout_pools_runs_that_share_no_case(tmp_path):
     text = (tmp_path / "own.md").read_text()
     assert "| seed50 | 50 (" in text and "| seed80 | 80 (" in text
     assert f"| model - size baseline (expert mask) | {size['auc_difference']:+.4f} |" in text
+    # Runs scored before the rim baseline existed lack its scores: that pair is left out, not an error.
+    rim = "model - rim baseline (expert mask)"
+    older = [{**r, "scores": {k: v for k, v in r["scores"].items() if not k.startswith("rim")}} for r in scored]
+    assert rim not in science.pooled_differences(older, samples=10)
+    # A file whose pooled table predates a pair its per-case scores hold: the report computes the pair from them.
+    data = json.loads(result.read_text())
+    data["pooled"] = {k: v for k, v in pooled.items() if k != rim}
+    result.write_text(json.dumps({**data, "raw": scored}))
+    science.main(["report", str(result), "--out", str(tmp_path / "own.md")])
+    text = (tmp_path / "own.md").read_text()
+    assert f"| {rim} | {pooled[rim]['auc_difference']:+.4f} |" in text
+    assert "| concentration | rim | Dice |" in text
 
 
 def test_science_report_joins_variant_files_with_paired_intervals(tmp_path):
