@@ -5,7 +5,7 @@
 # pathways.
 # Each step writes OUT/<step>.json and skips work whose outputs exist, so a stopped suite resumes.
 # Held-out phantoms: seed 20000 (HELDOUT_SEED), the set docs/RESULTS.md judges the current model on.
-#   bash bench/science.sh runs/science       # about 9 hours on 2 cores
+#   bash bench/science.sh runs/science       # about 10 hours on 2 cores
 set -euo pipefail
 OUT=${1:-runs/science}
 PY=${PYTHON:-.venv/bin/python}
@@ -24,7 +24,7 @@ $PY bench/science.py heldout --runs "$OUT/seed0" "$OUT/seed1" "$OUT/seed2" "${HE
     "${HELDOUT[@]}" --only "joint model (reference)" --workdir "$OUT/ablations" --out "$OUT/ablations_reference.json"
 for variant in "segmentation loss only" "pCR loss only" "phases as input channels (plain spatial ViT)" \
         "joint space-time attention" "MAE with whole-phase masking (0.5)" "no kinetic pathway" \
-        "pCR token path with dropout 0.5"; do
+        "pCR token path with dropout 0.5" "rim-aware kinetic pathway"; do
     tag=$(echo "${variant%% (*}" | tr ' ' _)
     [ -f "$OUT/ablations_$tag.json" ] || $PY bench/science.py ablations --runs "$OUT/seed0" "$OUT/seed1" "$OUT/seed2" \
         "${HELDOUT[@]}" --only "$variant" --workdir "$OUT/ablations" --out "$OUT/ablations_$tag.json"
