@@ -216,7 +216,7 @@ def _concentration_curves(image: Tensor, tumour_prob: Tensor, phase_mask: Tensor
 
 
 def _masked_mean(values: Tensor, weights: Tensor) -> Tensor:
-    """``[B]`` weighted mean of ``values [B, V]`` (0 where the weights ``[B, V]`` sum to less than 1). No boolean
+    """``[B]`` mean of ``values [B, V]`` weighted by 0/1 ``weights [B, V]`` (0 where every weight is 0). No boolean
     indexing: shapes stay static, so fake-tensor tracing works too."""
     return (values * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
