@@ -378,3 +378,20 @@ def test_kinetic_start_fits_the_heads_features_on_the_finetuning_training_cases(
     known = [pid for pid in dm.train_ids if dm.cache.read(pid)["info"].get("pcr") is not None]
     assert row["training_cases"] == len(known) < out["scored_on"]  # training cases only, scored on all labelled
     assert 0.0 <= row["auc_on_other_cases"] <= 1.0
+
+
+def test_ceiling_scores_held_out_folds_under_a_mask_one_voxel_off():
+    import torch
+
+    ceiling = load_bench_script("kinetics_ceiling")
+    mask = torch.zeros(7, 7, 7, dtype=torch.bool)
+    mask[2:5, 2:5, 2:5] = True
+    assert int(ceiling.shifted_mask(mask, 1).sum()) == 5**3 and int(ceiling.shifted_mask(mask, -1).sum()) == 1
+    # The regression is fitted on the expert-mask rows; only the scored fold reads the shifted ones.
+    rng = np.random.default_rng(0)
+    y = (rng.random(120) < 0.5).astype(float)
+    signal = y + rng.normal(scale=0.7, size=120)
+    rows = [{"x": v, "dilated": {"x": v}, "eroded": {"x": -v}} for v in signal]
+    same = ceiling.cross_validated_auc(rows, y, ("x",), 2)
+    assert ceiling.cross_validated_auc(rows, y, ("x",), 2, scored_as="dilated") == same
+    assert np.mean(same) > 0.7 and np.mean(ceiling.cross_validated_auc(rows, y, ("x",), 2, scored_as="eroded")) < 0.3
