@@ -213,6 +213,13 @@ OWN_PAIRS = (("model - size baseline (expert mask)", "joint model, as acquired",
               "joint model, washout removed (post-contrast flattened)"))
 
 
+# Columns of the own-heldout table: header -> the score it shows.
+OWN_COLUMNS = (("model", "joint model, as acquired"),
+               ("washout removed", "joint model, washout removed (post-contrast flattened)"),
+               ("size", "size baseline, expert mask"), ("kinetic", "kinetic baseline, expert mask"),
+               ("concentration", "concentration baseline, expert mask"), ("rim", "rim baseline, expert mask"))
+
+
 def pooled_differences(scored: list[dict], samples: int = 1000, seed: int = 0,
                        pairs: tuple[tuple[str, str, str], ...] = OWN_PAIRS) -> dict:
     """Mean over runs of each AUC difference of `pairs` (label, score, other score) whose scores every run has, each
@@ -437,24 +444,20 @@ def _heldout_md(r: dict) -> list[str]:
 
 def _own_heldout_md(r: dict) -> list[str]:
     """Per run: AUCs on its own held-out split; then the mean over runs of each paired difference."""
-    shown = ["joint model, as acquired", "joint model, washout removed (post-contrast flattened)",
-             "size baseline, expert mask", "kinetic baseline, expert mask", "concentration baseline, expert mask"]
-    header = ["model", "washout removed", "size", "kinetic", "concentration"]
-    if all("rim baseline, expert mask" in run["table"] for run in r["per_run"]):  # files since the rim set
-        shown.append("rim baseline, expert mask")
-        header.append("rim")
+    # Columns every run was scored with (files written before a baseline existed lack it).
+    shown = {header: name for header, name in OWN_COLUMNS if all(name in run["table"] for run in r["per_run"])}
     lines = ["Each run scored on its own held-out split (the cases its demo predicted; no two runs share a case); "
              "baselines fitted on the run's training split, features from the expert mask.", "",
-             f"| run | cases (pCR) | {' | '.join(header)} | Dice |", "|" + "---|" * (len(header) + 3)]
+             f"| run | cases (pCR) | {' | '.join(shown)} | Dice |", "|" + "---|" * (len(shown) + 3)]
     for run in r["per_run"]:
-        aucs = " | ".join(f"{run['table'][name]['auc']:.3f}" for name in shown)
+        aucs = " | ".join(f"{run['table'][name]['auc']:.3f}" for name in shown.values())
         lines.append(f"| {Path(run['run']).name} | {run['cases']} ({run['positives']}) | {aucs} | {run['dice']:.3f} |")
     lines += ["", "Mean over runs of each run's paired AUC difference; 95% bootstrap interval resampling each run's "
               "cases independently:", "", "| paired AUC difference | mean | 95% CI | per run |", "|---|---|---|---|"]
     # Pairs added after a file was written are computed from its per-case scores.
     missing = tuple(pair for pair in OWN_PAIRS if pair[0] not in r["pooled"])
     pooled = {**r["pooled"], **(pooled_differences(r["raw"], pairs=missing) if missing else {})}
-    for label, row in sorted(pooled.items(), key=lambda item: [p[0] for p in OWN_PAIRS].index(item[0])):
+    for label, row in ((label, pooled[label]) for label, _, _ in OWN_PAIRS if label in pooled):
         per_run = ", ".join(f"{d:+.3f}" for d in row["per_run"])
         lines.append(f"| {label} | {row['auc_difference']:+.4f} | {_ci(row['ci'])} | {per_run} |")
     return lines
