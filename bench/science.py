@@ -209,6 +209,8 @@ OWN_PAIRS = (("model - size baseline (expert mask)", "joint model, as acquired",
              ("model - concentration baseline (expert mask)", "joint model, as acquired",
               "concentration baseline, expert mask"),
              ("model - rim baseline (expert mask)", "joint model, as acquired", "rim baseline, expert mask"),
+             ("model - inner-rim baseline (expert mask)", "joint model, as acquired",
+              "rim_inner baseline, expert mask"),
              ("model - model with washout removed", "joint model, as acquired",
               "joint model, washout removed (post-contrast flattened)"))
 
@@ -217,7 +219,8 @@ OWN_PAIRS = (("model - size baseline (expert mask)", "joint model, as acquired",
 OWN_COLUMNS = (("model", "joint model, as acquired"),
                ("washout removed", "joint model, washout removed (post-contrast flattened)"),
                ("size", "size baseline, expert mask"), ("kinetic", "kinetic baseline, expert mask"),
-               ("concentration", "concentration baseline, expert mask"), ("rim", "rim baseline, expert mask"))
+               ("concentration", "concentration baseline, expert mask"), ("rim", "rim baseline, expert mask"),
+               ("inner rim", "rim_inner baseline, expert mask"))
 
 
 def pooled_differences(scored: list[dict], samples: int = 1000, seed: int = 0,
@@ -379,6 +382,8 @@ ABLATIONS: dict[str, tuple[str | None, list[str]]] = {
                                    '{"encoder": {"phase_time_drop": 0.2}, "pcr_head": {"kinetic": false}}']),
     "rim-aware kinetic pathway": ("run", [
         "--model.model_args", '{"encoder": {"phase_time_drop": 0.2}, "pcr_head": {"kinetic_features": "rim"}}']),
+    "inner-rim kinetic pathway": ("run", [
+        "--model.model_args", '{"encoder": {"phase_time_drop": 0.2}, "pcr_head": {"kinetic_features": "rim_inner"}}']),
     "pCR token path with dropout 0.5": ("run", ["--model.model_args",
                                                '{"encoder": {"phase_time_drop": 0.2}, "pcr_head": {"dropout": 0.5}}']),
     "segmentation loss only": ("run", ["--model.task_weights", '{"seg": 1.0, "pcr": 0.0}']),

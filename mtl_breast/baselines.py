@@ -14,6 +14,7 @@ predicted probability. A pCR model earns its keep only if it beats these on case
                    minute and the core/whole enhancement ratio (signal equation inverted per voxel)
     rim            the same, with the rim index and the washout of the tumour's surface layer instead of the
                    core ratio (`tumour_rim_concentration`)
+    rim_inner      the same as rim, read one voxel layer below the tumour's surface
 """
 
 from __future__ import annotations
@@ -31,12 +32,12 @@ from mtl_breast.metrics.classification import roc_auc
 from mtl_breast.metrics.intervals import bootstrap_interval
 from mtl_breast.models.kinetics import (
     CONCENTRATION_FEATURES,
+    INNER_RIM_FEATURES,
     KINETIC_FEATURES,
     RIM_FEATURES,
     acquisition_vector,
-    tumour_concentration,
+    concentration_feature_sets,
     tumour_kinetics,
-    tumour_rim_concentration,
 )
 
 __all__ = ["FEATURE_SETS", "LogisticBaseline", "auc_with_interval", "bootstrap_interval", "case_acquisition",
@@ -48,6 +49,7 @@ FEATURE_SETS: dict[str, tuple[str, ...]] = {
     "kinetic+": KINETIC_FEATURES,
     "concentration": CONCENTRATION_FEATURES,
     "rim": RIM_FEATURES,
+    "rim_inner": INNER_RIM_FEATURES,
 }
 
 
@@ -66,8 +68,8 @@ def case_features(image: np.ndarray | torch.Tensor, tumour: np.ndarray | torch.T
             features NaN.
 
     Returns:
-        ``{feature name: value}`` for every name in `KINETIC_FEATURES`, `CONCENTRATION_FEATURES` and
-        `RIM_FEATURES`.
+        ``{feature name: value}`` for every name in `KINETIC_FEATURES`, `CONCENTRATION_FEATURES`,
+        `RIM_FEATURES` and `INNER_RIM_FEATURES`.
     """
     x = torch.as_tensor(np.asarray(image), dtype=torch.float32)  # [T, D, H, W]
     p = torch.as_tensor(np.asarray(tumour), dtype=torch.float32)  # [D, H, W]
@@ -75,12 +77,13 @@ def case_features(image: np.ndarray | torch.Tensor, tumour: np.ndarray | torch.T
     times = None if phase_time is None else torch.as_tensor(np.asarray(phase_time), dtype=torch.float32)[None]
     values = tumour_kinetics(window[:, :-1], window[:, -1:], phase_time=times)[0].tolist()
     acq = None if acquisition is None else torch.as_tensor(acquisition, dtype=torch.float32).reshape(1, -1)
-    conc = tumour_concentration(window[:, :-1], window[:, -1:], phase_time=times, acquisition=acq)[0].tolist()
-    rim = tumour_rim_concentration(window[:, :-1], window[:, -1:], phase_time=times, acquisition=acq)[0].tolist()
+    sets = concentration_feature_sets(window[:, :-1], window[:, -1:], phase_time=times, acquisition=acq)
     # Every set starts with log_volume, and the concentration sets share four columns; the curve set's log_volume
     # (soft weights) is kept.
-    return {**dict(zip(RIM_FEATURES, rim, strict=True)), **dict(zip(CONCENTRATION_FEATURES, conc, strict=True)),
-            **dict(zip(KINETIC_FEATURES, values, strict=True))}
+    features = {}
+    for names, columns in sets.items():
+        features.update(zip(names, columns[0].tolist(), strict=True))
+    return {**features, **dict(zip(KINETIC_FEATURES, values, strict=True))}
 
 
 def case_acquisition(info: dict) -> torch.Tensor:

@@ -23,6 +23,7 @@ from mtl_breast.metrics.classification import roc_auc
 from mtl_breast.models.heads import PCRHead
 from mtl_breast.models.kinetics import (
     CONCENTRATION_FEATURES,
+    INNER_RIM_FEATURES,
     KINETIC_FEATURES,
     RIM_FEATURES,
     acquisition_vector,
@@ -96,8 +97,9 @@ def test_case_features_are_the_kinetics_of_the_tumour_window():
     torch.testing.assert_close(torch.tensor([feats[k] for k in KINETIC_FEATURES]), expected)
     assert set(FEATURE_SETS["kinetic"]) < set(KINETIC_FEATURES)
     # Without the case's acquisition vector the concentration columns are there but unknown.
-    assert set(feats) == set(KINETIC_FEATURES) | set(CONCENTRATION_FEATURES) | set(RIM_FEATURES)
-    assert all(math.isnan(feats[k]) for k in CONCENTRATION_FEATURES[1:] + RIM_FEATURES[1:])
+    concentration_names = CONCENTRATION_FEATURES + RIM_FEATURES + INNER_RIM_FEATURES
+    assert set(feats) == set(KINETIC_FEATURES) | set(concentration_names)
+    assert all(math.isnan(feats[k]) for k in concentration_names if k != "log_volume")
     acquisition = acquisition_vector({"mean": 0.0, "std": 1.0}, {"field_strength": 1.5})
     with_acq = case_features(image + 1.0, mask, torch.tensor([0.0, 90.0, 180.0]), (16, 16, 16), acquisition)
     expected = tumour_concentration((window + 1.0)[None], mask[24:40, 0:16, 15:31][None, None], None,
@@ -106,6 +108,9 @@ def test_case_features_are_the_kinetics_of_the_tumour_window():
     expected = tumour_rim_concentration((window + 1.0)[None], mask[24:40, 0:16, 15:31][None, None], None,
                                         torch.tensor([[0.0, 90.0, 180.0]]), acquisition[None])[0]
     torch.testing.assert_close(torch.tensor([with_acq[k] for k in RIM_FEATURES]), expected)
+    expected = tumour_rim_concentration((window + 1.0)[None], mask[24:40, 0:16, 15:31][None, None], None,
+                                        torch.tensor([[0.0, 90.0, 180.0]]), acquisition[None], surface_layers=1)[0]
+    torch.testing.assert_close(torch.tensor([with_acq[k] for k in INNER_RIM_FEATURES]), expected)
 
 
 def test_kinetic_pathway_initialised_from_a_logistic_regression():
@@ -229,7 +234,7 @@ def test_own_heldout_pools_runs_that_share_no_case(tmp_path):
     science.main(["report", str(result), "--out", str(tmp_path / "own.md")])
     text = (tmp_path / "own.md").read_text()
     assert f"| {rim} | {pooled[rim]['auc_difference']:+.4f} |" in text
-    assert "| concentration | rim | Dice |" in text
+    assert "| concentration | rim | inner rim | Dice |" in text
 
 
 def test_science_report_joins_variant_files_with_paired_intervals(tmp_path):

@@ -79,7 +79,7 @@ def test_kinetic_features_see_washout_and_ignore_padding():
     assert torch.isfinite(empty).all()
 
 
-@pytest.mark.parametrize("features", ["curve", "concentration", "rim"])
+@pytest.mark.parametrize("features", ["curve", "concentration", "rim", "rim_inner"])
 def test_pcr_head_kinetic_pathway_uses_the_image(features):
     torch.manual_seed(0)
     head = PCRHead(embed_dim=16, kinetic=True, kinetic_features=features).eval()

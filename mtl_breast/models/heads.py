@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from torch import nn
 
 from mtl_breast.models.kinetics import (
     CONCENTRATION_FEATURES,
+    INNER_RIM_FEATURES,
     KINETIC_FEATURES,
     RIM_FEATURES,
     tumour_concentration,
@@ -27,6 +29,7 @@ FEATURE_SETS = {
     "curve": (KINETIC_FEATURES, lambda image, prob, mask, time, acq: tumour_kinetics(image, prob, mask, time)),
     "concentration": (CONCENTRATION_FEATURES, tumour_concentration),
     "rim": (RIM_FEATURES, tumour_rim_concentration),
+    "rim_inner": (INNER_RIM_FEATURES, partial(tumour_rim_concentration, surface_layers=1)),
 }
 
 __all__ = ["PCRHead"]
@@ -47,7 +50,9 @@ class PCRHead(nn.Module):
     of only through pooled tokens: ``kinetic_features="concentration"`` (`tumour_concentration`: size and the
     tumour's contrast concentration from the signal equation, which needs the case's ``acquisition`` vector),
     ``"rim"`` (`tumour_rim_concentration`: the same, with a rim index and the washout of the tumour's surface layer
-    in place of the core ratio, so rim-enhancing tumours are read on the same scale) or ``"curve"``
+    in place of the core ratio, so rim-enhancing tumours are read on the same scale), ``"rim_inner"`` (the rim
+    columns read one voxel layer below the surface, so a predicted boundary off by a voxel barely moves them) or
+    ``"curve"``
     (`tumour_kinetics`: size, wash-in, peak enhancement, washout of the normalised intensities).
 
     Args:
@@ -61,7 +66,7 @@ class PCRHead(nn.Module):
             standardised with buffers ``kinetic_mean``/``kinetic_std`` (weights format: ``pcr_head.kinetic_fc.weight
             [1, K]``, ``pcr_head.kinetic_mean [K]``, ``pcr_head.kinetic_std [K]``). Weights exported without it load
             with ``kinetic=False``.
-        kinetic_features: "concentration" (K = 5), "rim" (K = 6) or "curve" (K = 6). A feature that cannot be
+        kinetic_features: "concentration" (K = 5), "rim", "rim_inner" or "curve" (K = 6 each). A feature that cannot be
             computed (NaN: the acquisition vector is unknown) takes its training mean, i.e. contributes nothing.
             Joint weights exported before this option existed load with "curve".
         kinetic_threshold: the tumour curve averages the voxels with ``seg_prob >= kinetic_threshold`` (a hard mask,

@@ -2,11 +2,11 @@
 
 Breast DCE-MRI reads response from how the tumour takes up and releases contrast: how strongly it enhances in
 the first post-contrast phase (wash-in), whether its signal keeps rising, plateaus or falls afterwards
-(washout), and how large it is. The pCR head gets one of the two feature sets below as an explicit pathway next
+(washout), and how large it is. The pCR head gets one of the feature sets below as an explicit pathway next
 to the pooled encoder tokens (`models.heads.PCRHead`, ``kinetic_features``), and the baselines in
 ``bench/science`` fit a logistic regression on the same numbers from the expert mask.
 
-Two feature sets:
+Feature sets:
 
 - "curve" (`KINETIC_FEATURES`, `tumour_kinetics`), the kinetic baselines and the head's earlier pathway: the
   classic semi-quantitative summaries (Hylton's signal enhancement ratio, curve type) of the tumour curve in the
@@ -20,6 +20,11 @@ Two feature sets:
   noise-free concentration curve of homogeneous and heterogeneous tumours almost exactly (bench/kinetics_ceiling.py,
   docs/RESULTS.md), where the curve summaries do not. The head's default pathway and the concentration baseline
   use them; the head then needs each case's acquisition vector at every forward.
+- "rim" (`RIM_FEATURES`) and "rim_inner" (`INNER_RIM_FEATURES`), `tumour_rim_concentration`: the same
+  concentrations with a rim index and a near-surface washout in place of the core ratio, so a rim-enhancing
+  tumour's washout reads on the same scale as a homogeneous one's; "rim_inner" reads them one voxel layer below
+  the surface, where a boundary off by one voxel barely moves them. `concentration_feature_sets` computes the
+  three concentration sets from one inversion.
 
 References:
     Hylton N., Vascular and contrast kinetics in breast MRI (signal enhancement ratio, curve types). 2006.
@@ -35,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ACQUISITION_FIELDS", "CONCENTRATION_FEATURES", "KINETIC_FEATURES", "RIM_FEATURES", "acquisition_vector",
-           "edge_depth", "enhancing_half", "spgr_concentration", "tumour_concentration", "tumour_kinetics",
-           "tumour_rim_concentration"]
+__all__ = ["ACQUISITION_FIELDS", "CONCENTRATION_FEATURES", "INNER_RIM_FEATURES", "KINETIC_FEATURES", "RIM_FEATURES",
+           "acquisition_vector", "concentration_feature_sets", "edge_depth", "enhancing_half", "spgr_concentration",
+           "tumour_concentration", "tumour_kinetics", "tumour_rim_concentration"]
 
 # Names of the columns returned by `tumour_kinetics`, in order.
 KINETIC_FEATURES = ("log_volume", "wash_in", "peak_enhancement", "washout_ratio", "washout_per_min",
@@ -46,6 +51,9 @@ KINETIC_FEATURES = ("log_volume", "wash_in", "peak_enhancement", "washout_ratio"
 CONCENTRATION_FEATURES = ("log_volume", "ln_conc_first", "ln_conc_last", "conc_log_slope", "core_ratio")
 # Names of the columns returned by `tumour_rim_concentration`, in order.
 RIM_FEATURES = ("log_volume", "ln_conc_first", "ln_conc_last", "conc_log_slope", "rim_index", "shell_log_slope")
+# ... and by `tumour_rim_concentration(..., surface_layers=1)`, which reads them one voxel layer below the surface.
+INNER_RIM_FEATURES = ("log_volume", "ln_conc_first", "ln_conc_last", "conc_log_slope", "inner_rim_index",
+                      "inner_shell_log_slope")
 # Columns of the per-case acquisition vector [B, 5] (`acquisition_vector`); NaN = unknown.
 ACQUISITION_FIELDS = ("intensity_offset", "intensity_scale", "field_strength", "repetition_time", "flip_angle")
 # Used where the case does not say: 1.5 T, and a TR/flip angle typical of breast DCE-MRI (3D spoiled gradient echo).
@@ -258,13 +266,22 @@ def tumour_concentration(image: Tensor, tumour_prob: Tensor, phase_mask: Tensor 
         takes the default of a typical protocol.
     """
     parts = _concentration_curves(image, tumour_prob, phase_mask, phase_time, acquisition)
+    return _finish(parts, _curve_columns(parts) + [_core_ratio(parts, tumour_prob)])
+
+
+def _curve_columns(parts: dict[str, Tensor]) -> list[Tensor]:
+    """ln_conc_first, ln_conc_last and conc_log_slope (``[B]`` each) from `_concentration_curves`' ``parts``."""
+    return [torch.log(parts["c1"]), torch.log(parts["c_last"]), parts["slope"]]
+
+
+def _core_ratio(parts: dict[str, Tensor], tumour_prob: Tensor) -> Tensor:
+    """`tumour_concentration`'s core_ratio ``[B]`` from `_concentration_curves`' ``parts``."""
     mask, first = parts["mask"], parts["conc"][:, 1]  # [B, V]
     # Core: erosion by 2 voxels (a 5^3 minimum filter of the mask).
     core = (-F.max_pool3d(-(tumour_prob.float() > 0.5).float(), kernel_size=5, stride=1, padding=2) > 0.5).flatten(1)
     core_first = _masked_mean(first, core.float()).clamp_min(1e-3)
     whole_first = _masked_mean(first, mask.float()).clamp_min(1e-3)
-    core_ratio = torch.where(core.any(dim=1), torch.log(core_first / whole_first), 0.0)
-    return _finish(parts, [torch.log(parts["c1"]), torch.log(parts["c_last"]), parts["slope"], core_ratio])
+    return torch.where(core.any(dim=1), torch.log(core_first / whole_first), 0.0)
 
 
 def edge_depth(mask: Tensor, max_depth: int = _MAX_DEPTH) -> Tensor:
@@ -281,47 +298,75 @@ def edge_depth(mask: Tensor, max_depth: int = _MAX_DEPTH) -> Tensor:
 
 
 def tumour_rim_concentration(image: Tensor, tumour_prob: Tensor, phase_mask: Tensor | None = None,
-                             phase_time: Tensor | None = None, acquisition: Tensor | None = None) -> Tensor:
+                             phase_time: Tensor | None = None, acquisition: Tensor | None = None,
+                             surface_layers: int = 0) -> Tensor:
     """Rim-aware concentration features of the tumour in each volume.
 
     A rim-enhancing tumour (a fast-exchanging rim around a slow, necrotic core) mixes its core's slow curve into
     every region one can draw at the acquired resolution, which biases its washout towards a plateau; small ones
     have no core to detect with an erosion (`tumour_concentration`'s core_ratio is 0 for them). Two columns
     replace core_ratio: how strongly the tumour enhances at its surface rather than its centre (rim_index), and
-    the washout of its outermost voxel layer in the signal itself, where partial volume with non-enhancing tissue
-    scales every phase's enhancement alike and so leaves the ratio of enhancements unchanged (shell_log_slope).
-    The regression on these columns can then read a rim tumour's washout on the same scale as a homogeneous one's
-    (docs/RESULTS.md, "How much can image kinetics add?").
+    the washout of one voxel layer near its surface in the signal itself, where partial volume with non-enhancing
+    tissue scales every phase's enhancement alike and so leaves the ratio of enhancements unchanged
+    (shell_log_slope). The regression on these columns can then read a rim tumour's washout on the same scale as a
+    homogeneous one's (docs/RESULTS.md, "How much can image kinetics add?").
 
-    Args: as `tumour_concentration`.
+    Read on the outermost layer (``surface_layers=0``, `RIM_FEATURES`), both columns move with the mask's boundary:
+    a mask one voxel too large puts non-enhancing tissue into the rim index and the shell. With
+    ``surface_layers=1`` (`INNER_RIM_FEATURES`) the rim index leaves out the outermost layer and the shell is the
+    second one, which one voxel of boundary error leaves almost unchanged (docs/RESULTS.md, "Boundary
+    sensitivity").
+
+    Args: as `tumour_concentration`, and
+        surface_layers: voxel layers below the tumour's surface that the two rim columns leave out (0 or more).
 
     Returns:
-        ``[B, 6]`` float32, columns `RIM_FEATURES`: log_volume, ln_conc_first, ln_conc_last, conc_log_slope as in
-        `tumour_concentration`, and
-        rim_index: the correlation over the tumour's voxels between phase-1 concentration and `edge_depth`, signed
-            so that rim enhancement is positive (about -0.4 for homogeneous tumours on the phantoms, +0.4 for rim
-            ones); 0 with fewer than two depths or no enhancement spread;
-        shell_log_slope: ``ln(sum(S_last - S_0) / sum(S_1 - S_0))`` over the outermost layer, per minute (the
-            ratio clipped to [0.05, 20], 0 without post-contrast enhancement there or with fewer than 3 real
+        ``[B, 6]`` float32, columns `RIM_FEATURES` (`INNER_RIM_FEATURES` with ``surface_layers=1``): log_volume,
+        ln_conc_first, ln_conc_last, conc_log_slope as in `tumour_concentration`, and
+        rim_index: the correlation over the tumour's voxels deeper than ``surface_layers`` between phase-1
+            concentration and `edge_depth`, signed so that rim enhancement is positive (about -0.4 for homogeneous
+            tumours on the phantoms, +0.4 for rim ones); 0 with fewer than two depths or no enhancement spread;
+        shell_log_slope: ``ln(sum(S_last - S_0) / sum(S_1 - S_0))`` over layer ``surface_layers + 1``, per minute
+            (the ratio clipped to [0.05, 20], 0 without post-contrast enhancement there or with fewer than 3 real
             phases), clipped to [-1, 1].
         Columns 1-5 are NaN where the intensity offset/scale is unknown.
     """
     parts = _concentration_curves(image, tumour_prob, phase_mask, phase_time, acquisition)
-    mask, first, last = parts["mask"], parts["conc"][:, 1], parts["last"]
+    return _finish(parts, _curve_columns(parts) + _rim_columns(parts, image, tumour_prob, surface_layers))
+
+
+def _rim_columns(parts: dict[str, Tensor], image: Tensor, tumour_prob: Tensor, surface_layers: int) -> list[Tensor]:
+    """`tumour_rim_concentration`'s rim_index and shell_log_slope (``[B]`` each) from `_concentration_curves`'
+    ``parts``."""
+    if surface_layers < 0 or surface_layers >= _MAX_DEPTH - 1:
+        raise ValueError(f"surface_layers must be in [0, {_MAX_DEPTH - 2}], got {surface_layers}")
+    first, last = parts["conc"][:, 1], parts["last"]
     depth = edge_depth(tumour_prob.float() > 0.5).flatten(1)  # [B, V]
-    weights = mask.float()
+    weights = (depth > surface_layers).float()
     mean_first, mean_depth = _masked_mean(first, weights), _masked_mean(depth, weights)
     dc, dd = (first - mean_first[:, None]) * weights, (depth - mean_depth[:, None]) * weights
     spread = torch.sqrt((dc * dc).sum(dim=1) * (dd * dd).sum(dim=1))
     rim_index = torch.where(spread > _EPS, -(dc * dd).sum(dim=1) / spread.clamp_min(_EPS), 0.0)
 
     x = image.float().flatten(2)  # [B, T, V]; ratios of enhancements do not depend on the normalisation
-    shell = (depth == 1).float()
+    shell = (depth == surface_layers + 1).float()
     wash_in = ((x[:, 1] - x[:, 0]) * shell).sum(dim=1)
     last_x = x.gather(1, last[:, None, None].expand(-1, 1, x.shape[2]))[:, 0]
     late = ((last_x - x[:, 0]) * shell).sum(dim=1)
     ratio = (late / wash_in.clamp_min(_EPS)).clamp(0.05, 20.0)
     shell_slope = torch.log(ratio) / parts["minutes"]
     shell_slope = torch.where((last >= 2) & (wash_in > 0), shell_slope, 0.0).clamp(-1.0, 1.0)
-    return _finish(parts, [torch.log(parts["c1"]), torch.log(parts["c_last"]), parts["slope"], rim_index,
-                           shell_slope])
+    return [rim_index, shell_slope]
+
+
+def concentration_feature_sets(image: Tensor, tumour_prob: Tensor, phase_mask: Tensor | None = None,
+                               phase_time: Tensor | None = None,
+                               acquisition: Tensor | None = None) -> dict[tuple[str, ...], Tensor]:
+    """`tumour_concentration` and `tumour_rim_concentration` at 0 and 1 surface layers from one inversion of the
+    signal equation: ``{CONCENTRATION_FEATURES: [B, 5], RIM_FEATURES: [B, 6], INNER_RIM_FEATURES: [B, 6]}``, the
+    same numbers as the three calls (arguments as `tumour_concentration`)."""
+    parts = _concentration_curves(image, tumour_prob, phase_mask, phase_time, acquisition)
+    curve = _curve_columns(parts)
+    return {CONCENTRATION_FEATURES: _finish(parts, curve + [_core_ratio(parts, tumour_prob)]),
+            RIM_FEATURES: _finish(parts, curve + _rim_columns(parts, image, tumour_prob, 0)),
+            INNER_RIM_FEATURES: _finish(parts, curve + _rim_columns(parts, image, tumour_prob, 1))}
