@@ -10,7 +10,8 @@ features and Tofts fit computed from the noise-free Tofts curve at the case's ac
 estimate from the images could reach: Ktrans and kep themselves are not identifiable from 3-6 late samples). The
 gaps say how much a better kinetic estimate could add, and where it is lost: per enhancement pattern, the
 cross-validated AUC within the pattern and the offset of the image's washout from the noise-free one (a pooled
-regression reads every pattern on one scale), next to the rim-aware set (`models.kinetics.tumour_rim_concentration`);
+regression reads every pattern on one scale), next to the rim-aware sets (`models.kinetics.tumour_rim_concentration`
+on the surface layer and one layer below it);
 and for the image features, the AUC when the held-out folds' features come from the expert mask grown or shrunk by
 one voxel (a predicted boundary is rarely exact).
 
@@ -33,6 +34,7 @@ from mtl_breast.data.mamamia import read_splits
 from mtl_breast.metrics.classification import roc_auc
 from mtl_breast.models.kinetics import (
     CONCENTRATION_FEATURES,
+    INNER_RIM_FEATURES,
     RIM_FEATURES,
     acquisition_vector,
     enhancing_half,
@@ -45,6 +47,7 @@ _KEP_GRID = np.logspace(-1, 1.3, 48)  # /min
 _ARRIVAL_S = 15.0  # assumed bolus arrival after the pre-contrast acquisition
 _ARRIVAL_GRID_S = (10.0, 15.0, 20.0, 25.0)  # the phantoms draw arrival in 10-25 s
 _RIM_SET = "rim-aware concentration (the same with rim index and surface-layer washout instead of core ratio)"
+_INNER_RIM_SET = "inner-rim concentration (the rim-aware set read one voxel layer below the surface)"
 
 FEATURE_SETS = {
     "log volume": ("log_volume",),
@@ -58,6 +61,7 @@ FEATURE_SETS = {
                                                               "conc_log_slope"),
     "concentration baseline (the same + core ratio)": CONCENTRATION_FEATURES,
     _RIM_SET: RIM_FEATURES,
+    _INNER_RIM_SET: INNER_RIM_FEATURES,
     "log volume + Tofts fit of the tumour concentration (ln Ktrans, ln kep)": ("log_volume", "conc_tofts_ln_ktrans",
                                                                             "conc_tofts_ln_kep"),
     "log volume + Tofts fit of the noise-free concentration (true arrival, with vp)": (
@@ -238,7 +242,7 @@ def main() -> None:
     # Within each enhancement pattern on its own, and how far the image's washout lies from the noise-free one:
     # a pooled regression reads one scale of washout for all patterns, so an offset by pattern costs AUC there.
     non_rim = np.array([r["pattern"] != "rim" for r in rows])
-    for feature in ("conc_log_slope", "shell_log_slope"):
+    for feature in ("conc_log_slope", "shell_log_slope", "inner_shell_log_slope"):
         image = np.array([r[feature] for r in rows])
         ideal = np.array([r["ideal_log_slope"] for r in rows])
         fit = np.polyfit(ideal[non_rim], image[non_rim], 1)  # the image washout as the other patterns relate it
@@ -249,9 +253,10 @@ def main() -> None:
             by_pattern[pattern][f"{feature} sd around it"] = float(residual[sub].std())
     for pattern in by_pattern:
         sub = [i for i, r in enumerate(rows) if r["pattern"] == pattern]
-        by_pattern[pattern]["rim_index quartiles"] = np.percentile([rows[i]["rim_index"] for i in sub],
-                                                                   [25, 50, 75]).round(3).tolist()
-        for name in ("log volume", "concentration baseline (the same + core ratio)", _RIM_SET,
+        for index in ("rim_index", "inner_rim_index"):
+            by_pattern[pattern][f"{index} quartiles"] = np.percentile([rows[i][index] for i in sub],
+                                                                      [25, 50, 75]).round(3).tolist()
+        for name in ("log volume", "concentration baseline (the same + core ratio)", _RIM_SET, _INNER_RIM_SET,
                      "log volume + noise-free concentration (phase 1, last, log slope)"):
             aucs = cross_validated_auc([rows[i] for i in sub], y[sub], FEATURE_SETS[name], args.repeats)
             by_pattern[pattern][f"cv_auc {name}"] = float(np.mean(aucs))

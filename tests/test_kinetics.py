@@ -15,9 +15,11 @@ from mtl_breast.models.heads import PCRHead
 from mtl_breast.models.kinetics import (
     ACQUISITION_FIELDS,
     CONCENTRATION_FEATURES,
+    INNER_RIM_FEATURES,
     KINETIC_FEATURES,
     RIM_FEATURES,
     acquisition_vector,
+    concentration_feature_sets,
     edge_depth,
     spgr_concentration,
     tumour_concentration,
@@ -313,3 +315,42 @@ def test_shell_washout_ignores_partial_volume_with_non_enhancing_tissue():
     flat = image.clone()
     flat[:, 2:] = flat[:, 1:2]
     assert tumour_rim_concentration(flat, mask, None, times, acquisition)[0, 5] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_inner_rim_features_hold_when_the_mask_is_one_voxel_too_large():
+    """A mask grown by one voxel into non-enhancing tissue empties the surface layer's enhancement, so the surface
+    rim features move; read one layer below the surface (surface_layers=1) they still see the rim."""
+    rim, necrotic = [0.0, 0.9, 0.7, 0.5], [0.0, 0.05, 0.1, 0.15]
+    times = torch.tensor([[0.0, 90.0, 180.0, 270.0]])
+    image, mask, acquisition = _scanner_case([rim, necrotic])  # rim two voxels thick, then the core
+    grown = torch.zeros_like(mask)
+    grown[0, 0, 1:11, 1:11, 1:11] = 1
+
+    def features(m: torch.Tensor, layers: int) -> dict[str, float]:
+        names = INNER_RIM_FEATURES if layers else RIM_FEATURES
+        return dict(zip(names, tumour_rim_concentration(image, m, None, times, acquisition, surface_layers=layers)[0]
+                        .tolist(), strict=True))
+
+    exact, exact_inner = features(mask, 0), features(mask, 1)
+    over, over_inner = features(grown, 0), features(grown, 1)
+    # On the exact mask both layers of the rim wash out alike.
+    assert exact_inner["inner_shell_log_slope"] == pytest.approx(exact["shell_log_slope"], rel=1e-5)
+    assert exact["shell_log_slope"] < -0.05 and exact_inner["inner_rim_index"] > 0.5
+    # One voxel too large: the surface layer is background (no wash-in, so no washout), the layer below is the rim.
+    assert over["shell_log_slope"] == 0.0
+    assert over_inner["inner_shell_log_slope"] == pytest.approx(exact["shell_log_slope"], rel=1e-5)
+    assert over_inner["inner_rim_index"] > 0.5
+    assert over["rim_index"] < exact["rim_index"] - 0.3
+    with pytest.raises(ValueError, match="surface_layers"):
+        tumour_rim_concentration(image, mask, None, times, acquisition, surface_layers=-1)
+
+
+def test_feature_sets_from_one_inversion_match_the_separate_calls():
+    image, mask, acquisition = _scanner_case([[0.0, 0.9, 0.7, 0.5], [0.0, 0.05, 0.1, 0.15]])
+    times = torch.tensor([[0.0, 90.0, 180.0, 270.0]])
+    sets = concentration_feature_sets(image, mask, None, times, acquisition)
+    torch.testing.assert_close(sets[CONCENTRATION_FEATURES], tumour_concentration(image, mask, None, times,
+                                                                                  acquisition))
+    for layers, names in ((0, RIM_FEATURES), (1, INNER_RIM_FEATURES)):
+        torch.testing.assert_close(sets[names], tumour_rim_concentration(image, mask, None, times, acquisition,
+                                                                         surface_layers=layers))
