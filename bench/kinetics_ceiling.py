@@ -26,7 +26,7 @@ import json
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from monai.transforms.utils_morphological_ops import dilate, erode
 
 from mtl_breast.baselines import LogisticBaseline, case_features
 from mtl_breast.data.cache import CaseCache
@@ -139,10 +139,10 @@ def concentration_features(curve: np.ndarray, times_s: np.ndarray, prefix: str) 
 
 
 def shifted_mask(mask: torch.Tensor, step: int) -> torch.Tensor:
-    """The bool ``[D, H, W]`` mask grown (`step` = +1) or shrunk (-1) by one voxel (3^3 max / min filter): where a
+    """The bool ``[D, H, W]`` mask grown (`step` = +1) or shrunk (-1) by one voxel (3^3 MONAI dilate / erode): where a
     predicted boundary may lie against the expert one."""
     x = mask.float()[None, None]
-    out = F.max_pool3d(x, 3, 1, 1) if step > 0 else -F.max_pool3d(-x, 3, 1, 1)
+    out = dilate(x, filter_size=3) if step > 0 else erode(x, filter_size=3)
     return out[0, 0] > 0.5
 
 

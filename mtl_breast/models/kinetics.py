@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+from monai.transforms.utils_morphological_ops import erode
 from torch import Tensor
 
 __all__ = ["ACQUISITION_FIELDS", "CONCENTRATION_FEATURES", "INNER_RIM_FEATURES", "KINETIC_FEATURES", "RIM_FEATURES",
@@ -278,7 +278,7 @@ def _core_ratio(parts: dict[str, Tensor], tumour_prob: Tensor) -> Tensor:
     """`tumour_concentration`'s core_ratio ``[B]`` from `_concentration_curves`' ``parts``."""
     mask, first = parts["mask"], parts["conc"][:, 1]  # [B, V]
     # Core: erosion by 2 voxels (a 5^3 minimum filter of the mask).
-    core = (-F.max_pool3d(-(tumour_prob.float() > 0.5).float(), kernel_size=5, stride=1, padding=2) > 0.5).flatten(1)
+    core = erode((tumour_prob.float() > 0.5).float(), filter_size=5).flatten(1) > 0.5
     core_first = _masked_mean(first, core.float()).clamp_min(1e-3)
     whole_first = _masked_mean(first, mask.float()).clamp_min(1e-3)
     return torch.where(core.any(dim=1), torch.log(core_first / whole_first), 0.0)
@@ -293,7 +293,7 @@ def edge_depth(mask: Tensor, max_depth: int = _MAX_DEPTH) -> Tensor:
     depth = torch.zeros_like(current)
     for _ in range(max_depth):
         depth = depth + current
-        current = -F.max_pool3d(-current, kernel_size=3, stride=1, padding=1)  # erosion by one voxel
+        current = erode(current, filter_size=3)  # by one voxel
     return depth
 
 
