@@ -51,8 +51,8 @@ class PCRHead(nn.Module):
     tumour's contrast concentration from the signal equation, which needs the case's ``acquisition`` vector),
     ``"rim"`` (`tumour_rim_concentration`: the same, with a rim index and the washout of the tumour's surface layer
     in place of the core ratio, so rim-enhancing tumours are read on the same scale), ``"rim_inner"`` (the rim
-    columns read one voxel layer below the surface, so a predicted boundary off by a voxel barely moves them) or
-    ``"curve"``
+    columns read one voxel layer below the surface, so a predicted boundary off by a voxel barely moves them;
+    measured below the default, docs/RESULTS.md) or ``"curve"``
     (`tumour_kinetics`: size, wash-in, peak enhancement, washout of the normalised intensities).
 
     Args:

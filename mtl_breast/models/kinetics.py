@@ -314,8 +314,8 @@ def tumour_rim_concentration(image: Tensor, tumour_prob: Tensor, phase_mask: Ten
     Read on the outermost layer (``surface_layers=0``, `RIM_FEATURES`), both columns move with the mask's boundary:
     a mask one voxel too large puts non-enhancing tissue into the rim index and the shell. With
     ``surface_layers=1`` (`INNER_RIM_FEATURES`) the rim index leaves out the outermost layer and the shell is the
-    second one, which one voxel of boundary error leaves almost unchanged (docs/RESULTS.md, "Boundary
-    sensitivity").
+    second one, which one voxel of mask growth leaves almost unchanged but which carries more of a necrotic core's
+    slow curve (docs/RESULTS.md, "How much can image kinetics add?" and "The inner-rim kinetic pathway").
 
     Args: as `tumour_concentration`, and
         surface_layers: voxel layers below the tumour's surface that the two rim columns leave out (0 or more).
