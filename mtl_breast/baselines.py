@@ -60,8 +60,9 @@ def case_features(image: np.ndarray | torch.Tensor, tumour: np.ndarray | torch.T
 
     Args:
         image: ``[T, D, H, W]`` preprocessed phases.
-        tumour: ``[D, H, W]`` expert mask or predicted probability on the same grid (> 0.5 = tumour for the
-            concentration features).
+        tumour: ``[D, H, W]`` expert mask or predicted probability on the same grid; the voxels >= 0.5 are the
+            tumour for every feature set, as the pCR head reads its predicted mask (a probability's low tail
+            outside the tumour would otherwise add to the curve set's log_volume, which every set shares).
         phase_time: ``[T]`` seconds after pre-contrast (NaN unknown), or None.
         roi: the window size (the model's training crop).
         acquisition: ``[5]`` `models.kinetics.acquisition_vector` of the case; None leaves the concentration
@@ -72,14 +73,13 @@ def case_features(image: np.ndarray | torch.Tensor, tumour: np.ndarray | torch.T
         `RIM_FEATURES` and `INNER_RIM_FEATURES`.
     """
     x = torch.as_tensor(np.asarray(image), dtype=torch.float32)  # [T, D, H, W]
-    p = torch.as_tensor(np.asarray(tumour), dtype=torch.float32)  # [D, H, W]
+    p = (torch.as_tensor(np.asarray(tumour), dtype=torch.float32) >= 0.5).float()  # [D, H, W] mask
     window = tumour_window(torch.cat([x, p[None]]), p, roi)[None]  # phases and mask cut alike: [1, T + 1, ...]
     times = None if phase_time is None else torch.as_tensor(np.asarray(phase_time), dtype=torch.float32)[None]
     values = tumour_kinetics(window[:, :-1], window[:, -1:], phase_time=times)[0].tolist()
     acq = None if acquisition is None else torch.as_tensor(acquisition, dtype=torch.float32).reshape(1, -1)
     sets = concentration_feature_sets(window[:, :-1], window[:, -1:], phase_time=times, acquisition=acq)
-    # Every set starts with log_volume, and the concentration sets share four columns; the curve set's log_volume
-    # (soft weights) is kept.
+    # Every set starts with log_volume (the same number on a mask), and the concentration sets share four columns.
     features = {}
     for names, columns in sets.items():
         features.update(zip(names, columns[0].tolist(), strict=True))

@@ -400,3 +400,19 @@ def test_ceiling_scores_held_out_folds_under_a_mask_one_voxel_off():
     same = ceiling.cross_validated_auc(rows, y, ("x",), 2)
     assert ceiling.cross_validated_auc(rows, y, ("x",), 2, scored_as="dilated") == same
     assert np.mean(same) > 0.7 and np.mean(ceiling.cross_validated_auc(rows, y, ("x",), 2, scored_as="eroded")) < 0.3
+
+
+def test_case_features_read_a_probability_as_its_mask():
+    """The predicted-mask baselines read the tumour the pCR head reads: the probability thresholded at 0.5, so a
+    low-probability tail around the tumour does not inflate log_volume (which every feature set shares)."""
+    image = torch.randn(3, 24, 24, 24, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(24, 24, 24)
+    mask[8:14, 8:14, 8:14] = 1
+    image[1:, mask.bool()] += torch.tensor([2.0, 1.5])[:, None]
+    prob = torch.where(mask.bool(), 0.9, 0.2)  # background at 0.2: a soft sum of ~970 voxels in the window
+    acquisition = acquisition_vector({"mean": 0.0, "std": 1.0}, {"field_strength": 1.5})
+    times = torch.tensor([0.0, 90.0, 180.0])
+    soft = case_features(image + 1.0, prob, times, (16, 16, 16), acquisition)
+    hard = case_features(image + 1.0, mask, times, (16, 16, 16), acquisition)
+    assert soft == hard
+    assert soft["log_volume"] == pytest.approx(math.log1p(216) - 6.0)
