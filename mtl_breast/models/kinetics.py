@@ -332,16 +332,16 @@ def tumour_rim_concentration(image: Tensor, tumour_prob: Tensor, phase_mask: Ten
         Columns 1-5 are NaN where the intensity offset/scale is unknown.
     """
     parts = _concentration_curves(image, tumour_prob, phase_mask, phase_time, acquisition)
-    return _finish(parts, _curve_columns(parts) + _rim_columns(parts, image, tumour_prob, surface_layers))
+    depth = edge_depth(tumour_prob.float() > 0.5).flatten(1)  # [B, V]
+    return _finish(parts, _curve_columns(parts) + _rim_columns(parts, image, depth, surface_layers))
 
 
-def _rim_columns(parts: dict[str, Tensor], image: Tensor, tumour_prob: Tensor, surface_layers: int) -> list[Tensor]:
+def _rim_columns(parts: dict[str, Tensor], image: Tensor, depth: Tensor, surface_layers: int) -> list[Tensor]:
     """`tumour_rim_concentration`'s rim_index and shell_log_slope (``[B]`` each) from `_concentration_curves`'
-    ``parts``."""
+    ``parts`` and the tumour's flattened `edge_depth` ``[B, V]``."""
     if surface_layers < 0 or surface_layers >= _MAX_DEPTH - 1:
         raise ValueError(f"surface_layers must be in [0, {_MAX_DEPTH - 2}], got {surface_layers}")
     first, last = parts["conc"][:, 1], parts["last"]
-    depth = edge_depth(tumour_prob.float() > 0.5).flatten(1)  # [B, V]
     weights = (depth > surface_layers).float()
     mean_first, mean_depth = _masked_mean(first, weights), _masked_mean(depth, weights)
     dc, dd = (first - mean_first[:, None]) * weights, (depth - mean_depth[:, None]) * weights
@@ -367,6 +367,7 @@ def concentration_feature_sets(image: Tensor, tumour_prob: Tensor, phase_mask: T
     same numbers as the three calls (arguments as `tumour_concentration`)."""
     parts = _concentration_curves(image, tumour_prob, phase_mask, phase_time, acquisition)
     curve = _curve_columns(parts)
+    depth = edge_depth(tumour_prob.float() > 0.5).flatten(1)  # [B, V], shared by both rim sets
     return {CONCENTRATION_FEATURES: _finish(parts, curve + [_core_ratio(parts, tumour_prob)]),
-            RIM_FEATURES: _finish(parts, curve + _rim_columns(parts, image, tumour_prob, 0)),
-            INNER_RIM_FEATURES: _finish(parts, curve + _rim_columns(parts, image, tumour_prob, 1))}
+            RIM_FEATURES: _finish(parts, curve + _rim_columns(parts, image, depth, 0)),
+            INNER_RIM_FEATURES: _finish(parts, curve + _rim_columns(parts, image, depth, 1))}
