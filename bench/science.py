@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from bench_common import run_meta
 
 from mtl_breast.baselines import (
@@ -314,7 +315,9 @@ def finetune(out: Path, data: Path, seed: int, pretrained: Path | None, extra: l
     weights = out / "weights" / "mtl"
     if (weights / "model.safetensors").exists():
         return weights
-    per_epoch = max(1, round(labelled * 0.8 * 2 / 4))  # 80% for training, 2 repeats, batch 4 (configs/finetune)
+    data_config = yaml.safe_load((ROOT / "configs/finetune/demo.yaml").read_text())["data"]
+    # 80% of the labelled cases train (the datamodule's default val_fraction), each drawn `repeats` times an epoch.
+    per_epoch = max(1, round(labelled * 0.8 * data_config["repeats"] / data_config["batch_size"]))
     epochs = max(1, round(steps / per_epoch))
     args = ["finetune", "fit", "--config", ROOT / "configs/finetune/demo.yaml", "--data.root", data,
             "--data.cache_dir", out / "cache" / "data", "--seed_everything", seed,

@@ -224,7 +224,7 @@ def _fit_check(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- demo
 def _demo_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
-    p.add_argument("--labelled", type=int, default=96, help="labelled phantoms for fine-tuning (train + validation)")
+    p.add_argument("--labelled", type=int, default=288, help="labelled phantoms for fine-tuning (train + validation)")
     p.add_argument("--held-out", type=int, default=150, help="phantoms that only prediction and scoring see")
     p.add_argument("--pool", type=int, default=200, help="unlabeled phantoms for MAE pretraining")
     p.add_argument("--size", type=int, default=48)

@@ -91,7 +91,7 @@ def _held_out_pcr(data: Path, cache_dir: Path, weights: Path, predictions: Path)
     return {"cases": len(test_ids), "positives": int(sum(y_test)), "auc": table, "model_minus": model_minus}
 
 
-def run_demo(workdir: Path | str = "runs/demo", labelled: int = 96, held_out: int = 150, pool: int = 200,
+def run_demo(workdir: Path | str = "runs/demo", labelled: int = 288, held_out: int = 150, pool: int = 200,
              size: int = 48, seed: int = 0, pretrain_epochs: int | None = None,
              finetune_epochs: int | None = None) -> dict:
     """Run the whole pipeline in `workdir`; returns the scores dict. Epoch overrides shorten it for tests.
