@@ -416,3 +416,27 @@ def test_case_features_read_a_probability_as_its_mask():
     hard = case_features(image + 1.0, mask, times, (16, 16, 16), acquisition)
     assert soft == hard
     assert soft["log_volume"] == pytest.approx(math.log1p(216) - 6.0)
+
+
+def test_label_curve_gains_over_size_grow_with_the_labelled_cases():
+    """Cases whose pCR depends on size and on one kinetic feature: with more labelled cases the kinetic regressions'
+    lead over size grows, the whole pool is one draw, and a count above the pool is an error."""
+    curve = load_bench_script("label_curve").curve
+    rng = np.random.default_rng(0)
+    names = sorted({f for features in FEATURE_SETS.values() for f in features})
+
+    def cases(n: int) -> tuple[list[dict], np.ndarray]:
+        x = rng.standard_normal((n, len(names)))
+        signal = x[:, names.index("log_volume")] + x[:, names.index("conc_log_slope")]
+        y = (rng.random(n) < 1.0 / (1.0 + np.exp(-2.0 * signal))).astype(float)
+        return [dict(zip(names, row, strict=True)) for row in x], y
+
+    train, held = cases(300), cases(400)
+    table = curve(train, {"held": held}, [12, 300], draws=20, seed=0)
+    small, full = table[12]["concentration"]["held"], table[300]["concentration"]["held"]
+    assert table[12]["draws"] == 20 and table[300]["draws"] == 1
+    assert full["minus_size"] > 0.08 and full["minus_size"] > small["minus_size"] + 0.03
+    assert small["minus_size_low"] <= small["minus_size"] <= small["minus_size_high"]
+    assert table[300]["size"]["held"]["minus_size"] == 0.0
+    with pytest.raises(SystemExit, match="more than the 300 pooled training cases"):
+        curve(train, {"held": held}, [301], draws=2, seed=0)
