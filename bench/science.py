@@ -50,6 +50,7 @@ from mtl_breast.data.build import preprocess_dataset
 from mtl_breast.data.cache import CaseCache
 from mtl_breast.data.folder import read_dataset
 from mtl_breast.data.mamamia import read_splits
+from mtl_breast.files import write_text
 from mtl_breast.metrics.classification import balanced_accuracy, roc_auc
 from mtl_breast.metrics.intervals import mean_interval, percentile_interval, resample_indices
 from mtl_breast.metrics.segmentation import dice as dice_score
@@ -193,12 +194,33 @@ def summarise(runs: list[dict], seed: int = 0) -> dict:
             "dice_ci": bootstrap_interval(lambda i: float(dice[:, i].mean()), len(y), seed=seed, samples=1000)}
 
 
+def _scored_run(run: Path, data: Path, cache: CaseCache, heldout_seed: int, scores_dir: str | None) -> dict:
+    """`score_run` of a run's joint model on the held-out set; with `scores_dir`, kept there as ``<run name>.json``
+    and read back by a later call, so runs scored by separate processes (or before an interruption) join one
+    summary. A kept file of another run folder or held-out seed is an error, not silently reused."""
+    if scores_dir is None:
+        return score_run(run, run / "weights" / "mtl", data, cache)
+    path = Path(scores_dir) / f"{run.name}.json"
+    key = {"run": str(run.resolve()), "heldout_seed": heldout_seed}
+    if path.exists():
+        kept = json.loads(path.read_text())
+        if {k: kept.get(k) for k in key} != key:
+            raise SystemExit(f"{path} holds the scores of {kept.get('run')} on held-out seed "
+                             f"{kept.get('heldout_seed')}, not of {key['run']} on seed {heldout_seed}: use another "
+                             "--scores-dir")
+        return kept["scored"]
+    scored = score_run(run, run / "weights" / "mtl", data, cache)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, json.dumps({**key, "scored": scored}) + "\n")
+    return scored
+
+
 def cmd_heldout(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     runs = [Path(r) for r in args.runs]
     settings = InferenceSettings.from_config(read_weights_config(runs[0] / "weights" / "mtl"))
     data, cache = held_out_set(Path(args.heldout_dir), args.cases, args.size, settings, args.heldout_seed)
-    scored = [score_run(run, run / "weights" / "mtl", data, cache) for run in runs]
+    scored = [_scored_run(run, data, cache, args.heldout_seed, args.scores_dir) for run in runs]
     return {"experiment": "heldout", **summarise(scored), "runs": [str(r) for r in runs],
             "heldout_seed": args.heldout_seed,
             **run_meta(sys.argv, started)}
@@ -417,7 +439,8 @@ def cmd_ablations(args: argparse.Namespace) -> dict:
                 out, weights = run, run / "weights" / "mtl"
             else:
                 pretrained = run / "weights" / "mae" if mae == "run" else pretrain(out, run / "pool", seed, mae)
-                weights = finetune(out, run / "data", seed, pretrained, extra, args.steps, args.labelled)
+                labelled = args.labelled or len(read_splits(run / "data")["train"])
+                weights = finetune(out, run / "data", seed, pretrained, extra, args.steps, labelled)
             results.append({"run": str(run), **_score_variant(name, out, weights, data_h, cache_h)})
     return {"experiment": "ablations", "held_out_cases": args.cases, "heldout_seed": args.heldout_seed,
             "results": results,
@@ -632,6 +655,8 @@ def main(argv: list[str] | None = None) -> int:
     runs.add_argument("--workdir", default="runs/science")
     held = sub.add_parser("heldout", help="model vs baselines vs kinetics-removed inputs on fresh phantoms")
     held.add_argument("--runs", nargs="+", required=True)
+    held.add_argument("--scores-dir", help="keep each run's per-case scores here and reuse them (runs scored by "
+                                           "separate processes join one summary)")
     own = sub.add_parser("own-heldout", help="each demo run on its own held-out split, with the washout removed too")
     own.add_argument("--runs", nargs="+", required=True)
     eff = sub.add_parser("label-efficiency", help="fine-tune n labelled cases from MAE weights and from scratch")
@@ -643,7 +668,8 @@ def main(argv: list[str] | None = None) -> int:
     abl.add_argument("--runs", nargs="+", required=True)
     abl.add_argument("--only", nargs="*", help="ablation names to run (default: all)")
     abl.add_argument("--steps", type=int, default=770)
-    abl.add_argument("--labelled", type=int, default=96, help="labelled cases in the run's data (steps per epoch)")
+    abl.add_argument("--labelled", type=int, help="labelled cases in the run's data, for the steps per epoch "
+                                                  "(default: its training split's size)")
     abl.add_argument("--workdir", default="runs/science/ablations")
     for parser in (held, eff, abl):
         parser.add_argument("--cases", type=int, default=160, help="held-out phantoms")

@@ -440,3 +440,26 @@ def test_label_curve_gains_over_size_grow_with_the_labelled_cases():
     assert table[300]["size"]["held"]["minus_size"] == 0.0
     with pytest.raises(SystemExit, match="more than the 300 pooled training cases"):
         curve(train, {"held": held}, [301], draws=2, seed=0)
+
+
+def test_heldout_scores_kept_per_run_are_reused_and_never_mixed_up(tmp_path, monkeypatch):
+    """`science.py heldout --scores-dir`: a run scored once is read back (runs scored by separate processes join one
+    summary); a kept file of another run folder with the same name, or of another held-out seed, is refused."""
+    science = _science()
+    calls = []
+
+    def fake_score_run(run, weights, data, cache):
+        calls.append(run)
+        return {"ids": ["a", "b"], "y": [0.0, 1.0], "scores": {"joint model, as acquired": [0.2, 0.7]},
+                "thresholds": {"joint model, as acquired": 0.5}, "dice": [0.9, 0.8]}
+
+    monkeypatch.setattr(science, "score_run", fake_score_run)
+    run, kept = tmp_path / "a" / "seed0", tmp_path / "scores"
+    first = science._scored_run(run, tmp_path, None, 20_000, str(kept))
+    assert science._scored_run(run, tmp_path, None, 20_000, str(kept)) == first and len(calls) == 1
+    assert (kept / "seed0.json").exists()
+    with pytest.raises(SystemExit, match="use another --scores-dir"):
+        science._scored_run(tmp_path / "b" / "seed0", tmp_path, None, 20_000, str(kept))
+    with pytest.raises(SystemExit, match="on held-out seed 20000"):
+        science._scored_run(run, tmp_path, None, 30_000, str(kept))
+    assert science._scored_run(run, tmp_path, None, 20_000, None) == first and len(calls) == 2
