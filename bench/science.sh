@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole evidence suite of docs/RESULTS.md, in order, on CPU: three demo runs (seeds 0-2), the held-out
 # comparison with baselines and kinetics removed (on fresh phantoms, then on each run's own held-out split), the
-# ablations (seeds 0-2) and the label-efficiency runs (seeds 0-2) with the starting regressions of their kinetic
-# pathways.
+# baselines' label curve, the ablations (seeds 0-2) and the label-efficiency runs (seeds 0-2) with the starting
+# regressions of their kinetic pathways.
 # Each step writes OUT/<step>.json and skips work whose outputs exist, so a stopped suite resumes.
 # Held-out phantoms: seed 20000 (HELDOUT_SEED), the set docs/RESULTS.md judges the current model on.
 #   bash bench/science.sh runs/science       # about 10 hours on 2 cores
@@ -18,6 +18,9 @@ $PY bench/science.py heldout --runs "$OUT/seed0" "$OUT/seed1" "$OUT/seed2" "${HE
 # the same runs, each on its own held-out split (other cases per run), with the washout removed too
 [ -f "$OUT/own_heldout.json" ] || $PY bench/science.py own-heldout --runs "$OUT/seed0" "$OUT/seed1" "$OUT/seed2" \
     --out "$OUT/own_heldout.json"
+# the baselines' pCR AUC against the number of labelled training cases (the runs' training cases pooled)
+[ -f "$OUT/label_curve.json" ] || $PY bench/label_curve.py "$OUT/seed0" "$OUT/seed1" "$OUT/seed2" \
+    --heldout-dir "$OUT/heldout_data" --out "$OUT/label_curve.json"
 # every ablation on seeds 0-2: the reference scored once, then one variant at a time across the seeds, so a suite
 # stopped midway leaves whole variants
 [ -f "$OUT/ablations_reference.json" ] || $PY bench/science.py ablations --runs "$OUT/seed0" "$OUT/seed1" "$OUT/seed2" \
