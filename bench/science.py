@@ -59,6 +59,7 @@ from mtl_breast.predictor import InferenceSettings, load_joint_model, predict_vo
 
 HELD_OUT_SEED = 10_000
 ROOT = Path(__file__).resolve().parents[1]
+FINETUNE_CONFIG = ROOT / "configs" / "finetune" / "demo.yaml"  # the demo's fine-tuning, which every variant starts from
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -337,13 +338,13 @@ def finetune(out: Path, data: Path, seed: int, pretrained: Path | None, extra: l
     weights = out / "weights" / "mtl"
     if (weights / "model.safetensors").exists():
         return weights
-    config = yaml.safe_load((ROOT / "configs/finetune/demo.yaml").read_text())
+    config = yaml.safe_load(FINETUNE_CONFIG.read_text())
     # 80% of the labelled cases train (the datamodule's default val_fraction), each drawn `repeats` times an epoch.
     per_epoch = max(1, round(labelled * 0.8 * config["data"]["repeats"] / config["data"]["batch_size"]))
     epochs = max(1, round(steps / per_epoch))
     # Validate as often over the schedule as the demo does (it picks its checkpoint among those validations).
     val_every = max(1, round(epochs * config["trainer"]["check_val_every_n_epoch"] / config["trainer"]["max_epochs"]))
-    args = ["finetune", "fit", "--config", ROOT / "configs/finetune/demo.yaml", "--data.root", data,
+    args = ["finetune", "fit", "--config", FINETUNE_CONFIG, "--data.root", data,
             "--data.cache_dir", out / "cache" / "data", "--seed_everything", seed,
             "--trainer.default_root_dir", out / "finetune", "--trainer.max_epochs", epochs,
             "--trainer.check_val_every_n_epoch", val_every, *extra]
@@ -401,27 +402,37 @@ def cmd_label_efficiency(args: argparse.Namespace) -> dict:
             "results": results, **run_meta(sys.argv, started)}
 
 
+def _finetune_model_args(model_args: dict) -> list[str]:
+    """``--model.model_args`` of a fine-tuning variant: `model_args` with the demo config's pCR head settings under
+    it (a dict given on the command line replaces the config's whole ``model_args``, so a variant that changes the
+    encoder would otherwise also drop the demo's choice of kinetic features)."""
+    demo = yaml.safe_load(FINETUNE_CONFIG.read_text())["model"].get("model_args", {})
+    head = {**demo.get("pcr_head", {}), **model_args.get("pcr_head", {})}
+    return ["--model.model_args", json.dumps({**model_args, **({"pcr_head": head} if head else {})})]
+
+
 # name -> (MAE model_args for its own pretraining, or "run" = the run's MAE weights, or None = scratch;
 #          fine-tuning arguments)
+_DROP = {"phase_time_drop": 0.2}  # the demo config's encoder setting, spelled out where a variant changes model_args
 ABLATIONS: dict[str, tuple[str | None, list[str]]] = {
     "joint model (reference)": ("run", []),
-    "no kinetic pathway": ("run", ["--model.model_args",
-                                   '{"encoder": {"phase_time_drop": 0.2}, "pcr_head": {"kinetic": false}}']),
-    "rim-aware kinetic pathway": ("run", [
-        "--model.model_args", '{"encoder": {"phase_time_drop": 0.2}, "pcr_head": {"kinetic_features": "rim"}}']),
-    "inner-rim kinetic pathway": ("run", [
-        "--model.model_args", '{"encoder": {"phase_time_drop": 0.2}, "pcr_head": {"kinetic_features": "rim_inner"}}']),
-    "pCR token path with dropout 0.5": ("run", ["--model.model_args",
-                                               '{"encoder": {"phase_time_drop": 0.2}, "pcr_head": {"dropout": 0.5}}']),
+    "no kinetic pathway": ("run", _finetune_model_args({"encoder": _DROP, "pcr_head": {"kinetic": False}})),
+    "concentration kinetic pathway": ("run", _finetune_model_args(
+        {"encoder": _DROP, "pcr_head": {"kinetic_features": "concentration"}})),
+    "rim-aware kinetic pathway": ("run", _finetune_model_args(
+        {"encoder": _DROP, "pcr_head": {"kinetic_features": "rim"}})),
+    "inner-rim kinetic pathway": ("run", _finetune_model_args(
+        {"encoder": _DROP, "pcr_head": {"kinetic_features": "rim_inner"}})),
+    "pCR token path with dropout 0.5": ("run", _finetune_model_args({"encoder": _DROP, "pcr_head": {"dropout": 0.5}})),
     "segmentation loss only": ("run", ["--model.task_weights", '{"seg": 1.0, "pcr": 0.0}']),
     "pCR loss only": ("run", ["--model.task_weights", '{"seg": 0.0, "pcr": 1.0}']),
     "joint space-time attention": (
         '{"attn_mode": "joint", "phase_time_drop": 0.2}',
-        ["--model.model_args", '{"encoder": {"phase_time_drop": 0.2, "attn_mode": "joint"}}']),
+        _finetune_model_args({"encoder": {**_DROP, "attn_mode": "joint"}})),
     "MAE with whole-phase masking (0.5)": ('{"phase_mask_ratio": 0.5, "phase_time_drop": 0.2}', []),
     # The MONAI-style baseline: one spatial ViT over the phases stacked as channels, pretrained by the same MAE.
     "phases as input channels (plain spatial ViT)": (
-        '{"phase_layout": "channels"}', ["--model.model_args", '{"encoder": {"phase_layout": "channels"}}']),
+        '{"phase_layout": "channels"}', _finetune_model_args({"encoder": {"phase_layout": "channels"}})),
 }
 
 

@@ -463,3 +463,20 @@ def test_heldout_scores_kept_per_run_are_reused_and_never_mixed_up(tmp_path, mon
     with pytest.raises(SystemExit, match="on held-out seed 20000"):
         science._scored_run(run, tmp_path, None, 30_000, str(kept))
     assert science._scored_run(run, tmp_path, None, 20_000, None) == first and len(calls) == 2
+
+
+def test_ablation_variants_keep_the_demo_heads_kinetic_features(tmp_path, monkeypatch):
+    """A variant that passes its own model_args (which replace the config's) still gets the demo config's pCR head
+    settings, and a variant's own head setting wins."""
+    science = _science()
+    config = tmp_path / "demo.yaml"
+    config.write_text("model:\n  model_args:\n    encoder: {phase_time_drop: 0.2}\n"
+                      "    pcr_head: {kinetic_features: rim}\n")
+    monkeypatch.setattr(science, "FINETUNE_CONFIG", config)
+    flag, value = science._finetune_model_args({"encoder": {"attn_mode": "joint"}})
+    assert flag == "--model.model_args"
+    assert json.loads(value) == {"encoder": {"attn_mode": "joint"}, "pcr_head": {"kinetic_features": "rim"}}
+    _, value = science._finetune_model_args({"pcr_head": {"kinetic_features": "concentration", "dropout": 0.5}})
+    assert json.loads(value)["pcr_head"] == {"kinetic_features": "concentration", "dropout": 0.5}
+    config.write_text("model:\n  arch: mtl_vit_test\n")
+    assert json.loads(science._finetune_model_args({"encoder": {}})[1]) == {"encoder": {}}
