@@ -64,8 +64,10 @@ def run_predictions(model: torch.nn.Module, cases: list[Case], out_dir: Path, se
             skipped.append({"patient_id": case.patient_id, "reason": reason})
             mask_path.unlink(missing_ok=True)
             continue
-        rows.append({"patient_id": case.patient_id, "pcr": int(score >= settings.pcr_threshold),
-                     "score": round(score, 6)})
+        # The decision is taken on the score as written, so the CSV never shows a score at or above the threshold
+        # next to pcr 0 (a probability 1 - 1e-7 is written as 1.0; a threshold chosen on saturated scores can be 1.0).
+        score = round(score, 6)
+        rows.append({"patient_id": case.patient_id, "pcr": int(score >= settings.pcr_threshold), "score": score})
         done.append(case.patient_id)
     write_predictions_csv(rows, out_dir / "predictions.csv")
     return {"done": done, "skipped": skipped, "rows": rows}
