@@ -252,12 +252,17 @@ def test_pcr_task_sits_out_batches_without_a_tumour_window(monkeypatch):
 
 def test_finetune_starts_the_kinetic_pathway_from_the_training_cases(finetune_run, mtl_weights):
     """The exported head carries the standardisation and the regression fitted at the start of the fit."""
+    import yaml
     from safetensors.torch import load_file
 
+    from mtl_breast.models.heads import FEATURE_SETS
+
+    demo = yaml.safe_load((ROOT / "configs" / "finetune" / "demo.yaml").read_text())["model"]["model_args"]
+    features = FEATURE_SETS[demo.get("pcr_head", {}).get("kinetic_features", "concentration")][0]
     weights = load_file(mtl_weights / "model.safetensors")
     std, mean = weights["pcr_head.kinetic_std"], weights["pcr_head.kinetic_mean"]
-    assert std.shape == mean.shape == (5,)  # the concentration features
-    assert not torch.equal(std, torch.ones(5)) and (std > 0).all()
+    assert std.shape == mean.shape == (len(features),)  # the demo config's kinetic features
+    assert not torch.equal(std, torch.ones(len(features))) and (std > 0).all()
     assert torch.isfinite(mean).all()  # the cached cases carry their acquisition vectors
     assert weights["pcr_head.kinetic_fc.weight"].abs().sum() > 0
 
