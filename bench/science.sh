@@ -27,7 +27,7 @@ $PY bench/science.py heldout --runs "$OUT/seed0" "$OUT/seed1" "$OUT/seed2" "${HE
     "${HELDOUT[@]}" --only "joint model (reference)" --workdir "$OUT/ablations" --out "$OUT/ablations_reference.json"
 for variant in "segmentation loss only" "pCR loss only" "phases as input channels (plain spatial ViT)" \
         "joint space-time attention" "MAE with whole-phase masking (0.5)" "no kinetic pathway" \
-        "pCR token path with dropout 0.5" "rim-aware kinetic pathway" "inner-rim kinetic pathway"; do
+        "pCR token path with dropout 0.5" "concentration kinetic pathway" "inner-rim kinetic pathway"; do
     tag=$(echo "${variant%% (*}" | tr ' ' _)
     [ -f "$OUT/ablations_$tag.json" ] || $PY bench/science.py ablations --runs "$OUT/seed0" "$OUT/seed1" "$OUT/seed2" \
         "${HELDOUT[@]}" --only "$variant" --workdir "$OUT/ablations" --out "$OUT/ablations_$tag.json"
