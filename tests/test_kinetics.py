@@ -260,6 +260,36 @@ def test_concentration_features_need_the_intensity_normalisation():
     assert torch.isfinite(f).all() and f[1].item() == pytest.approx(math.log(0.8), abs=0.3)
 
 
+def test_concentration_features_skip_voxels_without_a_pre_contrast_signal():
+    """A tumour at the edge of the pre-contrast phase's field of view: resampling fills that phase with 0 there
+    while the post-contrast phases have signal. S/S0 has no meaning in those voxels; a 16-bit cache rounds the 0 to
+    a tiny positive value, which once read as a saturated 100+ mM and swung the pCR logit by 15."""
+    curve = [0.0, 0.8, 0.6, 0.4]  # mM
+    times = torch.tensor([[0.0, 90.0, 180.0, 270.0]])
+    image, mask, acquisition = _scanner_case([curve, curve])
+    offset = acquisition[0, ACQUISITION_FIELDS.index("intensity_offset")]
+    scale = acquisition[0, ACQUISITION_FIELDS.index("intensity_scale")]
+    zero_filled = image.clone()
+    zero_filled[0, 0, 2] = (0.0 - offset) / scale  # the tumour's first face: no pre-contrast signal
+    rounded = zero_filled.clone()
+    rounded[0, 0, 2] = (0.05 - offset) / scale  # the same 0 after 16-bit rounding: 0.05 scanner units
+    inside = mask.clone()
+    inside[0, 0, 2] = 0  # the tumour without that face
+    for sets in (concentration_feature_sets(zero_filled, mask, None, times, acquisition),
+                 concentration_feature_sets(rounded, mask, None, times, acquisition)):
+        reference = concentration_feature_sets(image, inside, None, times, acquisition)
+        for names, features in sets.items():
+            named = dict(zip(names, features[0].tolist(), strict=True))
+            assert named["log_volume"] == pytest.approx(math.log1p(512) - 6.0)  # size counts the whole mask
+            assert named["ln_conc_first"] == pytest.approx(math.log(0.8), abs=0.01)
+            assert named["ln_conc_last"] == pytest.approx(math.log(0.4), abs=0.01)
+            torch.testing.assert_close(features[0, 1:4], reference[names][0, 1:4], atol=2e-3, rtol=0)
+    a = concentration_feature_sets(zero_filled, mask, None, times, acquisition)
+    b = concentration_feature_sets(rounded, mask, None, times, acquisition)
+    for names in a:
+        torch.testing.assert_close(a[names], b[names], atol=0.02, rtol=0)
+
+
 def test_edge_depth_counts_voxel_layers_from_the_surface():
     mask = torch.zeros(1, 1, 9, 9, 9, dtype=torch.bool)
     mask[0, 0, 2:7, 2:7, 2:7] = True  # a 5^3 cube: layers 1, 2 and its centre 3

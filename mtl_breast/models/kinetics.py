@@ -64,6 +64,11 @@ _TUMOUR_T10_S = {1.5: 1.1, 3.0: 1.3}
 _R1 = {1.5: 4.5, 3.0: 4.0}
 _DEFAULT_INTERVAL_S = 90.0  # assumed spacing between post-contrast phases when acquisition times are unknown
 _EPS = 1e-6
+# A tumour voxel whose pre-contrast signal is below this fraction of the tumour's median pre-contrast signal has no
+# measurable concentration: S/S0 there is a ratio of noise to noise (air, or a region outside the pre-contrast
+# phase's field of view that resampling filled with 0), and 16-bit rounding alone can move it from 0 to a
+# saturated 100+ mM that swamps the tumour's mean.
+_MIN_BASELINE_FRACTION = 0.1
 _MAX_DEPTH = 8  # voxels; deeper voxels of a large tumour share one depth for `rim_index`
 
 
@@ -188,7 +193,9 @@ def _concentration_curves(image: Tensor, tumour_prob: Tensor, phase_mask: Tensor
     """What both concentration feature sets read: the per-voxel concentration ``conc [B, T, V]``, the tumour
     ``mask [B, V]`` (bool, seg_prob > 0.5), the ``last`` real phase ``[B]``, the ``minutes`` between phase 1 and
     it ``[B]``, whether the intensity normalisation is ``known`` ``[B]``, and the common columns ``log_volume``,
-    ``c1``, ``c_last`` (mean concentration of the enhancing half, floored at 1e-3) and ``slope`` ``[B]``."""
+    ``c1``, ``c_last`` (mean concentration of the enhancing half, floored at 1e-3) and ``slope`` ``[B]``.
+    Concentration statistics read only the ``measured`` tumour voxels ``[B, V]`` (bool): those whose pre-contrast
+    signal is at least `_MIN_BASELINE_FRACTION` of the tumour's median; log_volume counts the whole mask."""
     _check_inputs(image, tumour_prob)
     b, t = image.shape[:2]
     device = image.device
@@ -204,6 +211,9 @@ def _concentration_curves(image: Tensor, tumour_prob: Tensor, phase_mask: Tensor
     conc = spgr_concentration(signal, signal[:, :1], field, tr, flip)  # [B, T, V]
 
     mask = (tumour_prob.float() > 0.5).flatten(1)  # [B, V]
+    baseline = signal[:, 0]  # [B, V]
+    typical = torch.where(mask, baseline, float("nan")).nanmedian(dim=1).values  # [B] (NaN for an empty mask)
+    measured = mask & (baseline > _MIN_BASELINE_FRACTION * typical.clamp_min(_EPS)[:, None])  # [B, V]
     real = torch.ones(b, t, dtype=torch.bool, device=device) if phase_mask is None else phase_mask.bool()
     index = torch.arange(t, device=device)
     last = torch.where(real, index, 0).amax(dim=1)  # last real phase [B]
@@ -214,12 +224,12 @@ def _concentration_curves(image: Tensor, tumour_prob: Tensor, phase_mask: Tensor
                           (last - 1).clamp_min(1).float() * _DEFAULT_INTERVAL_S / 60.0)
 
     first = conc[:, 1]  # [B, V]
-    enhancing = enhancing_half(first, mask)  # [B, V]
+    enhancing = enhancing_half(first, measured)  # [B, V]
     last_conc = conc.gather(1, last[:, None, None].expand(-1, 1, conc.shape[2]))[:, 0]  # [B, V]
     c1 = _masked_mean(first, enhancing).clamp_min(1e-3)
     c_last = _masked_mean(last_conc, enhancing).clamp_min(1e-3)
     slope = torch.where(last >= 2, torch.log(c_last / c1) / minutes, 0.0).clamp(-1.0, 1.0)
-    return {"conc": conc, "mask": mask, "last": last, "minutes": minutes, "known": known,
+    return {"conc": conc, "mask": mask, "measured": measured, "last": last, "minutes": minutes, "known": known,
             "log_volume": torch.log1p(mask.float().sum(dim=1)) - 6.0, "c1": c1, "c_last": c_last, "slope": slope}
 
 
@@ -263,7 +273,9 @@ def tumour_concentration(image: Tensor, tumour_prob: Tensor, phase_mask: Tensor 
         core_ratio: ln of the phase-1 concentration of the tumour's core (the mask eroded by 2 voxels) over that of
             the whole tumour (0 when the core is empty): negative for rim enhancement.
         Columns 1-4 are NaN where the intensity offset/scale is unknown; a missing field strength, TR or flip angle
-        takes the default of a typical protocol.
+        takes the default of a typical protocol. They leave out tumour voxels whose pre-contrast signal is below a
+        tenth of the tumour's median (air, or a region the pre-contrast phase did not cover, filled with 0 when
+        resampled): S/S0 has no meaning there. log_volume counts them.
     """
     parts = _concentration_curves(image, tumour_prob, phase_mask, phase_time, acquisition)
     return _finish(parts, _curve_columns(parts) + [_core_ratio(parts, tumour_prob)])
@@ -276,11 +288,11 @@ def _curve_columns(parts: dict[str, Tensor]) -> list[Tensor]:
 
 def _core_ratio(parts: dict[str, Tensor], tumour_prob: Tensor) -> Tensor:
     """`tumour_concentration`'s core_ratio ``[B]`` from `_concentration_curves`' ``parts``."""
-    mask, first = parts["mask"], parts["conc"][:, 1]  # [B, V]
+    measured, first = parts["measured"], parts["conc"][:, 1]  # [B, V]
     # Core: erosion by 2 voxels (a 5^3 minimum filter of the mask).
-    core = erode((tumour_prob.float() > 0.5).float(), filter_size=5).flatten(1) > 0.5
+    core = (erode((tumour_prob.float() > 0.5).float(), filter_size=5).flatten(1) > 0.5) & measured
     core_first = _masked_mean(first, core.float()).clamp_min(1e-3)
-    whole_first = _masked_mean(first, mask.float()).clamp_min(1e-3)
+    whole_first = _masked_mean(first, measured.float()).clamp_min(1e-3)
     return torch.where(core.any(dim=1), torch.log(core_first / whole_first), 0.0)
 
 
@@ -329,7 +341,8 @@ def tumour_rim_concentration(image: Tensor, tumour_prob: Tensor, phase_mask: Ten
         shell_log_slope: ``ln(sum(S_last - S_0) / sum(S_1 - S_0))`` over layer ``surface_layers + 1``, per minute
             (the ratio clipped to [0.05, 20], 0 without post-contrast enhancement there or with fewer than 3 real
             phases), clipped to [-1, 1].
-        Columns 1-5 are NaN where the intensity offset/scale is unknown.
+        Columns 1-5 are NaN where the intensity offset/scale is unknown; like `tumour_concentration`'s, they leave
+        out tumour voxels without a measurable pre-contrast signal.
     """
     parts = _concentration_curves(image, tumour_prob, phase_mask, phase_time, acquisition)
     depth = edge_depth(tumour_prob.float() > 0.5).flatten(1)  # [B, V]
@@ -341,15 +354,15 @@ def _rim_columns(parts: dict[str, Tensor], image: Tensor, depth: Tensor, surface
     ``parts`` and the tumour's flattened `edge_depth` ``[B, V]``."""
     if surface_layers < 0 or surface_layers >= _MAX_DEPTH - 1:
         raise ValueError(f"surface_layers must be in [0, {_MAX_DEPTH - 2}], got {surface_layers}")
-    first, last = parts["conc"][:, 1], parts["last"]
-    weights = (depth > surface_layers).float()
+    first, last, measured = parts["conc"][:, 1], parts["last"], parts["measured"]
+    weights = ((depth > surface_layers) & measured).float()
     mean_first, mean_depth = _masked_mean(first, weights), _masked_mean(depth, weights)
     dc, dd = (first - mean_first[:, None]) * weights, (depth - mean_depth[:, None]) * weights
     spread = torch.sqrt((dc * dc).sum(dim=1) * (dd * dd).sum(dim=1))
     rim_index = torch.where(spread > _EPS, -(dc * dd).sum(dim=1) / spread.clamp_min(_EPS), 0.0)
 
     x = image.float().flatten(2)  # [B, T, V]; ratios of enhancements do not depend on the normalisation
-    shell = (depth == surface_layers + 1).float()
+    shell = ((depth == surface_layers + 1) & measured).float()
     wash_in = ((x[:, 1] - x[:, 0]) * shell).sum(dim=1)
     last_x = x.gather(1, last[:, None, None].expand(-1, 1, x.shape[2]))[:, 0]
     late = ((last_x - x[:, 0]) * shell).sum(dim=1)
