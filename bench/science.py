@@ -31,6 +31,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -195,25 +196,38 @@ def summarise(runs: list[dict], seed: int = 0) -> dict:
             "dice_ci": bootstrap_interval(lambda i: float(dice[:, i].mean()), len(y), seed=seed, samples=1000)}
 
 
-def _scored_run(run: Path, data: Path, cache: CaseCache, heldout_seed: int, scores_dir: str | None) -> dict:
-    """`score_run` of a run's joint model on the held-out set; with `scores_dir`, kept there as ``<run name>.json``
-    and read back by a later call, so runs scored by separate processes (or before an interruption) join one
-    summary. A kept file of another run folder or held-out seed is an error, not silently reused."""
+OWN_SPLIT = "own"  # the held-out set of `own-heldout`: each run's own test split
+
+
+def _heldout_name(heldout: int | str | None) -> str:
+    return "its own held-out split" if heldout == OWN_SPLIT else f"held-out seed {heldout}"
+
+
+def _kept_scores(run: Path, scores_dir: str | None, heldout: int | str, score: Callable[[], dict]) -> dict:
+    """``score()`` (`score_run`'s result for `run` on the held-out set `heldout`: a seed, or `OWN_SPLIT`); with
+    `scores_dir`, kept there as ``<run name>.json`` and read back by a later call, so runs scored by separate
+    processes (or before an interruption) join one summary. A kept file of another run folder or held-out set is
+    an error, not silently reused."""
     if scores_dir is None:
-        return score_run(run, run / "weights" / "mtl", data, cache)
+        return score()
     path = Path(scores_dir) / f"{run.name}.json"
-    key = {"run": str(run.resolve()), "heldout_seed": heldout_seed}
+    key = {"run": str(run.resolve()), "heldout_seed": heldout}
     if path.exists():
         kept = json.loads(path.read_text())
         if {k: kept.get(k) for k in key} != key:
-            raise SystemExit(f"{path} holds the scores of {kept.get('run')} on held-out seed "
-                             f"{kept.get('heldout_seed')}, not of {key['run']} on seed {heldout_seed}: use another "
-                             "--scores-dir")
+            held = _heldout_name(kept.get("heldout_seed"))
+            raise SystemExit(f"{path} holds the scores of {kept.get('run')} on {held}, not of {key['run']} on "
+                             f"{_heldout_name(heldout)}: use another --scores-dir")
         return kept["scored"]
-    scored = score_run(run, run / "weights" / "mtl", data, cache)
+    scored = score()
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps({**key, "scored": scored}) + "\n")
     return scored
+
+
+def _scored_run(run: Path, data: Path, cache: CaseCache, heldout_seed: int, scores_dir: str | None) -> dict:
+    """`score_run` of a run's joint model on the held-out set, kept in `scores_dir` (`_kept_scores`)."""
+    return _kept_scores(run, scores_dir, heldout_seed, lambda: score_run(run, run / "weights" / "mtl", data, cache))
 
 
 def cmd_heldout(args: argparse.Namespace) -> dict:
@@ -281,8 +295,8 @@ def cmd_own_heldout(args: argparse.Namespace) -> dict:
     removed too: the same comparisons as `heldout`, on as many different case sets as there are runs."""
     started = time.perf_counter()
     removed = "washout removed (post-contrast flattened)"
-    scored = []
-    for run in map(Path, args.runs):
+
+    def score(run: Path) -> dict:
         weights = run / "weights" / "mtl"
         settings = InferenceSettings.from_config(read_weights_config(weights))
         test_ids = read_splits(run / "data")["test"]
@@ -290,8 +304,10 @@ def cmd_own_heldout(args: argparse.Namespace) -> dict:
         cases = [case for case in read_dataset(run / "data") if case.patient_id in wanted]
         preprocess_dataset(run / "data", run / "cache" / "data", settings.preprocess, cases=cases, progress=False)
         cache = CaseCache(run / "cache" / "data", settings.preprocess)
-        scored.append({"run": str(run), **score_run(run, weights, run / "data", cache, ("as acquired", removed),
-                                                     ids=test_ids)})
+        return score_run(run, weights, run / "data", cache, ("as acquired", removed), ids=test_ids)
+
+    scored = [{"run": str(run), **_kept_scores(run, args.scores_dir, OWN_SPLIT, lambda run=run: score(run))}
+              for run in map(Path, args.runs)]
     return {"experiment": "own-heldout", "runs": [s["run"] for s in scored],
             "per_run": [{"run": s["run"], **summarise([s])} for s in scored],
             "pooled": pooled_differences(scored), "raw": scored, **run_meta(sys.argv, started)}
@@ -672,6 +688,7 @@ def main(argv: list[str] | None = None) -> int:
                                            "separate processes join one summary)")
     own = sub.add_parser("own-heldout", help="each demo run on its own held-out split, with the washout removed too")
     own.add_argument("--runs", nargs="+", required=True)
+    own.add_argument("--scores-dir", help="keep each run's per-case scores here and reuse them (as `heldout`'s)")
     eff = sub.add_parser("label-efficiency", help="fine-tune n labelled cases from MAE weights and from scratch")
     eff.add_argument("--runs", nargs="+", required=True)
     eff.add_argument("--labelled", type=int, nargs="+", default=[16, 32, 64])

@@ -443,8 +443,9 @@ def test_label_curve_gains_over_size_grow_with_the_labelled_cases():
 
 
 def test_heldout_scores_kept_per_run_are_reused_and_never_mixed_up(tmp_path, monkeypatch):
-    """`science.py heldout --scores-dir`: a run scored once is read back (runs scored by separate processes join one
-    summary); a kept file of another run folder with the same name, or of another held-out seed, is refused."""
+    """`science.py heldout --scores-dir` (and `own-heldout --scores-dir`): a run scored once is read back (runs
+    scored by separate processes join one summary); a kept file of another run folder with the same name, or of
+    another held-out set, is refused."""
     science = _science()
     calls = []
 
@@ -463,6 +464,14 @@ def test_heldout_scores_kept_per_run_are_reused_and_never_mixed_up(tmp_path, mon
     with pytest.raises(SystemExit, match="on held-out seed 20000"):
         science._scored_run(run, tmp_path, None, 30_000, str(kept))
     assert science._scored_run(run, tmp_path, None, 20_000, None) == first and len(calls) == 2
+    # `own-heldout --scores-dir`: the run's own split is another held-out set, never confused with a seed's.
+    with pytest.raises(SystemExit, match="on its own held-out split"):
+        science._kept_scores(run, str(kept), science.OWN_SPLIT, lambda: first)
+    own = tmp_path / "own"
+    assert science._kept_scores(run, str(own), science.OWN_SPLIT, lambda: first) == first
+    assert science._kept_scores(run, str(own), science.OWN_SPLIT, lambda: {}) == first  # read back, not rescored
+    with pytest.raises(SystemExit, match="holds the scores of .* on its own held-out split"):
+        science._scored_run(run, tmp_path, None, 20_000, str(own))
 
 
 def test_ablation_variants_keep_the_demo_heads_kinetic_features(tmp_path, monkeypatch):
