@@ -180,6 +180,9 @@ def summarise(runs: list[dict], seed: int = 0) -> dict:
              "model - size baseline (predicted mask)": (model, "size baseline, predicted mask"),
              "model - kinetic baseline (expert mask)": (model, "kinetic baseline, expert mask"),
              "model - kinetic baseline (predicted mask)": (model, "kinetic baseline, predicted mask"),
+             "model - concentration baseline (expert mask)": (model, "concentration baseline, expert mask"),
+             "model - rim baseline (expert mask)": (model, "rim baseline, expert mask"),
+             "model - rim baseline (predicted mask)": (model, "rim baseline, predicted mask"),
              "model - model with washout removed": (model, "joint model, washout removed (post-contrast flattened)"),
              "model - model with phases reversed": (model, "joint model, post-contrast phases reversed")}
     differences = {}
@@ -189,7 +192,8 @@ def summarise(runs: list[dict], seed: int = 0) -> dict:
         def diff(i: np.ndarray, a: str = a, b: str = b) -> float:
             return auc(a, i) - auc(b, i)
         differences[label] = {"auc_difference": diff(everything),
-                              "ci": bootstrap_interval(diff, len(y), seed=seed, samples=1000)}
+                              "ci": bootstrap_interval(diff, len(y), seed=seed, samples=1000),
+                              "per_seed": [roc_auc(y, r["scores"][a]) - roc_auc(y, r["scores"][b]) for r in runs]}
     dice = np.array([r["dice"] for r in runs])  # [seeds, cases]
     return {"cases": len(y), "positives": int(y.sum()), "seeds": len(runs), "table": table,
             "differences": differences, "dice": float(dice.mean()),
@@ -495,10 +499,11 @@ def _heldout_md(r: dict) -> list[str]:
         seeds = ", ".join(f"{v:.3f}" for v in row["auc_per_seed"])
         lines.append(f"| {name} | {row['auc']:.3f} | {_ci(row['auc_ci'])} | {row['ba']:.3f} | "
                      f"{_ci(row['ba_ci'])} | {seeds} |")
-    lines += ["", "| paired AUC difference | value | 95% CI |", "|---|---|---|"]
+    lines += ["", "| paired AUC difference | value | 95% CI | per seed |", "|---|---|---|---|"]
     for name, row in r["differences"].items():
         # four decimals: the bars are differences of 0.03-0.05, which three decimals round across
-        lines.append(f"| {name} | {row['auc_difference']:+.4f} | {_ci(row['ci'])} |")
+        seeds = ", ".join(f"{v:+.3f}" for v in row.get("per_seed", []))  # older files have none
+        lines.append(f"| {name} | {row['auc_difference']:+.4f} | {_ci(row['ci'])} | {seeds} |")
     return lines
 
 

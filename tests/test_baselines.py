@@ -162,12 +162,17 @@ def test_science_summary_and_report(tmp_path):
     assert low <= table["joint model, as acquired"]["auc"] <= high
     diff = summary["differences"]["model - model with washout removed"]
     assert diff["auc_difference"] > 0 and diff["ci"][0] > 0
+    # Each training seed's own difference, whose mean is the pooled one (every seed scores the same cases).
+    assert len(diff["per_seed"]) == 2 and np.mean(diff["per_seed"]) == pytest.approx(diff["auc_difference"])
+    assert "model - rim baseline (expert mask)" not in summary["differences"]  # these scores have no rim baseline
     result = tmp_path / "heldout.json"
     result.write_text(json.dumps({"experiment": "heldout", "command": "x", "seconds": 1.0, "device": "cpu",
                                   "held_out_cases": 60, **summary}))
     science.main(["report", str(result), "--out", str(tmp_path / "tables.md")])
     text = (tmp_path / "tables.md").read_text()
     assert "| joint model, as acquired |" in text and "model - model with washout removed" in text
+    per_seed = ", ".join(f"{v:+.3f}" for v in diff["per_seed"])
+    assert f"{science._ci(diff['ci'])} | {per_seed} |" in text
 
     # The ablations score the reference without reversed phases: its held-out table skips that pair only.
     reference = run(0.3)
