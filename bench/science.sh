@@ -13,11 +13,12 @@ HELDOUT=(--heldout-dir "$OUT/heldout_data" --heldout-seed "${HELDOUT_SEED:-20000
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 $PY bench/science.py demo-runs --seeds 0 1 2 --workdir "$OUT" --out "$OUT/demo_runs.json"
+# each run's per-case scores are kept (--scores-dir), so a resumed suite scores only the runs it had not
 $PY bench/science.py heldout --runs "$OUT/seed0" "$OUT/seed1" "$OUT/seed2" "${HELDOUT[@]}" \
-    --out "$OUT/heldout.json"
+    --scores-dir "$OUT/heldout_scores" --out "$OUT/heldout.json"
 # the same runs, each on its own held-out split (other cases per run), with the washout removed too
 [ -f "$OUT/own_heldout.json" ] || $PY bench/science.py own-heldout --runs "$OUT/seed0" "$OUT/seed1" "$OUT/seed2" \
-    --out "$OUT/own_heldout.json"
+    --scores-dir "$OUT/own_heldout_scores" --out "$OUT/own_heldout.json"
 # the baselines' pCR AUC against the number of labelled training cases (the runs' training cases pooled)
 [ -f "$OUT/label_curve.json" ] || $PY bench/label_curve.py "$OUT/seed0" "$OUT/seed1" "$OUT/seed2" \
     --heldout-dir "$OUT/heldout_data" --out "$OUT/label_curve.json"
