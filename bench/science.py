@@ -193,7 +193,8 @@ def summarise(runs: list[dict], seed: int = 0) -> dict:
             return auc(a, i) - auc(b, i)
         differences[label] = {"auc_difference": diff(everything),
                               "ci": bootstrap_interval(diff, len(y), seed=seed, samples=1000),
-                              "per_seed": [roc_auc(y, r["scores"][a]) - roc_auc(y, r["scores"][b]) for r in runs]}
+                              "per_seed": [x - z for x, z in zip(table[a]["auc_per_seed"], table[b]["auc_per_seed"],
+                                                                 strict=True)]}
     dice = np.array([r["dice"] for r in runs])  # [seeds, cases]
     return {"cases": len(y), "positives": int(y.sum()), "seeds": len(runs), "table": table,
             "differences": differences, "dice": float(dice.mean()),
