@@ -275,17 +275,16 @@ def test_concentration_features_skip_voxels_without_a_pre_contrast_signal():
     rounded[0, 0, 2] = (0.05 - offset) / scale  # the same 0 after 16-bit rounding: 0.05 scanner units
     inside = mask.clone()
     inside[0, 0, 2] = 0  # the tumour without that face
-    for sets in (concentration_feature_sets(zero_filled, mask, None, times, acquisition),
-                 concentration_feature_sets(rounded, mask, None, times, acquisition)):
-        reference = concentration_feature_sets(image, inside, None, times, acquisition)
+    a = concentration_feature_sets(zero_filled, mask, None, times, acquisition)
+    b = concentration_feature_sets(rounded, mask, None, times, acquisition)
+    reference = concentration_feature_sets(image, inside, None, times, acquisition)
+    for sets in (a, b):
         for names, features in sets.items():
             named = dict(zip(names, features[0].tolist(), strict=True))
             assert named["log_volume"] == pytest.approx(math.log1p(512) - 6.0)  # size counts the whole mask
             assert named["ln_conc_first"] == pytest.approx(math.log(0.8), abs=0.01)
             assert named["ln_conc_last"] == pytest.approx(math.log(0.4), abs=0.01)
             torch.testing.assert_close(features[0, 1:4], reference[names][0, 1:4], atol=2e-3, rtol=0)
-    a = concentration_feature_sets(zero_filled, mask, None, times, acquisition)
-    b = concentration_feature_sets(rounded, mask, None, times, acquisition)
     for names in a:
         torch.testing.assert_close(a[names], b[names], atol=0.02, rtol=0)
 
