@@ -34,11 +34,20 @@ References:
 
 from __future__ import annotations
 
-import math
-
 import torch
 from monai.transforms.utils_morphological_ops import erode
 from torch import Tensor
+
+from mtl_breast.acquisition import (
+    DEFAULT_FIELD_T,
+    DEFAULT_FLIP_DEG,
+    DEFAULT_INTERVAL_S,
+    DEFAULT_TR_MS,
+    HIGH_FIELD_T,
+    R1,
+    TUMOUR_T10_S,
+    given_value,
+)
 
 __all__ = ["ACQUISITION_FIELDS", "CONCENTRATION_FEATURES", "INNER_RIM_FEATURES", "KINETIC_FEATURES", "RIM_FEATURES",
            "acquisition_vector", "concentration_feature_sets", "edge_depth", "enhancing_half", "spgr_concentration",
@@ -56,13 +65,9 @@ INNER_RIM_FEATURES = ("log_volume", "ln_conc_first", "ln_conc_last", "conc_log_s
                       "inner_shell_log_slope")
 # Columns of the per-case acquisition vector [B, 5] (`acquisition_vector`); NaN = unknown.
 ACQUISITION_FIELDS = ("intensity_offset", "intensity_scale", "field_strength", "repetition_time", "flip_angle")
-# Used where the case does not say: 1.5 T, and a TR/flip angle typical of breast DCE-MRI (3D spoiled gradient echo).
-_DEFAULT_FIELD_T, _DEFAULT_TR_MS, _DEFAULT_FLIP_DEG = 1.5, 5.0, 12.0
-# Native T1 of breast tumours (s) and Gd relaxivity (/mM/s) by field strength: literature values, as a reader
-# without a T1 map would assume (Rakow-Penner 2006; Rohrer 2005).
-_TUMOUR_T10_S = {1.5: 1.1, 3.0: 1.3}
-_R1 = {1.5: 4.5, 3.0: 4.0}
-_DEFAULT_INTERVAL_S = 90.0  # assumed spacing between post-contrast phases when acquisition times are unknown
+# The values assumed where a case does not give them (field strength, TR, flip angle, phase spacing) and those
+# assumed for every case (tumour T10, relaxivity by field strength) are defined once, in `mtl_breast.acquisition`,
+# which also tells preprocess / predict / the model card which of them held for each case.
 _EPS = 1e-6
 # A tumour voxel whose pre-contrast signal is below this fraction of the tumour's median pre-contrast signal has no
 # measurable concentration: S/S0 there is a ratio of noise to noise (air, or a region outside the pre-contrast
@@ -128,7 +133,7 @@ def tumour_kinetics(image: Tensor, tumour_prob: Tensor, phase_mask: Tensor | Non
     if phase_time is None:
         phase_time = torch.full((b, t), float("nan"), device=image.device)
     dt = phase_time.float().gather(1, last[:, None])[:, 0] - phase_time.float()[:, 1]
-    fallback = (last - 1).clamp_min(1).float() * _DEFAULT_INTERVAL_S
+    fallback = (last - 1).clamp_min(1).float() * DEFAULT_INTERVAL_S
     dt = torch.where(torch.isfinite(dt) & (dt > 0), dt, fallback)
     per_min = torch.where(has_washout, (ratio / (dt / 60.0)).clamp(-2.0, 2.0), 0.0)
     contrast = wash_in - (surround[:, 1] - surround[:, 0])
@@ -143,11 +148,10 @@ def acquisition_vector(normalization: dict | None, meta: dict | None) -> Tensor:
     norm, meta = normalization or {}, meta or {}
 
     def number(value) -> float:
-        try:
-            out = float(value)
-        except (TypeError, ValueError):
-            return float("nan")
-        return out if math.isfinite(out) else float("nan")
+        # `acquisition.given_value` decides what counts as given, so `acquisition.assumed_values` reports exactly
+        # the values that take a default here.
+        out = given_value(value)
+        return float("nan") if out is None else out
 
     return torch.tensor([number(norm.get("mean")), number(norm.get("std")), number(meta.get("field_strength")),
                          number(meta.get("repetition_time")), number(meta.get("flip_angle"))], dtype=torch.float32)
@@ -168,9 +172,9 @@ def spgr_concentration(signal: Tensor, baseline: Tensor, field_t: Tensor, tr_ms:
     Returns:
         ``[B, T, V]`` float32 concentration.
     """
-    high = field_t >= 2.25  # 1.5 T or 3 T tables
-    t10 = torch.where(high, _TUMOUR_T10_S[3.0], _TUMOUR_T10_S[1.5])[:, None, None]
-    r1 = torch.where(high, _R1[3.0], _R1[1.5])[:, None, None]
+    high = field_t >= HIGH_FIELD_T  # 1.5 T or 3 T tables
+    t10 = torch.where(high, TUMOUR_T10_S[3.0], TUMOUR_T10_S[1.5])[:, None, None]
+    r1 = torch.where(high, R1[3.0], R1[1.5])[:, None, None]
     tr = (tr_ms / 1000.0)[:, None, None]
     cos_a = torch.cos(torch.deg2rad(flip_deg))[:, None, None]
     e0 = torch.exp(-tr / t10)
@@ -202,9 +206,9 @@ def _concentration_curves(image: Tensor, tumour_prob: Tensor, phase_mask: Tensor
     acq = torch.full((b, len(ACQUISITION_FIELDS)), float("nan"), device=device) if acquisition is None \
         else acquisition.to(device=device, dtype=torch.float32)
     offset, scale = acq[:, 0], acq[:, 1]
-    field = torch.nan_to_num(acq[:, 2], nan=_DEFAULT_FIELD_T)
-    tr = torch.nan_to_num(acq[:, 3], nan=_DEFAULT_TR_MS)
-    flip = torch.nan_to_num(acq[:, 4], nan=_DEFAULT_FLIP_DEG)
+    field = torch.nan_to_num(acq[:, 2], nan=DEFAULT_FIELD_T)
+    tr = torch.nan_to_num(acq[:, 3], nan=DEFAULT_TR_MS)
+    flip = torch.nan_to_num(acq[:, 4], nan=DEFAULT_FLIP_DEG)
     known = torch.isfinite(offset) & torch.isfinite(scale)
     signal = image.float().flatten(2) * torch.nan_to_num(scale, nan=1.0)[:, None, None] \
         + torch.nan_to_num(offset, nan=0.0)[:, None, None]  # [B, T, V] scanner units
@@ -221,7 +225,7 @@ def _concentration_curves(image: Tensor, tumour_prob: Tensor, phase_mask: Tensor
         phase_time = torch.full((b, t), float("nan"), device=device)
     minutes = (phase_time.float().gather(1, last[:, None])[:, 0] - phase_time.float()[:, 1]) / 60.0
     minutes = torch.where(torch.isfinite(minutes) & (minutes > 0), minutes,
-                          (last - 1).clamp_min(1).float() * _DEFAULT_INTERVAL_S / 60.0)
+                          (last - 1).clamp_min(1).float() * DEFAULT_INTERVAL_S / 60.0)
 
     first = conc[:, 1]  # [B, V]
     enhancing = enhancing_half(first, measured)  # [B, V]
@@ -273,9 +277,9 @@ def tumour_concentration(image: Tensor, tumour_prob: Tensor, phase_mask: Tensor 
         core_ratio: ln of the phase-1 concentration of the tumour's core (the mask eroded by 2 voxels) over that of
             the whole tumour (0 when the core is empty): negative for rim enhancement.
         Columns 1-4 are NaN where the intensity offset/scale is unknown; a missing field strength, TR or flip angle
-        takes the default of a typical protocol. They leave out tumour voxels whose pre-contrast signal is below a
-        tenth of the tumour's median (air, or a region the pre-contrast phase did not cover, filled with 0 when
-        resampled): S/S0 has no meaning there. log_volume counts them.
+        takes the default of a typical protocol (`mtl_breast.acquisition`, which reports it). They leave out tumour
+        voxels whose pre-contrast signal is below a tenth of the tumour's median (air, or a region the pre-contrast
+        phase did not cover, filled with 0 when resampled): S/S0 has no meaning there. log_volume counts them.
     """
     parts = _concentration_curves(image, tumour_prob, phase_mask, phase_time, acquisition)
     return _finish(parts, _curve_columns(parts) + [_core_ratio(parts, tumour_prob)])
