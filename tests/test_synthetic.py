@@ -13,7 +13,8 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from mtl_breast.phantoms.collection import SITES, generate_dataset, pcr_population_stats
+from mtl_breast.phantoms.collection import SITES, generate_dataset
+from mtl_breast.phantoms.population import pcr_population_stats
 from mtl_breast.phantoms.physics import (
     PhantomSpec,
     _resample,
@@ -78,8 +79,10 @@ def test_patient_json_and_spreadsheet(dataset):
         info = json.loads((root / "patient_info_files" / f"{row.patient_id.lower()}.json").read_text())
         lesion, imaging, clinical = info["primary_lesion"], info["imaging_data"], info["clinical_data"]
         assert set(lesion["breast_coordinates"]) == {"x_min", "x_max", "y_min", "y_max", "z_min", "z_max"}
-        for key in ("bilateral", "dataset", "site", "scanner_manufacturer", "field_strength"):
+        for key in ("bilateral", "dataset", "site", "scanner_manufacturer", "echo_time"):
             assert key in imaging, key
+        assert "flip_angle" not in imaging and "phantom" not in info  # withheld, as real records withhold it
+        assert math.isnan(row.field_strength) == ("field_strength" not in imaging)
         assert "age" in clinical and "menopausal_status" in clinical
         times = ast.literal_eval(row.acquisition_times)
         assert times[0] == 0 and times == sorted(times) and len(times) == row.num_phases
@@ -176,7 +179,7 @@ def test_rerun_removes_stale_cases(tmp_path):
 def test_difficulty_shift_lowers_bayes_accuracy_of_dense_breasts():
     easy = pcr_population_stats(0.0, num_samples=20_000)
     hard = pcr_population_stats(1.0, num_samples=20_000)
-    assert 0.8 < easy["bayes_balanced_accuracy"] < 0.95
+    assert 0.75 < easy["bayes_balanced_accuracy"] < 0.9
     assert hard["bayes_balanced_accuracy"] < easy["bayes_balanced_accuracy"] - 0.02
     gap = {k: easy["bayes_balanced_accuracy_by_density"][k] - hard["bayes_balanced_accuracy_by_density"][k]
            for k in "abcd"}
@@ -202,9 +205,8 @@ def test_fast_resampling_matches_the_written_geometry(site):
     """Voxel (k, j, i) of a stored phase shows the phantom at origin + direction @ (spacing * (i, j, k))."""
     rng = np.random.default_rng(0)
     h, shape = 0.8, ((40 if SITES[site].bilateral else 20), 20, 20)
-    spec = PhantomSpec(site=SITES[site], field_strength=1.5, pixel_spacing=h, slice_thickness=1.9, times_s=[0.0],
-                       arrival_s=10.0, fgt_fraction=0.3, bpe_ktrans=0.01, ktrans=0.5, ve=0.3, vp=0.05,
-                       radius_mm=3.0, pattern="homogeneous")
+    spec = PhantomSpec(site=SITES[site], pixel_spacing=h, slice_thickness=1.9, times_s=[0.0], fgt_fraction=0.3,
+                       bpe_ktrans=0.01, fp=1.0, ps=0.5, ve=0.3, vp=0.05, radius_mm=3.0)
     volume, centre = rng.random(shape).astype(np.float32), rng.uniform(-50, 50, 3)
     direction, spacing, size, origin = _target_grid(spec, shape, centre)
     for half in (False, True):

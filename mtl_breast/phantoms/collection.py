@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -39,107 +40,51 @@ import SimpleITK as sitk
 
 from mtl_breast.files import atomic_path, write_text
 from mtl_breast.phantoms.physics import Grid, Phantom, PhantomSpec, SiteProtocol, render_phantom
+from mtl_breast.phantoms.population import (
+    AGE_BINS,
+    DENSITIES,
+    PHYSICS_MODES,
+    SUBTYPES,
+    draw_latents,
+    draw_physics,
+    pcr_population_stats,
+    rule_balanced_accuracy,
+)
 
 SITES: dict[str, SiteProtocol] = {
     "DUKE": SiteProtocol("DUKE", "axial", flip_j=False, bilateral=True, tr_ms=4.5, flip_deg=10.0, te_ms=2.0,
-                         scale=600.0, dtype="int16", snr=30.0),
+                         scale=600.0, dtype="int16", snr=30.0, agents=("gadopentetate", "gadobenate")),
     "ISPY1": SiteProtocol("ISPY1", "sagittal", flip_j=False, bilateral=False, tr_ms=8.0, flip_deg=20.0, te_ms=4.2,
-                          scale=200.0, dtype="float32", snr=22.0),
+                          scale=200.0, dtype="float32", snr=22.0, agents=("gadopentetate",)),
     "ISPY2": SiteProtocol("ISPY2", "axial", flip_j=True, bilateral=False, tr_ms=4.2, flip_deg=12.0, te_ms=1.8,
-                          scale=90.0, dtype="float32", snr=35.0),
+                          scale=90.0, dtype="float32", snr=35.0, agents=("gadobutrol", "gadoterate")),
     "NACT": SiteProtocol("NACT", "sagittal", flip_j=False, bilateral=False, tr_ms=7.0, flip_deg=20.0, te_ms=4.0,
-                         scale=1200.0, dtype="int16", snr=18.0),
+                         scale=1200.0, dtype="int16", snr=18.0, agents=("gadoterate",)),
 }
 # Per-case acquisition choices of each site: in-plane spacing and slice thickness (mm), number of phases,
-# first post-contrast time and interval (s), scanners (field strength T, manufacturer, model) and the share of
-# cases whose pre-contrast phase sits on a grid shifted by half a voxel.
+# first post-contrast time and interval (s), scanners (field strength T, manufacturer, model), the share of
+# cases whose pre-contrast phase sits on a grid shifted by half a voxel, and the share of records that omit the
+# repetition time and the field strength (randomised physics; the flip angle is never recorded).
 _ACQUISITION: dict[str, dict[str, Any]] = {
-    "DUKE": dict(pixel=(0.66, 0.70, 0.74), slice=(1.0, 1.1), phases=(4, 5), first=100, interval=100,
-                 scanners=((1.5, "GE", "SIGNA HDxt"), (3.0, "SIEMENS", "Skyra")), shift=0.15),
-    "ISPY1": dict(pixel=(0.78, 0.86), slice=(1.5, 1.8, 2.0), phases=(3,), first=150, interval=300,
-                  scanners=((1.5, "GE", "SIGNA EXCITE"),), shift=0.15),
+    "DUKE": dict(pixel=(0.66, 0.70, 0.74), slice=(1.0, 1.1), phases=(3, 4, 5), first=100, interval=100,
+                 scanners=((1.5, "GE", "SIGNA HDxt"), (3.0, "SIEMENS", "Skyra")), shift=0.15,
+                 no_tr=0.1, no_field=0.05),
+    "ISPY1": dict(pixel=(0.78, 0.86), slice=(1.5, 1.8, 2.0), phases=(3, 4), first=150, interval=300,
+                  scanners=((1.5, "GE", "SIGNA EXCITE"),), shift=0.15, no_tr=0.5, no_field=0.15),
     "ISPY2": dict(pixel=(0.8, 0.85, 0.9), slice=(1.2, 1.5), phases=(4, 5, 6), first=90, interval=90,
                   scanners=((3.0, "SIEMENS", "Prisma"), (3.0, "PHILIPS", "Achieva"), (1.5, "GE", "SIGNA HDxt")),
-                  shift=0.1),
+                  shift=0.1, no_tr=0.15, no_field=0.05),
     "NACT": dict(pixel=(0.9, 1.0), slice=(2.0,), phases=(3, 4), first=150, interval=150,
-                 scanners=((1.5, "GE", "SIGNA"),), shift=1.0),
+                 scanners=((1.5, "GE", "SIGNA"),), shift=1.0, no_tr=0.3, no_field=0.1),
 }
-SUBTYPES = ("luminal_a", "luminal_b", "her2_enriched", "triple_negative")
-_SUBTYPE_P = np.array([0.25, 0.25, 0.20, 0.30])
-_SUBTYPE_LOG_KTRANS = np.log([0.40, 0.50, 0.70, 0.65])  # mean ln Ktrans (/min) per subtype
-_SUBTYPE_LOGIT = np.array([-0.6, -0.3, 0.42, 0.36])
-_RIM_P = np.array([0.10, 0.20, 0.30, 0.55])  # share of rim-enhancing tumours per subtype
-DENSITIES = ("a", "b", "c", "d")
-_DENSITY_P = np.array([[0.05, 0.25, 0.45, 0.25], [0.08, 0.32, 0.42, 0.18], [0.12, 0.40, 0.36, 0.12],
-                       [0.18, 0.45, 0.30, 0.07], [0.22, 0.48, 0.25, 0.05]])  # rows: age bins below
-_FGT_RANGE = np.array([[0.06, 0.22], [0.27, 0.48], [0.52, 0.72], [0.76, 0.90]])
 MANIFEST = "synthetic.json"  # summary + patient ids of the last run, so a re-run can remove stale cases
-AGE_BINS = ((28, 40), (41, 50), (51, 60), (61, 70), (71, 80))  # inclusive; the scoring bins (0,40] ... (70,100]
+TRUTH_DIR = "phantom_truth"  # <root>/phantom_truth/<pid>.json: the simulation's hidden values, never read by a reader
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def _draw_latents(rng: np.random.Generator, age: np.ndarray, shift: float) -> dict[str, np.ndarray]:
-    """Case-level latents and the true pCR probability for cases of the given ages (vectorised)."""
-    n = len(age)
-    age_bin = np.searchsorted([40, 50, 60, 70], age, side="left")
-    density = (rng.random(n)[:, None] > np.cumsum(_DENSITY_P[age_bin], axis=1)).sum(1).clip(0, 3)
-    lo, hi = _FGT_RANGE[density].T
-    menopause = np.where(age <= 42, "pre", np.where(age >= 55, "post", ""))
-    mid = menopause == ""  # perimenopausal ages: drawn, more often "post" with age
-    u = rng.random(n)
-    late = (age - 42) / 13.0
-    menopause = np.where(mid, np.where(u < 0.6 * (1 - late), "pre", np.where(u < 1 - 0.6 * late, "peri", "post")),
-                         menopause)
-    subtype = rng.choice(4, n, p=_SUBTYPE_P)
-    ln_k = _SUBTYPE_LOG_KTRANS[subtype] + 0.35 * rng.standard_normal(n)
-    ve = rng.uniform(0.2, 0.5, n)
-    radius = rng.uniform(0.08, 0.18, n)
-    hard = (density >= 2).astype(np.float64)
-    z_k, z_kep, z_r = (ln_k - np.log(0.55)) / 0.42, (ln_k - np.log(ve) - np.log(1.7)) / 0.45, (radius - 0.13) / 0.029
-    logit = -1.0 + _SUBTYPE_LOGIT[subtype] + (0.8 * z_k + 1.6 * z_kep - 2.6 * z_r) / (1 + shift * hard)
-    rim = rng.random(n) < _RIM_P[subtype]
-    pattern = np.where(rim, "rim", np.where(rng.random(n) < 0.5, "heterogeneous", "homogeneous"))
-    bpe = rng.uniform(0.004, 0.02, n) * np.where(menopause == "post", 1.0, 1.4) * (1 + 4.0 * shift * hard)
-    return dict(density=density, fgt_fraction=rng.uniform(lo, hi), menopause=menopause, subtype=subtype,
-                ktrans=np.exp(ln_k), ve=ve, vp=rng.uniform(0.02, 0.08, n), radius_frac=radius, pattern=pattern,
-                bpe_ktrans=bpe, noise_factor=1 + shift * hard, shrink=np.maximum(0.5, 1 - 0.25 * shift * hard),
-                pcr_probability=_sigmoid(logit))
-
-
-def _rule_balanced_accuracy(p: np.ndarray, threshold: float, labels: np.ndarray | None = None) -> float:
-    """Balanced accuracy of "predict 1 when p > threshold": expected under p, or against `labels`."""
-    pred = p > threshold
-    truth = p if labels is None else labels.astype(np.float64)
-    tpr = (truth * pred).sum() / max(truth.sum(), 1e-12)
-    tnr = ((1 - truth) * ~pred).sum() / max((1 - truth).sum(), 1e-12)
-    return float(0.5 * (tpr + tnr))
-
-
-def pcr_population_stats(difficulty_shift: float = 0.0, *, seed: int = 0, num_samples: int = 100_000) -> dict:
-    """pCR rate and Bayes-optimal balanced accuracy of the phantom population.
-
-    Args:
-        difficulty_shift: as in `generate_dataset`.
-        seed: seed of the Monte-Carlo draw.
-        num_samples: number of virtual cases (ages uniform over the age bins, as in the datasets).
-
-    Returns:
-        {"pcr_rate": pi, "bayes_threshold": pi, "bayes_balanced_accuracy": expected BA of p > pi,
-        "bayes_balanced_accuracy_by_density": {"a": ..., "d": ...}} (the same rule within each density).
-    """
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xBA]))
-    bins = rng.integers(0, len(AGE_BINS), num_samples)
-    lo, hi = np.array(AGE_BINS)[bins].T
-    ages = lo + (rng.random(num_samples) * (hi - lo + 1)).astype(int)
-    latents = _draw_latents(rng, ages, difficulty_shift)
-    p = latents["pcr_probability"]
-    pi = float(p.mean())
-    by_density = {d: round(_rule_balanced_accuracy(p[latents["density"] == i], pi), 4) for i, d in enumerate(DENSITIES)}
-    return {"pcr_rate": pi, "bayes_threshold": pi, "bayes_balanced_accuracy": _rule_balanced_accuracy(p, pi),
-            "bayes_balanced_accuracy_by_density": by_density}
+def read_truth(root: Path | str, patient_id: str) -> dict:
+    """The hidden values of one phantom (pCR probability, kinetics, physics, what its record withheld): for
+    scoring and analysis only."""
+    return json.loads((Path(root) / TRUTH_DIR / f"{patient_id.lower()}.json").read_text())
 
 
 def _write_nifti(path: Path, array: np.ndarray, grid: Grid) -> None:
@@ -180,7 +125,7 @@ def _split(rng: np.random.Generator, pids: list[str], sites: list[str], test_fra
 
 
 def generate_dataset(out: Path | str, num_cases: int = 40, seed: int = 0, size: int = 48,
-                     difficulty_shift: float = 0.0, test_fraction: float = 0.25) -> dict:
+                     difficulty_shift: float = 0.0, test_fraction: float = 0.25, physics: str = "randomised") -> dict:
     """Write a synthetic DCE-MRI dataset in the MAMA-MIA layout.
 
     Args:
@@ -190,27 +135,34 @@ def generate_dataset(out: Path | str, num_cases: int = 40, seed: int = 0, size: 
         size: voxels per side of one breast's field of view (in-plane; slices follow the slice thickness).
         difficulty_shift: >= 0; how much harder dense breasts are (see the module docstring).
         test_fraction: share of cases in the test split, stratified by site.
+        physics: "randomised" (per-case T1, relaxivity, AIF, kinetic model, B1, coil, motion, timing, withheld
+            acquisition values; `population`) or "fixed" (one value per field strength, every acquisition value
+            recorded: for tests that need exact values).
 
     Returns:
-        JSON-serialisable summary: out, num_cases, sites (cases per site), pcr_rate (over known labels),
+        JSON-serialisable summary: out, num_cases, physics, sites (cases per site), pcr_rate (over known labels),
         pcr_missing, bayes_balanced_accuracy (population, see the module docstring), bayes_balanced_accuracy_cases,
-        bayes_balanced_accuracy_by_density, bayes_rule, splits (train/test counts), phases (cases per phase count).
-        The same summary plus the patient ids is written to `<out>/synthetic.json`.
+        bayes_balanced_accuracy_by_density, bayes_rule, ceiling_auc and size_only_auc (population), splits
+        (train/test counts), phases (cases per phase count), withheld (records without TR / field strength /
+        flip angle). The same summary plus the patient ids is written to `<out>/synthetic.json`; each case's
+        hidden values go to `<out>/phantom_truth/<pid>.json` (`read_truth`).
     """
     if num_cases < 1 or size < 16:
         raise ValueError(f"need num_cases >= 1 and size >= 16, got num_cases={num_cases}, size={size}")
     if difficulty_shift < 0 or not 0 <= test_fraction < 1:
         raise ValueError(f"need difficulty_shift >= 0 and 0 <= test_fraction < 1, got {difficulty_shift}, "
                          f"{test_fraction}")
+    if physics not in PHYSICS_MODES:
+        raise ValueError(f"unknown physics {physics!r}; expected one of {PHYSICS_MODES}")
     out = Path(out)
-    for sub in ("images", "segmentations/expert", "patient_info_files"):
+    for sub in ("images", "segmentations/expert", "patient_info_files", TRUTH_DIR):
         (out / sub).mkdir(parents=True, exist_ok=True)
     root = np.random.default_rng(seed)
     site_names = list(SITES)
     sites = [site_names[i] for i in root.permutation(np.arange(num_cases) % len(site_names))]
     bins = root.permutation(np.arange(num_cases) % len(AGE_BINS))
     ages = np.array([root.integers(AGE_BINS[b][0], AGE_BINS[b][1] + 1) for b in bins])
-    latents = _draw_latents(root, ages, difficulty_shift)
+    latents = draw_latents(root, ages, difficulty_shift)
     pcr = (root.random(num_cases) < latents["pcr_probability"]).astype(int)
     no_pcr, no_density, no_menopause = (_pick(root, num_cases, s) for s in (0.08, 0.08, 0.10))
     case_rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(num_cases)]
@@ -218,36 +170,52 @@ def generate_dataset(out: Path | str, num_cases: int = 40, seed: int = 0, size: 
     pids = [_pid(site, sites[: c + 1].count(site)) for c, site in enumerate(sites)]
     _remove_stale(out, set(pids))
 
-    rows = []
+    rows, withheld = [], Counter()
     for c, (site, pid) in enumerate(zip(sites, pids, strict=True)):
-        rng, acq = case_rngs[c], _ACQUISITION[site]
+        rng, acq, protocol = case_rngs[c], _ACQUISITION[site], SITES[site]
         field, manufacturer, model = acq["scanners"][rng.integers(len(acq["scanners"]))]
         n_phases = int(rng.choice(acq["phases"]))
         times = [0.0] + [acq["first"] * rng.uniform(0.9, 1.1) + k * acq["interval"] * rng.uniform(0.93, 1.07)
                          for k in range(n_phases - 1)]
-        times = [float(round(t)) for t in times]
+        case_physics = draw_physics(rng, physics, field_strength=field, tr_ms=protocol.tr_ms, te_ms=protocol.te_ms,
+                                    flip_deg=protocol.flip_deg, agents=protocol.agents)
+        if physics == "fixed":
+            recorded = [float(round(t)) for t in times]
+            times = recorded
+        else:  # the record misses the effective (k-space centre) time by a few seconds, then rounds it
+            error = case_physics.time_error_s
+            recorded = [0.0] + [float(round(t + rng.uniform(-error, error))) for t in times[1:]]
         h, slice_mm = float(rng.choice(acq["pixel"])), float(rng.choice(acq["slice"]))
         lat = {k: v[c] for k, v in latents.items()}
         radius = max(lat["radius_frac"] * size * h * lat["shrink"], 1.5 * slice_mm, 2.5 * h)
-        spec = PhantomSpec(site=SITES[site], field_strength=field, pixel_spacing=h, slice_thickness=slice_mm,
-                           times_s=times, arrival_s=float(rng.uniform(10, 25)), fgt_fraction=float(lat["fgt_fraction"]),
-                           bpe_ktrans=float(lat["bpe_ktrans"]), ktrans=float(lat["ktrans"]), ve=float(lat["ve"]),
-                           vp=float(lat["vp"]), radius_mm=float(radius), pattern=str(lat["pattern"]),
+        spec = PhantomSpec(site=protocol, pixel_spacing=h, slice_thickness=slice_mm, times_s=times,
+                           fgt_fraction=float(lat["fgt_fraction"]), bpe_ktrans=float(lat["bpe_ktrans"]),
+                           fp=float(lat["fp"]), ps=float(lat["ps"]), ve=float(lat["ve"]), vp=float(lat["vp"]),
+                           radius_mm=float(radius), physics=case_physics,
+                           necrotic_fraction=float(lat["necrotic_fraction"]),
+                           heterogeneity=float(lat["heterogeneity"]) if physics == "randomised" else 0.08,
                            noise_factor=float(lat["noise_factor"]), phase0_shift=bool(rng.random() < acq["shift"]))
         phantom = render_phantom(spec, size=size, rng=rng)
+        # What the record gives: randomised physics never the flip angle, and for some cases no TR or field.
+        fixed = physics == "fixed"
+        given = {"flip_angle": fixed, "repetition_time": fixed or rng.random() >= acq["no_tr"],
+                 "field_strength": fixed or rng.random() >= acq["no_field"]}
+        withheld.update(k for k, v in given.items() if not v)
 
         density = None if c in no_density else DENSITIES[lat["density"]]
         menopause = None if c in no_menopause else str(lat["menopause"])
         label = None if c in no_pcr else int(pcr[c])
         info = dict(age=int(ages[c]), menopause=menopause, density=density, pcr=label, manufacturer=manufacturer,
-                    subtype=SUBTYPES[lat["subtype"]], model=model, pcr_probability=float(lat["pcr_probability"]),
-                    drop_key=(c % 2 == 0))
-        _write_case(out, pid, phantom, spec, info)
+                    subtype=SUBTYPES[lat["subtype"]], model=model, drop_key=(c % 2 == 0), given=given,
+                    recorded_times=recorded)
+        truth = _truth(spec, phantom, lat, given, recorded, label, physics)
+        _write_case(out, pid, phantom, spec, info, truth)
         rows.append(dict(patient_id=pid, dataset=site, site=site, pcr=np.nan if label is None else float(label),
                          age=int(ages[c]), menopause=menopause, tumor_subtype=SUBTYPES[lat["subtype"]],
-                         num_phases=n_phases, acquisition_times=str([int(t) for t in times]), field_strength=field,
+                         num_phases=n_phases, acquisition_times=str([int(t) for t in recorded]),
+                         field_strength=field if given["field_strength"] else np.nan,
                          manufacturer=manufacturer, pixel_spacing=h, slice_thickness=slice_mm,
-                         breast_density=density, bilateral=SITES[site].bilateral))
+                         breast_density=density, bilateral=protocol.bilateral))
 
     table = pd.DataFrame(rows)
     with atomic_path(out / "clinical_and_imaging_info.xlsx") as tmp:
@@ -258,26 +226,51 @@ def generate_dataset(out: Path | str, num_cases: int = 40, seed: int = 0, size: 
                            "test_split": test + [None] * (width - len(test))})
     write_text(out / "train_test_splits.csv", splits.to_csv(index=False))
 
-    population = pcr_population_stats(difficulty_shift, seed=seed)
+    population = pcr_population_stats(difficulty_shift, seed=seed, num_samples=20_000)
     known = table["pcr"].notna().to_numpy()
     summary = {
         "out": str(out),
         "num_cases": num_cases,
+        "physics": physics,
         "sites": {s: sites.count(s) for s in site_names if s in sites},
         "pcr_rate": float(table["pcr"][known].mean()) if known.any() else None,
         "pcr_missing": int((~known).sum()),
         "bayes_balanced_accuracy": round(population["bayes_balanced_accuracy"], 4),
-        "bayes_balanced_accuracy_cases": round(_rule_balanced_accuracy(
+        "bayes_balanced_accuracy_cases": round(rule_balanced_accuracy(
             latents["pcr_probability"][known], population["bayes_threshold"], pcr[known]), 4) if known.any() else None,
         "bayes_balanced_accuracy_by_density": population["bayes_balanced_accuracy_by_density"],
         "bayes_rule": f"predict pCR when the true probability > {population['bayes_threshold']:.3f} (population rate)",
+        "ceiling_auc": round(population["ceiling_auc"], 4),
+        "size_only_auc": round(population["size_only_auc"], 4),
         "splits": {"train": len(train), "test": len(test)},
         "phases": {str(k): v for k, v in sorted(Counter(r["num_phases"] for r in rows).items())},
+        "withheld": {k: withheld.get(k, 0) for k in ("flip_angle", "repetition_time", "field_strength")},
     }
     text = json.dumps({**summary, "seed": seed, "size": size, "difficulty_shift": difficulty_shift,
                        "patient_ids": pids}, indent=2)
     write_text(out / MANIFEST, text)
     return summary
+
+
+def _truth(spec: PhantomSpec, phantom: Phantom, lat: dict, given: dict, recorded: list[float], label: int | None,
+           physics: str) -> dict:
+    """The hidden values of one case, as written to its truth file."""
+    phys = spec.physics
+    pattern = "rim" if spec.necrotic_fraction > 0 else ("heterogeneous" if spec.heterogeneity > 0.25 else "homogeneous")
+    return {
+        "physics": physics, "pcr": label, "pcr_probability": float(lat["pcr_probability"]),
+        "grade": float(lat["grade"]), "immune": float(lat["immune"]), "subtype": SUBTYPES[lat["subtype"]],
+        "fp": spec.fp, "ps": spec.ps, "ktrans": spec.ktrans, "ve": spec.ve, "vp": spec.vp,
+        "kep": spec.ktrans / spec.ve, "radius_mm": spec.radius_mm, "radius_fraction": float(lat["radius_frac"]),
+        "necrotic_fraction": spec.necrotic_fraction, "heterogeneity": spec.heterogeneity,
+        "enhancement_pattern": pattern, "bpe_ktrans": spec.bpe_ktrans, "fgt_fraction": spec.fgt_fraction,
+        "kinetic_family": phys.family, "aif": asdict(phys.aif), "agent": phys.agent, "relaxivity": phys.r1,
+        "field_strength": phys.field_strength, "repetition_time": phys.tr_ms, "flip_angle": phys.flip_deg,
+        "t10_tumour_s": phys.t10[-1], "t10_s": list(phys.t10), "b1_scale": phys.b1_scale,
+        "b1_gradient": phys.b1_gradient, "coil_elements": phys.coil_elements, "motion_voxels": phys.motion_voxels,
+        "effective_times_s": [round(t, 2) for t in spec.times_s], "recorded_times_s": recorded,
+        "given": given, "phase0_shifted": spec.phase0_shift, **phantom.truth,
+    }
 
 
 def _remove_stale(out: Path, keep: set[str]) -> None:
@@ -288,15 +281,18 @@ def _remove_stale(out: Path, keep: set[str]) -> None:
         return
     for pid in set(previous) - keep:
         low = str(pid).lower()
-        owned = [out / "segmentations" / "expert" / f"{low}.nii.gz", out / "patient_info_files" / f"{low}.json"]
+        owned = [out / "segmentations" / "expert" / f"{low}.nii.gz", out / "patient_info_files" / f"{low}.json",
+                 out / TRUTH_DIR / f"{low}.json"]
         for path in [*(out / "images" / pid).glob(f"{low}_*.nii.gz"), *owned]:
             path.unlink(missing_ok=True)
         if (out / "images" / pid).is_dir() and not any((out / "images" / pid).iterdir()):
             (out / "images" / pid).rmdir()
 
 
-def _write_case(out: Path, pid: str, phantom: Phantom, spec: PhantomSpec, info: dict[str, Any]) -> None:
-    """Phase images, expert mask and patient_info JSON of one case (folder upper-case, files lower-case)."""
+def _write_case(out: Path, pid: str, phantom: Phantom, spec: PhantomSpec, info: dict[str, Any],
+                truth: dict[str, Any]) -> None:
+    """Phase images, expert mask, the patient_info JSON (what a real record gives) and the truth file of one case
+    (folder upper-case, files lower-case)."""
     low = pid.lower()
     folder = out / "images" / pid
     folder.mkdir(parents=True, exist_ok=True)
@@ -316,24 +312,18 @@ def _write_case(out: Path, pid: str, phantom: Phantom, spec: PhantomSpec, info: 
         lesion["pcr"] = info["pcr"]
     if info["density"] is not None or not info["drop_key"]:
         clinical["breast_density"] = info["density"]
-    record = {
-        "patient_id": pid,
-        "clinical_data": clinical,
-        "primary_lesion": lesion,
-        "imaging_data": {
-            "bilateral": spec.site.bilateral, "dataset": spec.site.name, "site": spec.site.name,
-            "scanner_manufacturer": info["manufacturer"], "scanner_model": info["model"],
-            "field_strength": spec.field_strength, "echo_time": spec.site.te_ms, "repetition_time": spec.site.tr_ms,
-            "flip_angle": spec.site.flip_deg, "num_phases": len(spec.times_s),
-            "acquisition_times": [int(t) for t in spec.times_s],
-            "pixel_spacing": [spec.pixel_spacing, spec.pixel_spacing], "slice_thickness": spec.slice_thickness,
-            "image_orientation": spec.site.orientation,
-        },
-        # Ground truth of the simulation, for analysis only (never an input of a model).
-        "phantom": {"pcr_probability": info["pcr_probability"], "ktrans": spec.ktrans, "ve": spec.ve, "vp": spec.vp,
-                    "radius_mm": spec.radius_mm, "enhancement_pattern": spec.pattern, "bpe_ktrans": spec.bpe_ktrans,
-                    "fgt_fraction": spec.fgt_fraction, "bolus_arrival_s": spec.arrival_s,
-                    "phase0_shifted": spec.phase0_shift},
+    phys, given = spec.physics, info["given"]
+    imaging: dict[str, Any] = {
+        "bilateral": spec.site.bilateral, "dataset": spec.site.name, "site": spec.site.name,
+        "scanner_manufacturer": info["manufacturer"], "scanner_model": info["model"], "echo_time": phys.te_ms,
+        "num_phases": len(spec.times_s), "acquisition_times": [int(t) for t in info["recorded_times"]],
+        "pixel_spacing": [spec.pixel_spacing, spec.pixel_spacing], "slice_thickness": spec.slice_thickness,
+        "image_orientation": spec.site.orientation,
     }
-    text = json.dumps(record, indent=2)
-    write_text(out / "patient_info_files" / f"{low}.json", text)
+    for key, value in (("field_strength", phys.field_strength), ("repetition_time", round(phys.tr_ms, 2)),
+                       ("flip_angle", phys.flip_deg)):
+        if given[key]:
+            imaging[key] = value
+    record = {"patient_id": pid, "clinical_data": clinical, "primary_lesion": lesion, "imaging_data": imaging}
+    write_text(out / "patient_info_files" / f"{low}.json", json.dumps(record, indent=2))
+    write_text(out / TRUTH_DIR / f"{low}.json", json.dumps(truth, indent=2))

@@ -1,102 +1,70 @@
-"""Physics of one synthetic DCE-MRI case: anatomy, contrast kinetics, signal, acquisition.
+"""Rendering of one synthetic DCE-MRI case: anatomy, contrast kinetics, signal, acquisition.
 
 The phantom lives in physical space (mm, LPS: +x left, +y posterior, +z superior). Anatomy and tissue
-parameters are drawn on an isotropic "canonical" grid, the dynamic signal is computed there, and every
-phase is then sampled onto the site's acquisition grid (its spacing, orientation and origin), where
-the bias field is already applied and Rician noise is added. The expert mask is the tumour sampled on
-the first post-contrast grid, so it shares that grid's geometry exactly.
-
-Kinetics: extended Tofts model, Ct(t) = vp Cp(t) + Ktrans * int_0^t Cp(u) exp(-kep (t - u)) du with
-kep = Ktrans / ve, driven by the Parker population arterial input function. Signal: spoiled gradient
-echo steady state, S = M0 sin(a) (1 - E1) / (1 - cos(a) E1), E1 = exp(-TR R1), R1 = 1/T10 + r1 Ct.
-
-References:
-    Parker GJM et al., Experimentally-derived functional form for a population-averaged high-temporal-
-    resolution arterial input function for DCE-MRI. Magn Reson Med 56:993-1000 (2006).
-    Tofts PS et al., Estimating kinetic parameters from DCE T1-weighted MRI of a diffusable tracer:
-    standardized quantities and symbols. J Magn Reson Imaging 10:223-232 (1999).
-    Rakow-Penner R et al., Relaxation times of breast tissue at 1.5T and 3T measured using IDEAL.
-    J Magn Reson Imaging 23:87-91 (2006) (T10 of fat and fibroglandular tissue).
-    Rohrer M et al., Comparison of magnetic properties of MRI contrast media solutions at different
-    magnetic field strengths. Invest Radiol 40:715-724 (2005) (r1 of Gd-DTPA in plasma).
+parameters are drawn on an isotropic "canonical" grid, the dynamic signal is computed there (kinetics and signal
+equation from `tracer`, the case's physics from `population.CasePhysics`), every phase but the first
+post-contrast one is moved rigidly by the case's motion, and each phase is then sampled onto the site's
+acquisition grid (its spacing, orientation and origin), where the receive-coil sensitivity is already applied
+and Rician noise is added. The expert mask is the tumour sampled on the first post-contrast grid, so it shares
+that grid's geometry exactly.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial.transform import Rotation
 
-# Parker AIF (blood concentration, mM; t in minutes). Plasma = blood / (1 - haematocrit).
-_PARKER = dict(A1=0.809, A2=0.330, T1=0.17046, T2=0.365, sigma1=0.0563, sigma2=0.132,
-               alpha=1.050, beta=0.1685, s=38.078, tau=0.483)
+from mtl_breast.phantoms.population import (
+    AIR,
+    FAT,
+    FGT,
+    MUSCLE,
+    R1_FIXED,
+    SKIN,
+    T10_FIXED,
+    THORAX,
+    TUMOUR,
+    CasePhysics,
+)
+from mtl_breast.phantoms.tracer import (
+    ArterialInput,
+    ExponentialTable,
+    etofts_concentration,
+    parker_blood,
+    renkin_crone_ktrans,
+    spgr_signal,
+    twocxm_concentration,
+)
+
+__all__ = ["AIR", "FAT", "FGT", "MUSCLE", "R1_RELAXIVITY", "SKIN", "THORAX", "TUMOUR", "Grid", "Phantom",
+           "PhantomSpec", "SiteProtocol", "parker_aif", "render_phantom", "spgr_signal", "tofts_concentration"]
+
 HAEMATOCRIT = 0.42
-
-# Tissue classes of the label map and their properties. T10 in s (1.5 T, 3 T); M0 relative to
-# fibroglandular tissue with fat suppression (fat keeps a little signal); kinetics (Ktrans /min, ve, vp).
-AIR, FAT, FGT, SKIN, MUSCLE, THORAX, TUMOUR = range(7)
-_T10 = {1.5: np.array([1.0, 0.296, 1.266, 0.90, 1.00, 1.40, 1.10], np.float32),
-        3.0: np.array([1.0, 0.367, 1.445, 1.00, 1.40, 1.60, 1.30], np.float32)}
+R1_RELAXIVITY = R1_FIXED  # the fixed-physics relaxivity (/mM/s) by field strength
+# M0 relative to fibroglandular tissue with fat suppression (fat keeps a little signal); background kinetics
+# (Ktrans /min, ve, vp) per tissue class; FGT and tumour are set per case.
 _M0 = np.array([0.0, 0.08, 1.0, 0.8, 0.7, 0.35, 0.95], np.float32)
-_KTRANS = np.array([0.0, 0.01, np.nan, 0.05, 0.06, 0.03, np.nan], np.float32)  # FGT/tumour set per case
+_KTRANS = np.array([0.0, 0.01, np.nan, 0.05, 0.06, 0.03, np.nan], np.float32)
 _VE = np.array([1.0, 0.08, 0.30, 0.30, 0.12, 0.20, np.nan], np.float32)
 _VP = np.array([0.0, 0.005, 0.01, 0.03, 0.03, 0.02, np.nan], np.float32)
-R1_RELAXIVITY = {1.5: 4.5, 3.0: 4.0}  # /mM/s
+_NECROTIC_PERFUSION = 0.03  # flow and permeability of a necrotic core relative to the viable tumour
+_NECROTIC_T10 = 1.25  # a necrotic core's T10 relative to the viable tumour's
 
 
 def parker_aif(t_min: np.ndarray) -> np.ndarray:
     """Plasma concentration (mM) of the Parker population AIF at `t_min` minutes after arrival (0 before)."""
-    p = _PARKER
-    t = np.asarray(t_min, dtype=np.float64)
-    cb = p["alpha"] * np.exp(-p["beta"] * t) / (1 + np.exp(-p["s"] * (t - p["tau"])))  # washout + recirculation
-    for n in (1, 2):  # first and second pass: Gaussians
-        width = p[f"sigma{n}"]
-        cb = cb + p[f"A{n}"] / (width * np.sqrt(2 * np.pi)) * np.exp(-((t - p[f"T{n}"]) ** 2) / (2 * width**2))
-    return np.where(t > 0, cb / (1 - HAEMATOCRIT), 0.0)
+    return parker_blood(t_min) / (1 - HAEMATOCRIT)
 
 
 def tofts_concentration(ktrans: np.ndarray, ve: np.ndarray, vp: np.ndarray, times_s: list[float],
                         arrival_s: float) -> np.ndarray:
-    """Extended Tofts tissue concentration at each acquisition time.
-
-    The convolution integral depends on a voxel only through kep, so it is tabulated once on a log grid of
-    kep and interpolated per voxel: exact up to the table spacing, and vectorised over any voxel shape.
-
-    Args:
-        ktrans: transfer constant (/min), any shape S.
-        ve: extravascular extracellular fraction (0, 1], shape S.
-        vp: plasma fraction, shape S.
-        times_s: acquisition times in seconds after the pre-contrast acquisition, length T.
-        arrival_s: bolus arrival time in seconds after the pre-contrast acquisition.
-
-    Returns:
-        Concentration in mM, shape [T, *S], float32.
-    """
-    dt = 1.0 / 120.0  # min; 0.5 s steps resolve the 3.4 s wide first-pass peak
-    log_kep = np.linspace(np.log(1e-3), np.log(50.0), 256)
-    kep_table = np.exp(log_kep)
-    log_kep_voxel = np.log(np.clip(ktrans / np.maximum(ve, 1e-3), 1e-3, 50.0))
-    out = np.empty((len(times_s), *np.shape(ktrans)), np.float32)
-    for i, t_s in enumerate(times_s):
-        t = (t_s - arrival_s) / 60.0
-        if t <= 0:
-            out[i] = 0.0
-            continue
-        u = np.arange(0.0, t, dt)
-        cp_u = parker_aif(u)
-        integral = np.exp(-kep_table[:, None] * (t - u)[None, :]) @ cp_u * dt  # [K]
-        conv = np.interp(log_kep_voxel, log_kep, integral)
-        out[i] = vp * parker_aif(t) + ktrans * conv
-    return out
-
-
-def spgr_signal(m0: np.ndarray, t10: np.ndarray, conc: np.ndarray, *, tr_ms: float, flip_deg: float,
-                r1: float) -> np.ndarray:
-    """Spoiled gradient echo steady-state signal for tissue with native T10 (s) and concentration (mM)."""
-    a = np.deg2rad(flip_deg)
-    e1 = np.exp(-(tr_ms / 1000.0) * (1.0 / t10 + r1 * conc))
-    return m0 * np.sin(a) * (1 - e1) / (1 - np.cos(a) * e1)
+    """Extended Tofts concentration (mM, [T, *S], float32) driven by the Parker AIF arriving at `arrival_s`."""
+    table = ExponentialTable(ArterialInput("parker", arrival_s=arrival_s, haematocrit=HAEMATOCRIT), times_s)
+    ktrans, ve, vp = (np.asarray(v, dtype=np.float64) for v in (ktrans, ve, vp))
+    return etofts_concentration(table, ktrans, ve, vp).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -108,10 +76,11 @@ class SiteProtocol:
         orientation: "axial" (index i,j,k -> x,y,z) or "sagittal" (i,j,k -> y,-z,-x).
         flip_j: mirror index axis j (a flipped axis in the affine).
         bilateral: both breasts in the field of view.
-        tr_ms, flip_deg, te_ms: sequence parameters.
+        tr_ms, flip_deg, te_ms: the nominal sequence (randomised physics varies TR a little per case).
         scale: stored intensity of fibroglandular tissue before contrast.
         dtype: "int16" or "float32", the stored voxel type.
         snr: fibroglandular signal / noise sigma.
+        agents: contrast agents the site uses (`population.RELAXIVITY` keys).
     """
 
     name: str
@@ -124,27 +93,48 @@ class SiteProtocol:
     scale: float
     dtype: str
     snr: float
+    agents: tuple[str, ...] = ("gadopentetate",)
 
 
 @dataclass
 class PhantomSpec:
-    """Everything drawn about one case before rendering (all that the pCR model and the images depend on)."""
+    """Everything drawn about one case before rendering (all that the pCR model and the images depend on).
+
+    Tumour kinetics are physiological (plasma flow Fp and permeability-surface product PS in /min, ve, vp); the
+    case's `physics.family` says which model turns them into concentration (extended Tofts through the
+    Renkin-Crone Ktrans, or the two-compartment exchange model).
+    """
 
     site: SiteProtocol
-    field_strength: float
     pixel_spacing: float  # mm, in-plane
     slice_thickness: float  # mm
-    times_s: list[float]  # acquisition time of each phase after the pre-contrast one; times_s[0] == 0
-    arrival_s: float  # bolus arrival after the pre-contrast acquisition
+    times_s: list[float]  # effective acquisition time of each phase after the pre-contrast one; times_s[0] == 0
     fgt_fraction: float  # fibroglandular share of the breast (sets density a-d)
     bpe_ktrans: float  # background parenchymal enhancement (/min)
-    ktrans: float  # tumour Ktrans (/min): the mean, or the rim's for rim enhancement
+    fp: float  # tumour plasma flow (/min), mean over the viable tumour
+    ps: float  # tumour permeability-surface product (/min)
     ve: float
     vp: float
     radius_mm: float  # radius of the volume-equivalent sphere of the tumour
-    pattern: str  # "homogeneous", "heterogeneous" or "rim"
+    physics: CasePhysics = field(default_factory=lambda: _fixed_physics(1.5))
+    necrotic_fraction: float = 0.0  # share of the tumour volume in a non-enhancing core
+    heterogeneity: float = 0.08  # sd of ln(perfusion) across the viable tumour
     noise_factor: float = 1.0  # multiplies the site's noise sigma
     phase0_shift: bool = False  # phase 0 sampled on a grid shifted by half a voxel along index axis i
+
+    @property
+    def field_strength(self) -> float:
+        return self.physics.field_strength
+
+    @property
+    def ktrans(self) -> float:
+        """The tumour's Tofts Ktrans (/min) from its flow and permeability (Renkin-Crone)."""
+        return float(renkin_crone_ktrans(np.float64(self.fp), np.float64(self.ps)))
+
+
+def _fixed_physics(field_strength: float, tr_ms: float = 4.5, flip_deg: float = 10.0) -> CasePhysics:
+    return CasePhysics(field_strength, tr_ms, 2.0, flip_deg, "fixed", R1_FIXED[field_strength],
+                       tuple(float(v) for v in T10_FIXED[field_strength]), ArterialInput("parker"))
 
 
 @dataclass
@@ -164,6 +154,7 @@ class Phantom:
     grids: list[Grid]
     mask: np.ndarray  # uint8, on grids[1]
     breast_box: tuple[int, int, int, int, int, int]  # x_min, x_max, y_min, y_max, z_min, z_max (exclusive max)
+    truth: dict = field(default_factory=dict)  # what rendering drew (motion, core), for the truth files only
 
 
 def _field(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
@@ -230,18 +221,63 @@ def _anatomy(spec: PhantomSpec, size: int, rng: np.random.Generator) -> tuple[np
     return labels, breasts[side], tumour
 
 
-def _tumour_modulation(spec: PhantomSpec, tumour: np.ndarray, h: float, rng: np.random.Generator) -> np.ndarray:
-    """Ktrans multiplier inside the tumour: homogeneous or heterogeneous (tumour mean 1), or rim (1 at the
-    edge, falling to 0.05 in a necrotic core, so that the rim stays visible through the SPGR saturation)."""
+def _tumour_perfusion(spec: PhantomSpec, tumour: np.ndarray, h: float,
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Perfusion multiplier inside the tumour (mean 1 over the viable part: log-normal heterogeneity) and the
+    necrotic core (the deepest `necrotic_fraction` of the tumour, with an irregular border), whose flow and
+    permeability fall to a few percent: a non-enhancing core inside an enhancing rim."""
     shape = tumour.shape
-    if spec.pattern == "rim":
-        d = ndimage.distance_transform_edt(tumour, sampling=h)
-        return (0.05 + 0.95 * (1 - d / (d.max() + 1e-6)) ** 2).astype(np.float32)
-    if spec.pattern == "heterogeneous":
-        mod = np.exp(0.45 * _field(rng, shape, 1.2 / h))
-    else:
-        mod = 1 + 0.08 * _field(rng, shape, 1.0 / h)
-    return mod / mod[tumour].mean()
+    mod = np.exp(spec.heterogeneity * _field(rng, shape, 1.2 / h))
+    core = np.zeros(shape, bool)
+    if spec.necrotic_fraction > 0:
+        depth = ndimage.distance_transform_edt(tumour, sampling=h)
+        depth = depth * (1 + 0.25 * _field(rng, shape, max(spec.radius_mm / (3 * h), 1.0)))
+        core = tumour & (depth > np.quantile(depth[tumour], 1 - spec.necrotic_fraction))
+    viable = tumour & ~core
+    mod = mod / (mod[viable].mean() if viable.any() else 1.0)
+    mod[core] *= _NECROTIC_PERFUSION
+    return mod.astype(np.float32), core
+
+
+def _coil_sensitivity(physics: CasePhysics, shape: tuple[int, int, int], h: float,
+                      rng: np.random.Generator) -> np.ndarray:
+    """Receive sensitivity on the canonical grid, mean ~1: the sum of Gaussian coil elements placed in front of
+    the chest plus a floor (fixed physics: a smooth quadratic field, identical for every case of a seed)."""
+    grid = np.meshgrid(*(np.linspace(-1, 1, n, dtype=np.float32) for n in shape), indexing="ij")
+    if physics.coil_elements == 0:
+        log_bias = sum(rng.normal(0, 0.12) * g + rng.normal(0, 0.06) * g * g for g in grid)
+        return np.exp(log_bias).astype(np.float32)
+    sens = np.full(shape, 0.35, np.float32)
+    for _ in range(physics.coil_elements):
+        centre = rng.uniform([-1.1, -1.3, -1.0], [1.1, -0.5, 1.0])  # anterior (-y) of the breasts
+        width = rng.uniform(0.5, 0.9)
+        d2 = sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True))
+        sens += rng.uniform(0.5, 1.0) * np.exp(-d2 / (2 * width**2))
+    sens *= np.exp(0.05 * _field(rng, shape, 8.0 / h))
+    return (sens / sens.mean()).astype(np.float32)
+
+
+def _transmit_field(physics: CasePhysics, shape: tuple[int, int, int], h: float,
+                    rng: np.random.Generator) -> np.ndarray:
+    """Relative flip angle (B1) on the canonical grid: case scale, left-right gradient, smooth variation."""
+    x = np.linspace(-1, 1, shape[0], dtype=np.float32)[:, None, None]
+    smooth = _field(rng, shape, 10.0 / h) if physics.b1_smooth else 0.0
+    return (physics.b1_scale * (1 + physics.b1_gradient * x + physics.b1_smooth * smooth)).astype(np.float32)
+
+
+def _rigid_motion(volume: np.ndarray, physics: CasePhysics, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """The volume moved by a small rigid transform (about its centre); returns it and the largest voxel shift."""
+    if physics.motion_voxels <= 0:
+        return volume, 0.0
+    scale = physics.motion_voxels
+    rotation = Rotation.from_euler("xyz", rng.uniform(-0.5, 0.5, 3) * scale / 1.2, degrees=True).as_matrix()
+    shift = rng.uniform(-1, 1, 3) * scale  # canonical voxels
+    centre = (np.array(volume.shape) - 1) / 2
+    offset = centre - rotation @ centre - shift
+    moved = ndimage.affine_transform(volume, rotation, offset=offset, order=1, mode="nearest")
+    corners = np.array(np.meshgrid(*([0, n - 1] for n in volume.shape), indexing="ij")).reshape(3, -1).T
+    displacement = np.abs((corners - centre) @ rotation.T + centre - shift - corners).max()
+    return moved.astype(np.float32), float(displacement)
 
 
 def _target_grid(spec: PhantomSpec, canon_shape: tuple[int, int, int], centre: np.ndarray):
@@ -306,42 +342,56 @@ def render_phantom(spec: PhantomSpec, *, size: int, rng: np.random.Generator) ->
         rng: the case's generator; the same spec and generator state give the same bytes.
 
     Returns:
-        The phases (stored dtype), their grids, the expert mask and the breast box of the affected breast.
+        The phases (stored dtype), their grids, the expert mask, the breast box of the affected breast and what
+        rendering drew (`Phantom.truth`: largest motion per phase, necrotic core size).
     """
     labels, breast, tumour = _anatomy(spec, size, rng)
-    h, fs = spec.pixel_spacing, spec.field_strength
+    h, phys = spec.pixel_spacing, spec.physics
+    randomised = phys.coil_elements > 0
 
     # Per-voxel tissue properties from the label map; FGT and tumour kinetics vary smoothly in space.
     m0 = _M0[labels] * (1 + 0.05 * _field(rng, labels.shape, 1.0 / h))
-    t10 = _T10[fs][labels]
+    t10 = np.asarray(phys.t10, np.float32)[labels]
+    if randomised:  # T1 varies within a tissue too
+        t10 = t10 * np.exp(0.03 * _field(rng, labels.shape, 1.5 / h))
     ktrans, ve, vp = _KTRANS[labels], _VE[labels], _VP[labels]
     is_fgt = labels == FGT
     ktrans[is_fgt] = spec.bpe_ktrans * np.exp(0.3 * _field(rng, labels.shape, 2.0 / h))[is_fgt]
-    ktrans[tumour] = spec.ktrans * _tumour_modulation(spec, tumour, h, rng)[tumour]
-    ve[tumour], vp[tumour] = spec.ve, spec.vp
+    perfusion, core = _tumour_perfusion(spec, tumour, h, rng)
+    fp, ps = spec.fp * perfusion[tumour], spec.ps * perfusion[tumour]
+    ktrans[tumour] = renkin_crone_ktrans(fp, ps)
+    ve[tumour], vp[tumour] = spec.ve, spec.vp * np.where(core[tumour], _NECROTIC_PERFUSION, 1.0)
+    t10[core] *= _NECROTIC_T10
 
-    conc = tofts_concentration(ktrans, ve, vp, spec.times_s, spec.arrival_s)
-    kw = dict(tr_ms=spec.site.tr_ms, flip_deg=spec.site.flip_deg, r1=R1_RELAXIVITY[fs])
-    reference = spgr_signal(1.0, _T10[fs][FGT], 0.0, **kw)  # fibroglandular tissue before contrast
-
-    # Coil sensitivity: a smooth multiplicative field, identical for all phases of the case.
-    shape = labels.shape
-    grid = np.meshgrid(*(np.linspace(-1, 1, n, dtype=np.float32) for n in shape), indexing="ij")
-    log_bias = sum(rng.normal(0, 0.12) * g + rng.normal(0, 0.06) * g * g for g in grid)
-    bias = np.exp(log_bias).astype(np.float32)
+    table = ExponentialTable(phys.aif, spec.times_s)
+    conc = etofts_concentration(table, ktrans.astype(np.float64), ve.astype(np.float64), vp.astype(np.float64))
+    if phys.family == "2cxm":
+        conc[:, tumour] = twocxm_concentration(table, fp, ps, np.full_like(fp, spec.ve), vp[tumour])
+    conc = conc.astype(np.float32)
+    b1 = _transmit_field(phys, labels.shape, h, rng)
+    kw = dict(tr_ms=phys.tr_ms, r1=phys.r1)
+    # Stored intensities are scaled so that fibroglandular tissue before contrast reads about `site.scale`.
+    reference = spgr_signal(1.0, T10_FIXED[phys.field_strength][FGT], 0.0, flip_deg=phys.flip_deg, **kw)
+    coil = _coil_sensitivity(phys, labels.shape, h, rng)
 
     centre = rng.uniform(-60.0, 60.0, 3)  # physical position of the phantom centre (scanner origins vary)
-    direction, spacing, n_ijk, origin = _target_grid(spec, shape, centre)
+    direction, spacing, n_ijk, origin = _target_grid(spec, labels.shape, centre)
+
     def sample(volume: np.ndarray, half_shift: bool = False) -> np.ndarray:
         return _resample(volume, direction, int(n_ijk[2]), spacing[2] / h, half_shift)
 
     sigma = spec.site.scale / spec.site.snr * spec.noise_factor
-    phases, grids = [], []
+    phases, grids, motion = [], [], []
     for t in range(len(spec.times_s)):
         shifted = t == 0 and spec.phase0_shift
         shift = direction[:, 0] * spacing[0] / 2 if shifted else np.zeros(3)
-        clean = spgr_signal(m0, t10, conc[t], **kw) / reference * bias * spec.site.scale
-        img = sample(clean.astype(np.float32), shifted)
+        clean = spgr_signal(m0, t10, conc[t], flip_deg=phys.flip_deg * b1, **kw) / reference * coil
+        clean = (clean * spec.site.scale).astype(np.float32)
+        moved = 0.0
+        if t != 1:  # the first post-contrast phase is the expert mask's reference
+            clean, moved = _rigid_motion(clean, phys, rng)
+        gain = float(np.exp(rng.normal(0, phys.gain_drift))) if phys.gain_drift and t > 0 else 1.0
+        img = sample(clean * gain, shifted)
         noisy = np.hypot(img + rng.normal(0, sigma, img.shape), rng.normal(0, sigma, img.shape))  # Rician
         if spec.site.dtype == "int16":
             phases.append(np.clip(np.rint(noisy), 0, 32767).astype(np.int16))
@@ -349,6 +399,7 @@ def render_phantom(spec: PhantomSpec, *, size: int, rng: np.random.Generator) ->
             phases.append(noisy.astype(np.float32))
         grids.append(Grid(tuple(float(v) for v in origin + shift), tuple(float(v) for v in spacing),
                           tuple(float(v) for v in direction.ravel())))
+        motion.append(round(moved, 3))
 
     fraction = sample(tumour.astype(np.float32))  # tumour partial volume on the first post-contrast grid
     mask = (fraction >= 0.5).astype(np.uint8)
@@ -359,4 +410,6 @@ def render_phantom(spec: PhantomSpec, *, size: int, rng: np.random.Generator) ->
     for axis in range(3):
         hit = np.flatnonzero((inside | mask.astype(bool)).any(axis=tuple(a for a in range(3) if a != axis)))
         box += [max(int(hit[0]) - 1, 0), min(int(hit[-1]) + 2, mask.shape[axis])]
-    return Phantom(phases=phases, grids=grids, mask=mask, breast_box=tuple(box))
+    truth = {"motion_voxels_per_phase": motion, "necrotic_voxels": int(core.sum()), "tumour_voxels": int(tumour.sum()),
+             "b1_at_tumour": round(float(b1[tumour].mean()), 4)}
+    return Phantom(phases=phases, grids=grids, mask=mask, breast_box=tuple(box), truth=truth)
