@@ -29,6 +29,7 @@ from typing import Any
 
 import pandas as pd
 
+from mtl_breast.acquisition import check_given
 from mtl_breast.data.case import Case, CaseError, DatasetError, check_times
 
 SPREADSHEET = "clinical_and_imaging_info"
@@ -200,6 +201,20 @@ def _times(value: Any, num_phases: int, patient_id: str, source: Path | None) ->
     return check_times(times, patient_id, source)
 
 
+def _acquisition(key: str, row: dict[str, Any], imaging: dict[str, Any], patient_id: str, table_path: Path | None,
+                 info_path: Path | None) -> float | None:
+    """A sequence parameter (`acquisition.check_given`): the spreadsheet's value, else the JSON's, else None.
+
+    A value that is there but unusable (text, 0, negative) is refused rather than read as missing: the kinetic
+    features would otherwise assume a default for it without the table's author knowing why.
+    """
+    value = _first(row.get(key), imaging.get(key))
+    try:
+        return check_given(key, _plain(value))
+    except ValueError as err:
+        raise CaseError(patient_id, info_path if _missing(row.get(key)) else table_path, str(err)) from err
+
+
 def _read_json(path: Path, patient_id: str) -> tuple[dict[str, Any], tuple[int, ...] | None]:
     """Parse a patient_info JSON; returns (the document, breast box or None).
 
@@ -294,13 +309,13 @@ def _build_case(patient_id: str, images: list[Path], row: dict[str, Any], masks:
         "menopause": _first(get("menopause"), get("menopausal_status"), clinical.get("menopausal_status")),
         "density": _density(_first(get("breast_density"), get("density"), clinical.get("breast_density"))),
         "tumor_subtype": _first(get("tumor_subtype"), lesion.get("tumor_subtype")),
-        "field_strength": _to_float(_first(get("field_strength"), imaging.get("field_strength"))),
+        "field_strength": _acquisition("field_strength", row, imaging, patient_id, table_path, info_path),
         "manufacturer": _first(get("manufacturer"), imaging.get("scanner_manufacturer")),
         "bilateral": _to_bool(_first(get("bilateral"), get("bilateral_mri"), imaging.get("bilateral"))),
         # Sequence parameters of the spoiled gradient echo: with the field strength they turn signal into contrast
         # concentration (models.kinetics); ms and degrees.
-        "repetition_time": _to_float(_first(get("repetition_time"), imaging.get("repetition_time"))),
-        "flip_angle": _to_float(_first(get("flip_angle"), imaging.get("flip_angle"))),
+        "repetition_time": _acquisition("repetition_time", row, imaging, patient_id, table_path, info_path),
+        "flip_angle": _acquisition("flip_angle", row, imaging, patient_id, table_path, info_path),
     }
     meta = {k: (str(v).strip() if isinstance(v, str) else _plain(v)) for k, v in meta.items()}
     times = _first(get("acquisition_times"), imaging.get("acquisition_times"))
