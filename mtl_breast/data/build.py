@@ -20,6 +20,7 @@ from typing import Any
 import SimpleITK as sitk
 from rich.progress import MofNCompleteColumn, Progress
 
+from mtl_breast.acquisition import assumed_report
 from mtl_breast.data.cache import CaseCache
 from mtl_breast.data.case import Case, CaseError, source_fingerprint
 from mtl_breast.data.folder import read_dataset
@@ -81,7 +82,9 @@ def preprocess_dataset(data: Path, cache: Path, config: PreprocessConfig, worker
     Returns:
         {"done": [ids], "skipped": [{"patient_id", "reason"}], "cached": [ids already in the cache],
         "stale": [ids whose cached file was made from other source files or table values, preprocessed again],
-        "report_path": str}; the same lists are written atomically to `<cache>/<key>/report.json`.
+        "assumed": `acquisition.assumed_report` of the done and cached cases (the acquisition values assumed for
+        them, counted, and its one-line text), "report_path": str}; the same lists are written atomically to
+        `<cache>/<key>/report.json`.
     """
     started = time.perf_counter()
     skipped: list[dict[str, str]] = []
@@ -127,10 +130,16 @@ def preprocess_dataset(data: Path, cache: Path, config: PreprocessConfig, worker
         if pool is not None:  # on Ctrl-C, drop queued cases instead of waiting for all of them
             pool.shutdown(cancel_futures=True)
 
+    # The cases now in the cache, each once (a duplicate id was skipped; its first occurrence is the one stored).
+    stored, kept = set(done) | set(cached), {}
+    for case in cases:
+        if case.patient_id in stored:
+            kept.setdefault(case.patient_id, case)
     report = {"data": str(data), "cache": str(store.dir), "config": asdict(config), "key": config.key(),
               "done": sorted(done), "skipped": skipped, "cached": cached, "stale": stale,
+              "assumed": assumed_report(case.assumed() for case in kept.values()),
               "seconds": round(time.perf_counter() - started, 2)}
     report_path = store.dir / "report.json"
     write_text(report_path, json.dumps(report, indent=2))
     return {"done": report["done"], "skipped": skipped, "cached": cached, "stale": stale,
-            "report_path": str(report_path)}
+            "assumed": report["assumed"], "report_path": str(report_path)}

@@ -12,7 +12,8 @@ safetensors files are memory-mappable, so `read_cached_crop` reads only the byte
 never decodes NIfTI.gz; reads return float32 whatever the stored type. Files are written by `files.atomic_path`
 (an interrupted run leaves the old file or the new one, never half of one) with a canonical header, so the same
 case and config give byte-identical files. `info["source"]["fingerprint"]` records the sources a file was made
-from; `CaseCache.has(pid, fingerprint)` misses when they changed.
+from; `CaseCache.has(pid, fingerprint)` misses when they changed. `info["assumed"]` records the acquisition values
+the kinetic features assume for the case (`CaseCache.assumed` works them out for files written before it was).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from mtl_breast.acquisition import assumed_values
 from mtl_breast.files import write_safetensors, write_text
 
 if TYPE_CHECKING:  # preprocess imports this module; the classes are only needed for annotations here
@@ -170,6 +172,27 @@ class CaseCache:
     def read_info(self, patient_id: str) -> dict[str, Any]:
         """The case's `info` dict, read from the header alone."""
         return json.loads(read_header(self.path(patient_id))["__metadata__"]["info"])
+
+    def assumed(self, patient_id: str, info: dict[str, Any] | None = None) -> dict[str, float]:
+        """The acquisition values the kinetic features assume for a cached case (`acquisition.assumed_values`).
+
+        Args:
+            info: the case's `info`, when already read (saves reading the header again).
+
+        Files written before ``info["assumed"]`` was recorded get it worked out from their metadata and stored
+        acquisition times (the same inputs `preprocess_case` uses), so they need not be preprocessed again.
+        """
+        info = self.read_info(patient_id) if info is None else info
+        if isinstance(info.get("assumed"), dict):
+            return info["assumed"]
+        path = self.path(patient_id)
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                times = f.get_tensor("phase_time")
+        except Exception as err:  # safetensors raises its own error types for corrupt payloads
+            raise CacheError(path, f"cannot read phase_time ({type(err).__name__}: {err})") from err
+        # preprocess_case stores all NaN when the times are unknown, all finite when they are known.
+        return assumed_values(info.get("meta"), phase_times_known=bool(np.isfinite(times).all()))
 
     def patient_ids(self) -> list[str]:
         """Cached case ids, sorted (temporary files of interrupted writes are hidden and ignored)."""

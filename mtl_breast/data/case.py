@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mtl_breast.acquisition import assumed_values
+
 
 class CaseError(ValueError):
     """Bad input for one case. The message always names the case and the offending file."""
@@ -84,6 +86,11 @@ class Case:
     @property
     def has_pcr(self) -> bool:
         return not math.isnan(self.pcr)
+
+    def assumed(self) -> dict[str, float]:
+        """The acquisition values the kinetic features assume for this case, from its metadata and whether its
+        acquisition times are known (`acquisition.assumed_values`)."""
+        return assumed_values(self.meta, phase_times_known=self.acquisition_times is not None)
 
 
 _SIGNATURE_BYTES = 1 << 16  # bytes hashed at each end of a source file

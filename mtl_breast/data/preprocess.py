@@ -102,7 +102,8 @@ class PreprocessedCase:
         label: uint8 [D, H, W] expert mask, or None.
         phase_time: float32 [T] seconds after the pre-contrast acquisition, NaN when unknown.
         info: JSON-serialisable: patient_id, pcr (None if unknown), meta, num_phases, has_label,
-            source, geometry, normalization.
+            source, geometry, normalization, assumed (`acquisition.assumed_values`: the acquisition values the
+            kinetic features assume for the case, e.g. {"flip_angle": 12.0, "tumour_t10_s": 1.1, ...}).
     """
 
     image: np.ndarray
@@ -289,6 +290,8 @@ def preprocess_case(case: Case, config: PreprocessConfig) -> PreprocessedCase:
         "geometry": {"reference": ref_grid, "reference_phase": ref_index, "crop_index": crop_index,
                      "crop_size": crop_size, "orientation": config.orientation, "output": out_grid},
         "normalization": {"mean": mean, "std": std, "clip": clip, "background": float(image.min())},
+        # The acquisition values the kinetic features will assume for this case (none of them is in the image).
+        "assumed": case.assumed(),
     }
     return PreprocessedCase(image=image, label=label, phase_time=phase_time, info=info)
 
