@@ -45,6 +45,9 @@ def _synth_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--difficulty-shift", type=float, default=0.0,
                    help="how much harder segmentation/pCR is for the dense / young subgroups (0 = none, 1 = strong)")
     p.add_argument("--test-fraction", type=float, default=0.25, help="share of cases in the test split")
+    p.add_argument("--physics", choices=("randomised", "fixed"), default="randomised",
+                   help="randomised per-case physics with withheld acquisition values (default), or one fixed value "
+                        "per field strength with every value recorded (for tests that need exact values)")
 
 
 @command("synth", "write a synthetic DCE-MRI dataset in the MAMA-MIA layout", _synth_flags)
@@ -52,7 +55,8 @@ def _synth(args: argparse.Namespace) -> int:
     from mtl_breast.phantoms.collection import generate_dataset
 
     summary = generate_dataset(args.out, num_cases=args.cases, seed=args.seed, size=args.size,
-                               difficulty_shift=args.difficulty_shift, test_fraction=args.test_fraction)
+                               difficulty_shift=args.difficulty_shift, test_fraction=args.test_fraction,
+                               physics=args.physics)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -92,6 +96,7 @@ def _preprocess(args: argparse.Namespace) -> int:
     again = f" ({len(report['stale'])} again: their source files or table values changed)" if report["stale"] else ""
     print(f"done {len(report['done'])}{again}, skipped {len(report['skipped'])}, already cached "
           f"{len(report['cached'])}; report: {report['report_path']}")
+    print(report["assumed"]["line"])
     _print_skipped(report["skipped"])
     if report["skipped"]:
         print(f"mtl-breast preprocess: {len(report['skipped'])} case(s) skipped (listed above and in "
@@ -134,6 +139,7 @@ def _predict(args: argparse.Namespace) -> int:
                              split=None if args.split == "all" else args.split, tta_flips=args.tta or None,
                              largest_component=args.largest_component or None, overlap=args.overlap)
     print(f"predicted {len(report['done'])} cases into {args.out}; skipped {len(report['skipped'])}")
+    print(report["assumed"]["line"])
     _print_skipped(report["skipped"])
     if report["skipped"]:
         print(f"mtl-breast predict: {len(report['skipped'])} case(s) skipped (listed above); no mask or pCR row "

@@ -14,6 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from mtl_breast.acquisition import assumed_report, assumed_text
 from mtl_breast.data.case import Case, CaseError
 from mtl_breast.data.folder import read_dataset
 from mtl_breast.data.mamamia import is_mamamia_root, read_splits
@@ -32,10 +33,15 @@ def write_mask(mask: np.ndarray, geometry: dict, path: Path) -> Path:
     return path
 
 
+# The challenge's columns, then what the kinetic features assumed for the case (`acquisition.assumed_text`): the
+# scorers read the first three and ignore the rest.
+CSV_COLUMNS = ("patient_id", "pcr", "score", "assumed_acquisition")
+
+
 def write_predictions_csv(rows: list[dict], path: Path) -> Path:
-    """`patient_id,pcr,score` as the challenge expects, written atomically."""
+    """`patient_id,pcr,score` as the challenge expects, then `assumed_acquisition`, written atomically."""
     text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=["patient_id", "pcr", "score"])
+    writer = csv.DictWriter(text, fieldnames=list(CSV_COLUMNS))
     writer.writeheader()
     writer.writerows(rows)
     return write_text(path, text.getvalue())
@@ -46,13 +52,14 @@ def run_predictions(model: torch.nn.Module, cases: list[Case], out_dir: Path, se
     """Predict every case; a failing case is reported and the others still run.
 
     Writes `out_dir/pred_segmentations/<pid>.nii.gz` and `out_dir/predictions.csv`; returns
-    {"done": [...], "skipped": [{"patient_id", "reason"}], "rows": [...]}. The caller reports the skipped cases
-    (once; nothing is logged here). A skipped case's mask from an earlier run in `out_dir` is removed, so it
-    cannot be scored as this run's prediction.
+    {"done": [...], "skipped": [{"patient_id", "reason"}], "rows": [...], "assumed": the once-per-job report of
+    the acquisition values assumed for the predicted cases (`acquisition.assumed_report`)}. The caller reports the
+    skipped cases and the assumed values (once; nothing is logged here). A skipped case's mask from an earlier run
+    in `out_dir` is removed, so it cannot be scored as this run's prediction.
     """
     out_dir = Path(out_dir)
     model.eval()
-    rows, skipped, done = [], [], []
+    rows, skipped, done, assumed = [], [], [], []
     for case in cases:
         mask_path = out_dir / "pred_segmentations" / f"{case.patient_id}.nii.gz"
         try:
@@ -67,10 +74,12 @@ def run_predictions(model: torch.nn.Module, cases: list[Case], out_dir: Path, se
         # The decision is taken on the score as written, so the CSV never shows a score at or above the threshold
         # next to pcr 0 (a probability 1 - 1e-7 is written as 1.0; a threshold chosen on saturated scores can be 1.0).
         score = round(score, 6)
-        rows.append({"patient_id": case.patient_id, "pcr": int(score >= settings.pcr_threshold), "score": score})
+        assumed.append(case.assumed())  # what preprocessing recorded as the case's info["assumed"]
+        rows.append({"patient_id": case.patient_id, "pcr": int(score >= settings.pcr_threshold), "score": score,
+                     "assumed_acquisition": assumed_text(assumed[-1])})
         done.append(case.patient_id)
     write_predictions_csv(rows, out_dir / "predictions.csv")
-    return {"done": done, "skipped": skipped, "rows": rows}
+    return {"done": done, "skipped": skipped, "rows": rows, "assumed": assumed_report(assumed)}
 
 
 def predict_dataset(weights: Path | str, data: Path | str, out: Path | str, *, device: str | None = None,
