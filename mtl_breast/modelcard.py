@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from mtl_breast.acquisition import assumed_counts
+
 __all__ = ["NOT_RECORDED", "card_metadata", "render_model_card"]
 
 NOT_RECORDED = "not recorded"
@@ -207,7 +209,24 @@ def _training(config: Mapping[str, Any]) -> list[str]:
         f"- Started from: {_base_weights(config) or (NOT_RECORDED if 'base_weights' not in train else 'scratch')}",
         f"- Synthetic phantoms: {_fmt(train.get('synthetic'))}",
     ]
+    if _kind(config) == "joint" or "assumed" in train:
+        lines.append(f"- Acquisition values assumed by the pCR kinetic features (not given by the case): "
+                     f"{_assumed(train.get('assumed'))}")
     return lines
+
+
+def _assumed(summary: Any) -> str:
+    """The training summary's ``assumed`` (`acquisition.summarise_assumed` of the training cases) as text."""
+    if not isinstance(summary, Mapping):
+        return NOT_RECORDED
+    try:
+        text = assumed_counts(summary, "training cases")
+    except ValueError:  # a hand-edited config: say nothing rather than something wrong
+        return NOT_RECORDED
+    unread = summary.get("unread")
+    if isinstance(unread, int) and unread > 0:
+        text += f" ({unread} training cases not read: unknown)"
+    return _fmt(text)
 
 
 def _validation(config: Mapping[str, Any]) -> list[str]:

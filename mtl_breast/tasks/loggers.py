@@ -18,6 +18,7 @@ import numpy as np
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
+from mtl_breast.acquisition import summarise_assumed
 from mtl_breast.phantoms.collection import MANIFEST as SYNTHETIC_MANIFEST
 
 if TYPE_CHECKING:
@@ -61,7 +62,9 @@ class LearningRates(LearningRateMonitor):
 
 
 def training_summary(module: L.LightningModule, task: str) -> dict[str, Any] | None:
-    """Data and schedule of the run for the model card: dataset names with training-case counts, never ids.
+    """Data and schedule of the run for the model card: dataset names with training-case counts, never ids, and for
+    fine-tuning the acquisition values the kinetic features assumed for the training cases (``"assumed"``:
+    `acquisition.summarise_assumed` of their cache infos, plus ``"unread"``, cases whose header could not be read).
 
     Returns None when the module is not attached to a trainer with a data module that has been set up.
     """
@@ -73,17 +76,26 @@ def training_summary(module: L.LightningModule, task: str) -> dict[str, Any] | N
     memo = getattr(module, "_dataset_counts", None)  # headers are read once per run, not at every checkpoint
     if memo is None or memo[0] != ids:
         datasets: Counter[str] = Counter()
+        assumed, unread = [], 0
         for pid in ids:
             try:
-                datasets[str(dm.cache.read_info(pid).get("meta", {}).get("dataset") or "unknown")] += 1
+                info = dm.cache.read_info(pid)
+                datasets[str(info.get("meta", {}).get("dataset") or "unknown")] += 1
+                assumed.append(dm.cache.assumed(pid, info))
             except (OSError, ValueError, KeyError):  # an unreadable header is counted, not fatal to a checkpoint
                 datasets["unknown"] += 1
-        memo = module._dataset_counts = (ids, dict(sorted(datasets.items())))
+                unread += 1
+        # Only fine-tuning computes the pCR kinetic features, the one place acquisition values are assumed.
+        summary = {**summarise_assumed(assumed), "unread": unread} if task == "finetune" else None
+        memo = module._dataset_counts = (ids, dict(sorted(datasets.items())), summary)
     base = getattr(module.hparams, "pretrained", None)
-    return {"task": task, "datasets": memo[1], "train_cases": len(ids),
-            "val_cases": len(getattr(dm, "val_ids", [])), "epochs": int(trainer.current_epoch),
-            "steps": int(trainer.global_step), "base_weights": str(base) if base else None,
-            "synthetic": any((Path(root) / SYNTHETIC_MANIFEST).is_file() for root in getattr(dm, "roots", []))}
+    out = {"task": task, "datasets": memo[1], "train_cases": len(ids),
+           "val_cases": len(getattr(dm, "val_ids", [])), "epochs": int(trainer.current_epoch),
+           "steps": int(trainer.global_step), "base_weights": str(base) if base else None,
+           "synthetic": any((Path(root) / SYNTHETIC_MANIFEST).is_file() for root in getattr(dm, "roots", []))}
+    if memo[2] is not None:
+        out["assumed"] = memo[2]  # `acquisition.summarise_assumed` of the training cases, for the model card
+    return out
 
 
 def validation_metrics(module: L.LightningModule) -> dict[str, float] | None:
