@@ -8,6 +8,7 @@ import re
 import pytest
 import yaml
 
+from mtl_breast.acquisition import summarise_assumed
 from mtl_breast.hub import save_pretrained
 from mtl_breast.modelcard import NOT_RECORDED, render_model_card
 from mtl_breast.models.registry import create_model
@@ -106,6 +107,29 @@ def test_card_of_phantom_training_and_local_base_weights(tmp_path):
     assert "- Started from: scratch" in scratch
 
 
+ASSUMED_LABEL = "Acquisition values assumed by the pCR kinetic features (not given by the case)"
+
+
+def test_card_lists_the_acquisition_values_assumed_in_training(tmp_path):
+    given_field_only = {"flip_angle": 12.0, "tumour_t10_s": 1.1, "relaxivity": 4.5}
+    nothing_given = {"field_strength": 1.5, "repetition_time": 5.0, "flip_angle": 12.0, "tumour_t10_s": 1.1,
+                     "relaxivity": 4.5}
+    assumed = {**summarise_assumed([given_field_only] * 3 + [nothing_given]), "unread": 0}
+    save_pretrained(create_model("mtl_vit_test"), tmp_path,
+                    extra_config={"training": {"task": "finetune", "train_cases": 4, "assumed": assumed}})
+    _, body, _ = read_card(tmp_path)
+    assert field(body, ASSUMED_LABEL) == (
+        "field_strength = 1.5 T for 1 of 4 training cases; repetition_time = 5 ms for 1 of 4 training cases; "
+        "flip_angle = 12 deg for 4 of 4 training cases; tumour_t10_s = 1.1 s for 4 of 4 training cases (never "
+        "given); relaxivity = 4.5 /mM/s for 4 of 4 training cases (never given)")
+    # Weights trained before this was recorded, or a hand-edited entry: nothing is made up.
+    for training in ({"task": "finetune"}, {"task": "finetune", "assumed": {"cases": 2, "values": {"flip_angle": 1}}}):
+        card = render_model_card({"arch": "mtl_vit_test", "training": training})
+        assert field(card, ASSUMED_LABEL) == NOT_RECORDED
+    # An MAE computes no kinetic features: no such line.
+    assert ASSUMED_LABEL not in render_model_card({"arch": "mae_vit_test", "training": {"task": "pretrain"}})
+
+
 @pytest.mark.parametrize("fixture", ["mae_weights", "mtl_weights"])
 def test_card_of_exported_checkpoint(request, fixture):
     folder = request.getfixturevalue(fixture)
@@ -118,5 +142,8 @@ def test_card_of_exported_checkpoint(request, fixture):
     threshold = field(body, "pCR decision threshold (probability, chosen on validation)")
     if fixture == "mtl_weights":
         assert float(threshold) == pytest.approx(config["inference"]["pcr_threshold"], rel=1e-5)
+        # Fine-tuning recorded what the kinetic features assumed for every training case.
+        assert config["training"]["assumed"]["cases"] == config["training"]["train_cases"]
+        assert f"of {config['training']['train_cases']} training cases (never given)" in field(body, ASSUMED_LABEL)
     else:
         assert threshold == NOT_RECORDED and "mae" in meta["tags"]
