@@ -21,8 +21,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 __all__ = ["ACQUISITION_UNITS", "DEFAULT_FIELD_T", "DEFAULT_FLIP_DEG", "DEFAULT_INTERVAL_S", "DEFAULT_TR_MS",
-           "HIGH_FIELD_T", "NEVER_GIVEN", "R1", "TUMOUR_T10_S", "assumed_line", "assumed_text", "assumed_values",
-           "check_given", "field_values", "given_value", "summarise_assumed"]
+           "HIGH_FIELD_T", "NEVER_GIVEN", "R1", "TUMOUR_T10_S", "assumed_counts", "assumed_line", "assumed_report",
+           "assumed_text", "assumed_values", "check_given", "field_values", "given_value", "summarise_assumed"]
 
 # Used where the case does not say: 1.5 T, and a TR/flip angle typical of breast DCE-MRI (3D spoiled gradient echo).
 DEFAULT_FIELD_T, DEFAULT_TR_MS, DEFAULT_FLIP_DEG = 1.5, 5.0, 12.0
@@ -130,10 +130,10 @@ def summarise_assumed(per_case: Iterable[Mapping[str, float]]) -> dict[str, Any]
     return {"cases": n, "values": values}
 
 
-def assumed_line(summary: Mapping[str, Any], noun: str = "cases") -> str:
-    """The once-per-job report of `summarise_assumed`'s ``summary``, e.g. ``assumed acquisition values:
-    flip_angle = 12 deg for 40 of 40 cases; repetition_time = 5 ms for 6 of 40 cases; tumour_t10_s = 1.1 s for 40
-    of 40 cases (never given); relaxivity = 4.5 /mM/s for 40 of 40 cases (never given)``.
+def assumed_counts(summary: Mapping[str, Any], noun: str = "cases") -> str:
+    """`summarise_assumed`'s ``summary`` as text, e.g. ``flip_angle = 12 deg for 40 of 40 cases; repetition_time =
+    5 ms for 6 of 40 cases; tumour_t10_s = 1.1 s for 40 of 40 cases (never given); relaxivity = 4.5 /mM/s for 40 of
+    40 cases (never given)``; ``no cases`` for an empty job.
 
     Raises:
         ValueError: ``summary`` is not of `summarise_assumed`'s form (e.g. a hand-edited config.json).
@@ -151,5 +151,15 @@ def assumed_line(summary: Mapping[str, Any], noun: str = "cases") -> str:
     except (TypeError, KeyError, ValueError, AttributeError) as err:
         raise ValueError(f"not a summary of assumed acquisition values ({type(err).__name__}: {err})") from err
     if n == 0:
-        return f"assumed acquisition values: no {noun}"
-    return "assumed acquisition values: " + ("; ".join(parts) if parts else "none")
+        return f"no {noun}"
+    return "; ".join(parts) if parts else "none"
+
+
+def assumed_line(summary: Mapping[str, Any], noun: str = "cases") -> str:
+    """The once-per-job report line: ``assumed acquisition values: `` and `assumed_counts`."""
+    return f"assumed acquisition values: {assumed_counts(summary, noun)}"
+
+def assumed_report(per_case: Iterable[Mapping[str, float]]) -> dict[str, Any]:
+    """A job's report of its cases' `assumed_values`: `summarise_assumed` plus its text as ``"line"``."""
+    summary = summarise_assumed(per_case)
+    return {**summary, "line": assumed_line(summary)}
