@@ -5,7 +5,7 @@ read): features under the expert mask (curve summaries of `models.kinetics`, a T
 relative-enhancement curve, and the tumour's contrast concentration from inverting the spoiled-gradient-echo
 signal equation, `models.kinetics.tumour_concentration`, and a Tofts fit of that concentration with the arrival
 searched) next to the generating model's own tumour
-radius, Ktrans and kep read from the phantoms' `patient_info_files/*.json`, and next to the same concentration
+radius, Ktrans and kep read from the phantoms' truth files (`phantoms.collection.read_truth`), and next to the same concentration
 features and Tofts fit computed from the noise-free Tofts curve at the case's acquisition times (what a perfect
 estimate from the images could reach: Ktrans and kep themselves are not identifiable from 3-6 late samples). The
 gaps say how much a better kinetic estimate could add, and where it is lost: per enhancement pattern, the
@@ -16,6 +16,9 @@ and for the image features, the AUC when the held-out folds' features come from 
 one voxel (a predicted boundary is rarely exact).
 
     python bench/kinetics_ceiling.py runs/science/seed0 runs/science/seed1 runs/science/seed2
+
+The noise-free reference assumes the fixed physics (Parker input, extended Tofts): on randomised phantoms it is
+only an approximation (other input forms, the 2CXM family, B1, motion).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from mtl_breast.models.kinetics import (
     enhancing_half,
     spgr_concentration,
 )
+from mtl_breast.phantoms.collection import read_truth
 from mtl_breast.phantoms.physics import tofts_concentration
 from mtl_breast.predictor import InferenceSettings, read_weights_config
 
@@ -159,12 +163,11 @@ def training_rows(run: str) -> tuple[list[dict], list[float]]:
         mask = case["label"].bool()
         curve = (case["image"].float()[:, mask].mean(1) * norm["std"] + norm["mean"]).numpy()  # original units
         amplitude, kep = tofts_fit((curve - curve[0]) / max(abs(curve[0]), 1e-3), case["phase_time"].numpy())
-        info = json.loads(open(f"{run}/data/patient_info_files/{pid.lower()}.json").read())
-        truth, imaging = info["phantom"], info["imaging_data"]
+        truth = read_truth(f"{run}/data", pid)
+        truth["bolus_arrival_s"] = truth["aif"]["arrival_s"]
         times = case["phase_time"].numpy()
-        # The sequence parameters from the case's JSON (caches written before the reader kept them lack them).
-        meta = {**case["info"]["meta"], "repetition_time": imaging["repetition_time"],
-                "flip_angle": imaging["flip_angle"]}
+        # The sequence as run (the truth file): randomised phantoms never record the flip angle.
+        meta = {**case["info"]["meta"], "repetition_time": truth["repetition_time"], "flip_angle": truth["flip_angle"]}
         ideal = np.asarray(tofts_concentration(np.array([truth["ktrans"]]), np.array([truth["ve"]]),
                                                np.array([truth["vp"]]), list(times), truth["bolus_arrival_s"]))
         acquisition = acquisition_vector(case["info"]["normalization"], meta)

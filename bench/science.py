@@ -55,7 +55,7 @@ from mtl_breast.files import write_text
 from mtl_breast.metrics.classification import balanced_accuracy, roc_auc
 from mtl_breast.metrics.intervals import mean_interval, percentile_interval, resample_indices
 from mtl_breast.metrics.segmentation import dice as dice_score
-from mtl_breast.phantoms.collection import generate_dataset
+from mtl_breast.phantoms.collection import generate_dataset, read_truth
 from mtl_breast.predictor import InferenceSettings, load_joint_model, predict_volume, read_weights_config
 
 HELD_OUT_SEED = 10_000
@@ -138,8 +138,7 @@ def score_run(run: Path, weights: Path, data: Path, cache: CaseCache,
         baseline = LogisticBaseline(features).fit(train_rows, y_train)
         result[f"{name} baseline, expert mask"] = baseline.predict_proba(expert_rows).tolist()
         result[f"{name} baseline, predicted mask"] = baseline.predict_proba(predicted_rows).tolist()
-    truth = [json.loads((data / "patient_info_files" / f"{pid.lower()}.json").read_text())["phantom"]
-             ["pcr_probability"] for pid in ids]
+    truth = [read_truth(data, pid)["pcr_probability"] for pid in ids]
     result["generating model (ceiling)"] = truth
     thresholds = {k: (settings.pcr_threshold if k.startswith("joint") else prevalence) for k in result}
     thresholds["generating model (ceiling)"] = float(np.mean(y))  # Bayes rule for balanced accuracy
