@@ -56,7 +56,9 @@ def test_exported_weights_reload_strictly(mtl_weights, mae_weights, finetune_run
 # ---------------------------------------------------------------------------------------------- predict
 def test_predict_writes_masks_in_the_original_image_space(predictions, phantoms, mtl_weights):
     columns, rows = _read_csv(predictions / "predictions.csv")
-    assert columns == ["patient_id", "pcr", "score"]
+    # The challenge's columns, then what the kinetic features assumed (tumour T10 and relaxivity always).
+    assert columns == ["patient_id", "pcr", "score", "assumed_acquisition"]
+    assert all("tumour_t10_s=" in r["assumed_acquisition"] and "relaxivity=" in r["assumed_acquisition"] for r in rows)
     with open(phantoms / "train_test_splits.csv") as f:
         test_split = {r["test_split"].lower() for r in csv.DictReader(f) if r["test_split"]}
     assert {r["patient_id"].lower() for r in rows} == test_split
