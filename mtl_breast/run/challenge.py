@@ -77,6 +77,7 @@ class Model:
         report = run_predictions(self.model, self._cases(), Path(output_dir), self.settings)
         for item in report["skipped"]:  # the challenge scores these as failures; say why in the container log
             log.error("skipped %s", item["reason"])
+        log.info("%s", report["assumed"]["line"])  # the JSONs give no flip angle: say what the kinetics assumed
         self.predicted_segmentations = str(Path(output_dir) / "pred_segmentations")
         self._table = pd.DataFrame(report["rows"], columns=["patient_id", "pcr", "score"])
         return self._table

@@ -148,6 +148,7 @@ def run_demo(workdir: Path | str = "runs/demo", labelled: int = 288, held_out: i
     curves = [str(path) for run in ("pretrain", "finetune") for path in plot_run(work / run)]
     result = {"headline": headline(scores), "bayes_balanced_accuracy": summary.get("bayes_balanced_accuracy"),
               "test_cases": len(report["done"]), "skipped": report["skipped"],
+              "assumed_acquisition": report["assumed"]["line"],
               "scores": str(work / "evaluation" / "scores.json"), "report": str(work / "evaluation" / "report.md"),
               "curves": curves, "tensorboard": f"tensorboard --logdir {work}",
               "seconds": {k: round(v, 1) for k, v in timings.items()}}
