@@ -97,7 +97,8 @@ def held_out_set(out: Path, cases: int, size: int, settings: InferenceSettings,
 
 # ------------------------------------------------------------------------------------------------ experiments
 def score_run(run: Path, weights: Path, data: Path, cache: CaseCache,
-              variants: tuple[str, ...] = tuple(VARIANTS), ids: list[str] | None = None) -> dict:
+              variants: tuple[str, ...] = tuple(VARIANTS), ids: list[str] | None = None,
+              features: bool = False) -> dict:
     """Per held-out case: the model's pCR probability for each input variant, baselines' probabilities, truth.
 
     Args:
@@ -106,6 +107,9 @@ def score_run(run: Path, weights: Path, data: Path, cache: CaseCache,
         data, cache: the held-out phantoms and their preprocessed cache.
         variants: which input variants of `VARIANTS` to predict ("as acquired" always).
         ids: the cases of `cache` to score (default: all of them).
+        features: also return the baselines' feature rows under ``"features"`` (``train_ids``, ``train_rows``,
+            ``y_train``; ``expert_rows`` and ``predicted_rows`` of the scored cases), for fitting them otherwise
+            (bench/robustness.py fits them leaving one site out).
     """
     model, config = load_joint_model(weights, "cpu")
     settings = InferenceSettings.from_config(config)
@@ -117,7 +121,7 @@ def score_run(run: Path, weights: Path, data: Path, cache: CaseCache,
     train_cases = [case for case in read_dataset(run / "data") if case.patient_id in wanted]
     preprocess_dataset(run / "data", run / "cache" / "data", settings.preprocess, cases=train_cases, progress=False)
     train_cache = CaseCache(run / "cache" / "data", settings.preprocess)
-    _, train_rows, y_train = labelled_features(train_cache, train_ids, roi)
+    train_kept, train_rows, y_train = labelled_features(train_cache, train_ids, roi)
     ids, expert_rows, y = labelled_features(cache, cache.patient_ids() if ids is None else ids, roi)
     variants = ("as acquired", *(v for v in variants if v != "as acquired"))
     scores: dict[str, list[float]] = {name: [] for name in variants}
@@ -142,7 +146,11 @@ def score_run(run: Path, weights: Path, data: Path, cache: CaseCache,
     result["generating model (ceiling)"] = truth
     thresholds = {k: (settings.pcr_threshold if k.startswith("joint") else prevalence) for k in result}
     thresholds["generating model (ceiling)"] = float(np.mean(y))  # Bayes rule for balanced accuracy
-    return {"ids": ids, "y": y, "scores": result, "thresholds": thresholds, "dice": dice}
+    out = {"ids": ids, "y": y, "scores": result, "thresholds": thresholds, "dice": dice}
+    if features:
+        out["features"] = {"train_ids": train_kept, "train_rows": train_rows, "y_train": y_train,
+                           "expert_rows": expert_rows, "predicted_rows": predicted_rows}
+    return out
 
 
 def summarise(runs: list[dict], seed: int = 0) -> dict:
