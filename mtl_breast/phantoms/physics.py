@@ -261,7 +261,7 @@ def _transmit_field(physics: CasePhysics, shape: tuple[int, int, int], h: float,
                     rng: np.random.Generator) -> np.ndarray:
     """Relative flip angle (B1) on the canonical grid: case scale, left-right gradient, smooth variation."""
     x = np.linspace(-1, 1, shape[0], dtype=np.float32)[:, None, None]
-    smooth = _field(rng, shape, 10.0 / h) if physics.b1_smooth else 0.0
+    smooth = _field(rng, shape, 10.0 / h) if physics.b1_smooth else np.zeros(shape, np.float32)
     return (physics.b1_scale * (1 + physics.b1_gradient * x + physics.b1_smooth * smooth)).astype(np.float32)
 
 
