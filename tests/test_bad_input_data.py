@@ -14,6 +14,7 @@ import shutil
 import struct
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
@@ -124,7 +125,9 @@ def test_mask_with_three_labels_is_refused_at_preprocessing_and_training(phantom
     mask_path = data / "segmentations" / "expert" / f"{pid.lower()}.nii.gz"
     mask = sitk.ReadImage(str(mask_path))
     array = sitk.GetArrayFromImage(mask)
-    array[array.shape[0] // 2:] *= 2  # the far half of the tumour becomes label 2
+    tumour = np.flatnonzero(array)
+    assert len(tumour) >= 2
+    array.flat[tumour[len(tumour) // 2:]] = 2  # the far half of the tumour becomes label 2
     relabelled = sitk.GetImageFromArray(array)
     relabelled.CopyInformation(mask)
     sitk.WriteImage(relabelled, str(mask_path))
