@@ -18,7 +18,7 @@ LAYERS = {
     # tensors and arrays in, tensors and arrays out; data also reads and caches cases
     "mtl_breast.models": 0, "mtl_breast.losses": 0, "mtl_breast.metrics": 0, "mtl_breast.data": 0,
     "mtl_breast.memtrace": 0, "mtl_breast.modelcard": 0, "mtl_breast.figures": 0, "mtl_breast.files": 0,
-    "mtl_breast.phantoms": 0,
+    "mtl_breast.phantoms": 0, "mtl_breast.acquisition": 0,
     # weights, prediction of one volume, the baselines
     "mtl_breast.hub": 1, "mtl_breast.predictor": 1, "mtl_breast.features": 1, "mtl_breast.baselines": 1,
     # training (LightningModules, optimisation, checkpoints, logs)
