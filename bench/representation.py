@@ -22,6 +22,11 @@ Every encoder sees the same window: the encoder's training crop (`img_size`) cen
 (`data.window.tumour_window`, the rule of the pCR head), cut from the case preprocessed as its weights' config
 says. The interval resamples the cases' out-of-fold predictions (the refits are not repeated); the spread over
 folds is given too. Nothing here is seeded by the clock: the same inputs give the same numbers.
+
+A control column pads the "kinetic+" hand features with Gaussian noise columns up to the first encoder's width:
+one ridge penalty over a few hundred columns dilutes a signal that lives in a few of them, and with ~150 cases the
+loss is large (on demo0's test split ln kep falls from R^2 0.34 to 0.05 with 256 noise columns), so an encoder's
+R^2 is to be read against that column as well as against the hand features themselves.
 """
 
 from __future__ import annotations
@@ -328,6 +333,10 @@ def run_probe(args: argparse.Namespace) -> dict:
             log.info("%d/%d cases", i + 1, len(ids))
     families = np.array([str(f) for f in targets.pop("family")])
     features = {name: np.stack(r) for name, r in rows.items()}
+    if args.noise_control:
+        width = features[first].shape[1]
+        noise = np.random.default_rng(args.seed).normal(size=(len(ids), width))
+        features[f"hand: {HAND_SETS[0]} + {width} noise"] = np.c_[features[f"hand: {HAND_SETS[0]}"], noise]
     table = score(features, {k: np.array(v, np.float64) for k, v in targets.items()}, families, args.folds,
                   args.seed)
     return {"experiment": "representation", "data": str(data), "split": args.split, "cases": len(ids),
@@ -367,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, nargs=3, help="window D H W (default: the first encoder's img_size)")
     p.add_argument("--shell", type=int, default=4, help="shell width in voxels around the tumour (0 = none)")
     p.add_argument("--pooling", choices=("summary", "concat"), default="summary")
+    p.add_argument("--no-noise-control", dest="noise_control", action="store_false",
+                   help="leave out the hand features padded with noise columns to an encoder's width")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu or cuda[:i] (default: CUDA when there is one)")

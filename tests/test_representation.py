@@ -145,9 +145,10 @@ def test_cli_end_to_end(tiny_phantoms, tmp_path):
     assert result["cases"] == 8 and result["device"].startswith("cpu")
     assert result["window"] == [16, 16, 16]
     sets = ["mae", "mae+shell", "mtl", "mtl+shell", "random (seed 0)", "random (seed 0)+shell", "hand: kinetic+",
-            "hand: concentration", "hand: rim"]
+            "hand: concentration", "hand: rim", "hand: kinetic+ + 256 noise"]
     assert list(result["feature_dims"]) == sets
     assert result["feature_dims"]["mae"] == 4 * 64 and result["feature_dims"]["mae+shell"] == 8 * 64
+    assert result["feature_dims"]["hand: kinetic+ + 256 noise"] == 6 + 256
     targets = set(result["table"])
     assert {"ln_ktrans", "ln_kep", "ln_fp", "ln_ps", "ve", "vp", "necrotic_fraction", "grade",
             "ln_volume_mm3"} <= targets
