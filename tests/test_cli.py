@@ -14,7 +14,8 @@ from conftest import ROOT, demo_config, run_cli
 
 from mtl_breast.cli import main
 
-CONFIGS = sorted((ROOT / "configs").glob("*/*.yaml"))
+# The training configs (configs/evaluation holds the evaluation sets, read by bench/robustness.py).
+CONFIGS = sorted(p for task in ("pretrain", "finetune") for p in (ROOT / "configs" / task).glob("*.yaml"))
 
 
 # ---------------------------------------------------------------------------------------------- training runs
