@@ -235,6 +235,8 @@ def _demo_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool", type=int, default=200, help="unlabeled phantoms for MAE pretraining")
     p.add_argument("--size", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--physics", choices=("randomised", "fixed"), default="randomised",
+                   help="phantom physics (see `mtl-breast synth --help`)")
 
 
 @command("demo", "synthesise phantoms, pretrain, fine-tune, predict and evaluate end to end", _demo_flags)
@@ -242,7 +244,7 @@ def _demo(args: argparse.Namespace) -> int:
     from mtl_breast.run.demo import run_demo
 
     run_demo(args.workdir, labelled=args.labelled, held_out=args.held_out, pool=args.pool, size=args.size,
-             seed=args.seed)
+             seed=args.seed, physics=args.physics)
     return 0
 
 

@@ -99,8 +99,10 @@ def test_shortened_demo_learns(tmp_path):
     from mtl_breast.run.demo import run_demo
 
     # 20 epochs of 13 steps (51 training cases, one repeat, batch 4): the 260 steps this check always ran.
+    # Fixed physics: this checks that the pipeline learns at all, in minutes, from 64 labelled cases. What it learns
+    # on the randomised family (pCR AUC about 0.6-0.7 with 288 labels) is measured in docs/RESULTS.md, not here.
     scores = run_demo(tmp_path / "demo", labelled=64, held_out=100, pool=40, size=40, seed=1, pretrain_epochs=5,
-                      finetune_epochs=20)
+                      finetune_epochs=20, physics="fixed")
     written = json.loads((tmp_path / "demo" / "evaluation" / "scores.json").read_text())
     assert written["segmentation"]["dsc"] == pytest.approx(scores["segmentation"]["dsc"])
     assert scores["segmentation"]["dsc"] > 0.5, scores["segmentation"]["dsc"]

@@ -93,12 +93,13 @@ def _held_out_pcr(data: Path, cache_dir: Path, weights: Path, predictions: Path)
 
 def run_demo(workdir: Path | str = "runs/demo", labelled: int = 288, held_out: int = 150, pool: int = 200,
              size: int = 48, seed: int = 0, pretrain_epochs: int | None = None,
-             finetune_epochs: int | None = None) -> dict:
+             finetune_epochs: int | None = None, physics: str = "randomised") -> dict:
     """Run the whole pipeline in `workdir`; returns the scores dict. Epoch overrides shorten it for tests.
 
     Three disjoint sets of phantoms, as a foundation model is used: an unlabeled pool for MAE pretraining
     (`pool` cases, its own seed), `labelled` cases for fine-tuning (training + validation), and `held_out` cases
-    that only prediction and scoring see.
+    that only prediction and scoring see. `physics` is the phantoms' (`phantoms.collection.generate_dataset`):
+    randomised by default, "fixed" for quick checks that the pipeline learns.
     """
     if min(labelled, held_out, pool) < 1:
         raise ValueError(f"need labelled, held_out and pool >= 1, got {labelled}, {held_out}, {pool}")
@@ -109,8 +110,8 @@ def run_demo(workdir: Path | str = "runs/demo", labelled: int = 288, held_out: i
     t0 = _step(f"1/6 synthesise {pool} unlabeled phantoms -> {pool_dir}, {labelled} labelled + {held_out} "
                f"held-out -> {data}")
     # Seeds 2s and 2s + 1: the pool never shares a phantom with the labelled or held-out cases.
-    generate_dataset(pool_dir, num_cases=pool, seed=2 * seed + 1, size=size, test_fraction=0.0)
-    summary = generate_dataset(data, num_cases=labelled + held_out, seed=2 * seed, size=size,
+    generate_dataset(pool_dir, num_cases=pool, seed=2 * seed + 1, size=size, test_fraction=0.0, physics=physics)
+    summary = generate_dataset(data, num_cases=labelled + held_out, seed=2 * seed, size=size, physics=physics,
                                test_fraction=held_out / (labelled + held_out))
     timings["synth"] = time.perf_counter() - t0
 
