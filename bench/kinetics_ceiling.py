@@ -4,11 +4,11 @@ Cross-validated logistic regressions on the labelled TRAINING cases of one or mo
 read): features under the expert mask (curve summaries of `models.kinetics`, a Tofts fit of the mean
 relative-enhancement curve, and the tumour's contrast concentration from inverting the spoiled-gradient-echo
 signal equation, `models.kinetics.tumour_concentration`, and a Tofts fit of that concentration with the arrival
-searched) next to the generating model's own tumour
-radius, Ktrans and kep read from the phantoms' truth files (`phantoms.collection.read_truth`), and next to the same concentration
-features and Tofts fit computed from the noise-free Tofts curve at the case's acquisition times (what a perfect
-estimate from the images could reach: Ktrans and kep themselves are not identifiable from 3-6 late samples). The
-gaps say how much a better kinetic estimate could add, and where it is lost: per enhancement pattern, the
+searched) next to the generating model's own tumour radius, Ktrans and kep read from the phantoms' truth files
+(`phantoms.collection.read_truth`), and next to the same concentration features and Tofts fit computed from the
+noise-free Tofts curve at the case's acquisition times (what a perfect estimate from the images could reach:
+Ktrans and kep themselves are not identifiable from 3-6 late samples). The gaps say how much a better kinetic
+estimate could add, and where it is lost: per enhancement pattern, the
 cross-validated AUC within the pattern and the offset of the image's washout from the noise-free one (a pooled
 regression reads every pattern on one scale), next to the rim-aware sets (`models.kinetics.tumour_rim_concentration`
 on the surface layer and one layer below it);

@@ -14,7 +14,6 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from mtl_breast.phantoms.collection import SITES, generate_dataset
-from mtl_breast.phantoms.population import pcr_population_stats
 from mtl_breast.phantoms.physics import (
     PhantomSpec,
     _resample,
@@ -23,6 +22,7 @@ from mtl_breast.phantoms.physics import (
     spgr_signal,
     tofts_concentration,
 )
+from mtl_breast.phantoms.population import pcr_population_stats
 
 NUM_CASES, SIZE = 6, 24
 
