@@ -52,7 +52,7 @@ References:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -189,7 +189,6 @@ class CasePhysics:
     motion_voxels: float = 0.0
     gain_drift: float = 0.0
     time_error_s: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def draw_physics(rng: np.random.Generator, mode: str, *, field_strength: float, tr_ms: float, te_ms: float,
