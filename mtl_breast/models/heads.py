@@ -23,6 +23,7 @@ from mtl_breast.models.kinetics import (
     tumour_kinetics,
     tumour_rim_concentration,
 )
+from mtl_breast.models.tumour_pathway import LearnedKineticPathway
 
 # Kinetic feature sets of the pathway: column names and the function computing them (`models.kinetics`).
 FEATURE_SETS = {
@@ -55,6 +56,11 @@ class PCRHead(nn.Module):
     measured below the default, docs/RESULTS.md) or ``"curve"``
     (`tumour_kinetics`: size, wash-in, peak enhancement, washout of the normalised intensities).
 
+    With ``learned`` the logit also gets the term of a `LearnedKineticPathway`: the encoder's tokens pooled per phase
+    inside the predicted tumour and in a shell around it, read across phases by a small module. It takes no
+    hand-built feature and no regression start, so it scores what the encoder's representation carries. The logit
+    is the sum of the terms; :meth:`parts` returns them apart ("tokens", "learned", "kinetic").
+
     Args:
         embed_dim: token width E.
         hidden_dim: width of the attention scorer; default ``embed_dim // 2``.
@@ -72,6 +78,11 @@ class PCRHead(nn.Module):
         kinetic_threshold: the tumour curve averages the voxels with ``seg_prob >= kinetic_threshold`` (a hard mask,
             like the expert masks the pathway is initialised on); None = weight every voxel by its probability,
             which lets a low-probability halo around the tumour dilute the curve.
+        learned: add the learned kinetic pathway (needs ``layers`` and ``seg_prob`` in :meth:`forward`).
+        learned_layers: how many of the last encoder layers it pools (the model passes its decoder's skip layers).
+        learned_hidden: its width (default ``min(embed_dim, 128)``).
+        learned_shell: width in voxels of the shell around the tumour it also pools.
+        learned_dropout: dropout before its last linear layer.
     """
 
     def __init__(
@@ -86,6 +97,11 @@ class PCRHead(nn.Module):
         kinetic: bool = False,
         kinetic_threshold: float | None = 0.5,
         kinetic_features: str = "concentration",
+        learned: bool = False,
+        learned_layers: int = 1,
+        learned_hidden: int | None = None,
+        learned_shell: int = 4,
+        learned_dropout: float = 0.1,
     ) -> None:
         super().__init__()
         hidden_dim = hidden_dim or max(embed_dim // 2, 1)
@@ -119,8 +135,26 @@ class PCRHead(nn.Module):
             # Standardisation of the features, part of the weights (see `init_kinetic`).
             self.register_buffer("kinetic_mean", torch.zeros(k))
             self.register_buffer("kinetic_std", torch.ones(k))
+        self.learned = learned
+        self.learned_threshold = 0.5 if kinetic_threshold is None else kinetic_threshold
+        self.learned_pathway = LearnedKineticPathway(
+            embed_dim, num_layers=learned_layers, hidden_dim=learned_hidden, shell=learned_shell,
+            dropout=learned_dropout) if learned else None
 
-    def forward(
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        """The pCR logit ``[B]``: the sum of :meth:`parts` (same arguments)."""
+        return self.total(self.parts(*args, **kwargs))
+
+    @staticmethod
+    def total(terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The logit ``[B]`` of the terms :meth:`parts` returns (summed in a fixed order)."""
+        logit = terms["tokens"]
+        for name in ("learned", "kinetic"):
+            if name in terms:
+                logit = logit + terms[name]
+        return logit
+
+    def parts(
         self,
         tokens: torch.Tensor,
         phase_mask: torch.Tensor | None = None,
@@ -129,8 +163,11 @@ class PCRHead(nn.Module):
         image: torch.Tensor | None = None,
         phase_time: torch.Tensor | None = None,
         acquisition: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Pool tokens into a pCR logit.
+        layers: Sequence[torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The terms of the pCR logit, each ``[B]``: "tokens" (attention-pooled tokens, with the output bias),
+        "learned" (the learned kinetic pathway) and "kinetic" (the hand-feature pathway), the last two only when
+        the head has them.
 
         Args:
             tokens: ``[B, T, N, E]`` (N = d*h*w on the patch grid, row-major).
@@ -141,9 +178,11 @@ class PCRHead(nn.Module):
             phase_time: ``[B, T]`` seconds after pre-contrast, NaN unknown (kinetic pathway).
             acquisition: ``[B, 5]`` `models.kinetics.acquisition_vector` of each case (concentration features);
                 None = unknown.
+            layers: encoder token maps, shallow to deep, each ``[B, T, N, E]`` (learned pathway: its last
+                ``learned_layers``); None = ``[tokens]``.
 
         Returns:
-            Raw logits ``[B]`` (no sigmoid).
+            Raw logit terms (no sigmoid).
         """
         if tokens.ndim != 4 or tokens.shape[-1] != self.embed_dim:
             raise ValueError(f"tokens must be [B, T, N, E={self.embed_dim}], got shape {tuple(tokens.shape)}")
@@ -166,7 +205,19 @@ class PCRHead(nn.Module):
         # One softmax over all (phase, token) pairs, in fp32 because N*T can be large.
         weights = rearrange(logits, "b t n -> b (t n)").softmax(dim=-1).to(tokens.dtype)
         pooled = torch.einsum("bk,bke->be", weights, rearrange(tokens, "b t n e -> b (t n) e"))
-        logit = self.fc(self.drop(self.norm(pooled))).squeeze(-1)
+        terms = {"tokens": self.fc(self.drop(self.norm(pooled))).squeeze(-1)}
+        if self.learned_pathway is not None:
+            if seg_prob is None:
+                raise ValueError("the learned kinetic pathway needs seg_prob [B, 1, D, H, W]")
+            layers = list(layers) if layers is not None else [tokens]
+            if len(layers) < self.learned_pathway.num_layers:
+                raise ValueError(f"the learned kinetic pathway pools {self.learned_pathway.num_layers} encoder "
+                                 f"layers, got {len(layers)}")
+            tumour = (seg_prob.detach().float() >= self.learned_threshold).float()
+            grid = self._grid(seg_prob, grid, n)
+            term = self.learned_pathway(layers[-self.learned_pathway.num_layers:], tumour, grid, phase_mask,
+                                        phase_time)
+            terms["learned"] = term.to(terms["tokens"].dtype)
         if self.kinetic_fc is not None:
             if image is None or seg_prob is None:
                 raise ValueError("the kinetic pathway needs image [B, T, D, H, W] and seg_prob [B, 1, D, H, W]")
@@ -175,8 +226,8 @@ class PCRHead(nn.Module):
                 prob = (prob >= self.kinetic_threshold).to(prob.dtype)
             features = self.kinetic_inputs(image, prob, phase_mask, phase_time, acquisition)
             features = ((features - self.kinetic_mean) / self.kinetic_std).to(self.kinetic_fc.weight.dtype)
-            logit = logit + self.kinetic_fc(features).squeeze(-1).to(logit.dtype)
-        return logit
+            terms["kinetic"] = self.kinetic_fc(features).squeeze(-1).to(terms["tokens"].dtype)
+        return terms
 
     def kinetic_inputs(self, image: torch.Tensor, tumour: torch.Tensor, phase_mask: torch.Tensor | None = None,
                        phase_time: torch.Tensor | None = None, acquisition: torch.Tensor | None = None) -> torch.Tensor:
@@ -210,6 +261,16 @@ class PCRHead(nn.Module):
         """Average ``seg_prob [B, 1, D, H, W]`` over each patch -> ``[B, N]``."""
         if seg_prob.ndim != 5 or seg_prob.shape[:2] != (b, 1):
             raise ValueError(f"seg_prob must be [B={b}, 1, D, H, W], got shape {tuple(seg_prob.shape)}")
+        grid = self._grid(seg_prob, grid, n)
+        if self.detach_prob:
+            seg_prob = seg_prob.detach()
+        # Exact patch averages since the grid divides the volume; fp32 so log(p + eps) is accurate under bf16.
+        prior = F.adaptive_avg_pool3d(seg_prob.float(), grid)
+        return rearrange(prior, "b 1 d h w -> b (d h w)")
+
+    @staticmethod
+    def _grid(seg_prob: torch.Tensor, grid: Sequence[int] | None, n: int) -> tuple[int, ...]:
+        """The token grid ``(d, h, w)`` that maps ``seg_prob [B, 1, D, H, W]`` onto ``n`` tokens."""
         spatial = tuple(seg_prob.shape[2:])
         if grid is None:
             # Isotropic patch assumed: p**3 = voxels per token.
@@ -220,8 +281,4 @@ class PCRHead(nn.Module):
             raise ValueError(
                 f"cannot map seg_prob of size {spatial} onto {n} tokens with grid {grid}; pass grid=(d, h, w)"
             )
-        if self.detach_prob:
-            seg_prob = seg_prob.detach()
-        # Exact patch averages since the grid divides the volume; fp32 so log(p + eps) is accurate under bf16.
-        prior = F.adaptive_avg_pool3d(seg_prob.float(), grid)
-        return rearrange(prior, "b 1 d h w -> b (d h w)")
+        return grid

@@ -3,6 +3,7 @@
     image [B, T, D, H, W] --encoder--> intermediate tokens, each [B, T, N, E]
         --seg_decoder (+ full-resolution stem on the raw phases)--> seg_logits [B, K, D, H, W]
         --pcr_head (last layer's tokens, pooled, weighted by the tumour probability,
+                    + the learned kinetic pathway: the skip layers' tokens pooled per phase in the tumour and its shell,
                     + kinetic features of the tumour's enhancement curve in the image)--> pcr_logits [B]
 
 The pCR head sees the tumour probability detached from the graph: pCR supervision should shape the
@@ -46,7 +47,8 @@ class MTLModel(nn.Module):
         """Args: image [B, T, D, H, W]; phase_mask bool [B, T]; phase_time float [B, T] (NaN unknown); acquisition
         float [B, 5] (`models.kinetics.acquisition_vector`, for the pCR head's concentration features; None unknown).
 
-        Returns: {"seg_logits": [B, K, D, H, W], "pcr_logits": [B]} -- raw logits, no activation.
+        Returns: {"seg_logits": [B, K, D, H, W], "pcr_logits": [B], "pcr_parts": {term: [B]}} -- raw logits, no
+        activation; ``pcr_parts`` holds the terms the pCR logit sums (`PCRHead.parts`).
         """
         features = self.encoder.get_intermediate_layers(image, self.skip_indices, phase_mask=phase_mask,
                                                         phase_time=phase_time)
@@ -54,9 +56,9 @@ class MTLModel(nn.Module):
         # Foreground probability [B, 1, D, H, W] (channel 1 = tumour for K = 2).
         tumour_prob = seg_logits.detach().float().softmax(dim=1)[:, 1:].sum(dim=1, keepdim=True)
         grid = tuple(s // p for s, p in zip(image.shape[-3:], self.encoder.patch_size, strict=True))
-        pcr_logits = self.pcr_head(features[-1], phase_mask=phase_mask, seg_prob=tumour_prob, grid=grid, image=image,
-                                   phase_time=phase_time, acquisition=acquisition)
-        return {"seg_logits": seg_logits, "pcr_logits": pcr_logits}
+        pcr_parts = self.pcr_head.parts(features[-1], phase_mask=phase_mask, seg_prob=tumour_prob, grid=grid,
+                                        image=image, phase_time=phase_time, acquisition=acquisition, layers=features)
+        return {"seg_logits": seg_logits, "pcr_logits": self.pcr_head.total(pcr_parts), "pcr_parts": pcr_parts}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.set_grad_checkpointing(enable)
