@@ -71,6 +71,7 @@ def head_parts(args: argparse.Namespace) -> dict:
     model, config = load_joint_model(Path(args.run) / "weights" / "mtl", "cpu")
     settings = InferenceSettings.from_config(config)
     cache, ids = _cases(args, settings)
+    ids = ids[:args.limit] if args.limit else ids
     rows: dict[str, list[dict]] = {"as acquired": [], "post-contrast flattened": []}
     labels = []
     for pid in ids:
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="score an evaluation set of configs/evaluation/sets.yaml instead of the run's test split")
     p.add_argument("--sets", default="runs/eval_sets", help="where `bench/robustness.py sets` put the sets")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N cases (a quick check)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     result = head_parts(args)
