@@ -125,6 +125,30 @@ def test_norm_pix_loss_and_reconstruct():
     assert torch.equal(masked[~hide], x[~hide]) and (masked[hide] == 0).all()
 
 
+def test_enhancement_target_is_phase_zero_and_the_subtractions():
+    """The subtraction target: phase 0 as acquired, later phases minus phase 0; a perfect prediction reconstructs
+    the input, and a change of phase 0 alone moves every subtraction the opposite way."""
+    mae = tiny_mae(norm_pix_loss=True, target="enhancement")
+    x = torch.randn(2, 3, 16, 16, 16) * 2 + 1
+    target, mean, std = mae._target(x)
+    patches = mae.patchify(x)
+    assert torch.allclose(target[:, 0], patches[:, 0]) and torch.allclose(target[:, 2], patches[:, 2] - patches[:, 0])
+    perfect = (target - mean) / std
+    mask = (torch.rand(2, 3, 8) > 0.5).float()
+    assert mae.forward_loss(x, perfect, mask) < 1e-10
+    masked, recon = mae.reconstruct(perfect, mask, x)
+    assert torch.allclose(recon, x, atol=1e-4)
+    hide = mae.unpatchify(mask[..., None].expand(-1, -1, -1, 512), (2, 2, 2)).bool()
+    assert torch.allclose(masked[~hide], x[~hide], atol=1e-6) and (masked[hide] == 0).all()
+    brighter = x.clone()
+    brighter[:, 0] += 1.0
+    moved = mae._target(brighter)[0] - target
+    assert torch.allclose(moved[:, 0], torch.ones_like(moved[:, 0]))
+    assert torch.allclose(moved[:, 1:], -torch.ones_like(moved[:, 1:]))
+    with pytest.raises(ValueError, match="target must be"):
+        tiny_mae(target="difference")
+
+
 def test_normalised_target_keeps_the_enhancement_between_phases():
     """A uniform enhancement change in one phase changes the target: MAE must predict wash-in and washout."""
     mae = tiny_mae(norm_pix_loss=True)

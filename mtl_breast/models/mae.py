@@ -39,6 +39,10 @@ class MAEPretrainer(nn.Module):
             with ONE mean/std, MAE's better-features option adapted to DCE: a per-phase normalisation would subtract
             each phase's enhancement level, so the target would no longer hold the wash-in and washout between
             phases that a DCE encoder has to learn.
+        target: what the decoder predicts per patch: ``"intensity"`` (every phase as acquired) or ``"enhancement"``
+            (phase 0 as acquired, every later phase minus phase 0: the subtraction images a reader looks at, so
+            the loss of the post-contrast phases is spent on the contrast uptake, not on the anatomy every phase
+            repeats).
     """
 
     def __init__(
@@ -52,8 +56,12 @@ class MAEPretrainer(nn.Module):
         mask_ratio: float = 0.75,
         phase_mask_ratio: float = 0.0,
         norm_pix_loss: bool = True,
+        target: str = "intensity",
     ) -> None:
         super().__init__()
+        if target not in ("intensity", "enhancement"):
+            raise ValueError(f"target must be 'intensity' or 'enhancement', got {target!r}")
+        self.target = target
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         if not 0.0 <= phase_mask_ratio <= 1.0:
@@ -199,12 +207,15 @@ class MAEPretrainer(nn.Module):
         return self.decoder_pred(self.decoder_norm(x))
 
     def _target(self, x: Tensor, phase_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Patch targets ``[B, T, N, P]`` plus the per-tube mean and std ``[B, 1, N, 1]`` used by ``norm_pix_loss``.
+        """Patch targets ``[B, T, N, P]`` (``target``: the phases, or phase 0 and the subtractions) plus the per-tube
+        mean and std ``[B, 1, N, 1]`` used by ``norm_pix_loss``.
 
         The statistics of a tube pool the voxels of that spatial patch over all real phases (padded or dropped
         phases are left out), so the normalised target keeps the relative enhancement between phases.
         """
         target = self.patchify(x).float()
+        if self.target == "enhancement":
+            target = torch.cat([target[:, :1], target[:, 1:] - target[:, :1]], dim=1)
         real = torch.ones(target.shape[:2], dtype=torch.bool, device=x.device) if phase_mask is None else phase_mask
         w = real[:, :, None, None].float()  # [B, T, 1, 1]
         count = (w.sum(dim=1, keepdim=True) * target.shape[-1]).clamp_min(1.0)  # voxels per tube
@@ -287,6 +298,9 @@ class MAEPretrainer(nn.Module):
         target, mean, std = self._target(x, phase_mask)
         pred = pred.float() * std + mean if self.norm_pix_loss else pred.float()
         hide = mask[..., None].bool()
-        masked = torch.where(hide, 0.0, target)
         recon = torch.where(hide, pred, target)
+        if self.target == "enhancement":  # back from subtractions to phases
+            target = torch.cat([target[:, :1], target[:, 1:] + target[:, :1]], dim=1)
+            recon = torch.cat([recon[:, :1], recon[:, 1:] + recon[:, :1]], dim=1)
+        masked = torch.where(hide, 0.0, target)
         return self.unpatchify(masked, grid).to(x.dtype), self.unpatchify(recon, grid).to(x.dtype)
