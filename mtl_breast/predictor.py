@@ -89,11 +89,19 @@ def _flip_passes(tta: bool) -> list[tuple[int, ...]]:
     return [(), (2,), (3,), (4,)] if tta else [()]
 
 
-@torch.no_grad()
 def predict_volume(model: torch.nn.Module, image: torch.Tensor, phase_time: torch.Tensor,
                    settings: InferenceSettings, phase_mask: torch.Tensor | None = None,
                    acquisition: torch.Tensor | None = None) -> tuple[np.ndarray, float]:
-    """Segment one preprocessed case and predict its pCR logit.
+    """Segment one preprocessed case and predict its pCR logit: `predict_volume_parts` without the logit's terms."""
+    prob, logit, _ = predict_volume_parts(model, image, phase_time, settings, phase_mask, acquisition)
+    return prob, logit
+
+
+@torch.no_grad()
+def predict_volume_parts(model: torch.nn.Module, image: torch.Tensor, phase_time: torch.Tensor,
+                         settings: InferenceSettings, phase_mask: torch.Tensor | None = None,
+                         acquisition: torch.Tensor | None = None) -> tuple[np.ndarray, float, dict[str, float]]:
+    """Segment one preprocessed case and predict its pCR logit and the logit's terms.
 
     Args:
         model: an `MTLModel` in eval mode.
@@ -105,7 +113,9 @@ def predict_volume(model: torch.nn.Module, image: torch.Tensor, phase_time: torc
             need it; None = unknown).
 
     Returns:
-        (tumour probability [D, H, W] float32 on the preprocessed grid, calibrated pCR logit).
+        (tumour probability [D, H, W] float32 on the preprocessed grid, calibrated pCR logit, the calibrated logit's
+        terms by pathway, `PCRHead.parts`: {"tokens", "learned", "kinetic"} as the head has them; they sum to the
+        logit).
     """
     device = next(model.parameters()).device
     x = image.unsqueeze(0).to(device, torch.float32)  # [1, T, D, H, W]
@@ -130,13 +140,17 @@ def predict_volume(model: torch.nn.Module, image: torch.Tensor, phase_time: torc
 
     # The pCR window follows the rule of training's tumour crops (`data.window.tumour_window`).
     window = tumour_window(x, prob[0, 0], roi, settings.seg_threshold)
-    logits = []
+    logits, parts = [], []
     for dims in _flip_passes(settings.tta_flips):
         w = window.flip(dims) if dims else window
         acq = None if acquisition is None else acquisition.reshape(1, -1).to(device, torch.float32)
-        logits.append(model(w, phase_mask=m, phase_time=t, acquisition=acq)["pcr_logits"].float())
+        out = model(w, phase_mask=m, phase_time=t, acquisition=acq)
+        logits.append(out["pcr_logits"].float())
+        parts.append(out.get("pcr_parts", {}))
     pcr_logit = float(torch.stack(logits).mean()) / settings.pcr_temperature
-    return prob[0, 0].float().cpu().numpy(), pcr_logit
+    terms = {name: float(torch.stack([p[name].float() for p in parts]).mean()) / settings.pcr_temperature
+             for name in parts[0]}
+    return prob[0, 0].float().cpu().numpy(), pcr_logit, terms
 
 
 def postprocess_mask(prob: np.ndarray, case: Case, settings: InferenceSettings) -> np.ndarray:

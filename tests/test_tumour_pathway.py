@@ -152,3 +152,17 @@ def test_learned_pathway_learns_a_washout_and_needs_the_post_contrast_phases():
         flat_score = pathway(flat, test_mask, GRID, phase_time=time[:200]).numpy()
     assert roc_auc(test_y.numpy(), score) > 0.95
     assert roc_auc(test_y.numpy(), flat_score) < 0.75
+
+
+def test_inference_terms_sum_to_the_calibrated_logit_with_flips():
+    from mtl_breast.predictor import InferenceSettings, predict_volume, predict_volume_parts
+
+    torch.manual_seed(0)
+    model = create_model("mtl_vit_test", img_size=32, pcr_head={"kinetic_features": "curve", "learned": True}).eval()
+    image, times = torch.rand(3, 40, 36, 32), torch.tensor([0.0, 70.0, 200.0])
+    settings = InferenceSettings(roi_size=(32, 32, 32), tta_flips=True, pcr_temperature=2.0)
+    prob, logit, terms = predict_volume_parts(model, image, times, settings)
+    assert set(terms) == {"tokens", "learned", "kinetic"}
+    assert sum(terms.values()) == pytest.approx(logit, abs=1e-5)
+    prob2, logit2 = predict_volume(model, image, times, settings)
+    assert logit2 == logit and (prob2 == prob).all()
