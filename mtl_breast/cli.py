@@ -61,6 +61,24 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- convert
+def _convert_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dicom", type=Path, required=True, help="folder of DICOM studies (any nesting)")
+    p.add_argument("--out", type=Path, required=True, help="output root: one case folder per study (NIfTI phases "
+                                                           "+ manifest.json with times and header metadata)")
+
+
+@command("convert", "convert DICOM studies into case folders (the dynamic series as per-phase NIfTI)", _convert_flags)
+def _convert(args: argparse.Namespace) -> int:
+    from mtl_breast.data.convert import convert_dicom
+
+    report = convert_dicom(args.dicom, args.out)
+    print(f"converted {len(report['converted'])}, unchanged {len(report['unchanged'])}, skipped "
+          f"{len(report['skipped'])}; report: {report['report_path']}")
+    _print_skipped(report["skipped"])
+    return 1 if report["skipped"] else 0
+
+
 # ---------------------------------------------------------------------------------------------- preprocess
 def _preprocess_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, required=True, help="dataset root (MAMA-MIA layout or folder of cases)")

@@ -7,11 +7,14 @@ Layout: each root holds one sub-folder per case; the sub-folder holds that case'
 - a `manifest.json` in the case folder, which wins when present:
   `{"phases": ["pre.nii.gz", "post1.nii.gz", ...], "times": [0, 90, ...]}`; `phases` lists file
   names relative to the case folder, pre-contrast first; `times` (seconds after the pre-contrast
-  acquisition, one per phase, strictly increasing) is optional.
+  acquisition, one per phase, strictly increasing) is optional, and so is `meta`, a mapping of case
+  metadata (field_strength, repetition_time, flip_angle, manufacturer, dataset, ... as `mtl-breast convert`
+  writes them from DICOM headers) that fills `Case.meta`.
 
 Sub-folders without image files are ignored. Several roots combine; when two roots hold the same case
 name the ids of the colliding cases become `<root name>_<case name>`. A root in the MAMA-MIA layout is
-read with `read_mamamia`, so any root a user has can be passed here.
+read with `read_mamamia`, and a folder of DICOM studies through `convert.read_dicom_cases` (converted once into a
+staging folder), so any root a user has can be passed here.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from mtl_breast.acquisition import check_given
 from mtl_breast.data.case import Case, CaseError, check_times
 from mtl_breast.data.mamamia import META_KEYS, is_mamamia_root, read_mamamia
 
@@ -39,13 +43,16 @@ def _natural_key(name: str) -> list[int | str]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name.lower())]
 
 
-def _read_manifest(path: Path, patient_id: str) -> tuple[list[Path], list[float] | None]:
+def _read_manifest(path: Path, patient_id: str) -> tuple[list[Path], list[float] | None, dict]:
     try:
         doc = json.loads(path.read_text())
         names = doc["phases"]
         times = doc.get("times")
+        meta = doc.get("meta") or {}
         if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
             raise TypeError("'phases' must be a non-empty list of file names")
+        if not isinstance(meta, dict):
+            raise TypeError("'meta' must be a mapping")
         if times is not None:
             times = [float(t) for t in times]
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
@@ -58,15 +65,16 @@ def _read_manifest(path: Path, patient_id: str) -> tuple[list[Path], list[float]
     for phase in paths:
         if not phase.is_file():
             raise CaseError(patient_id, phase, f"phase file listed in {MANIFEST} does not exist")
-    return paths, times
+    return paths, times, meta
 
 
 def _read_case_folder(folder: Path, dataset: str) -> Case | None:
     """One case from its folder; None when the folder holds no images (not a case)."""
     patient_id = folder.name
     manifest = folder / MANIFEST
+    given: dict = {}
     if manifest.is_file():
-        paths, times = _read_manifest(manifest, patient_id)
+        paths, times, given = _read_manifest(manifest, patient_id)
     else:
         paths = sorted((p for p in folder.iterdir() if _is_image(p)), key=lambda p: _natural_key(p.name))
         times = None
@@ -74,12 +82,25 @@ def _read_case_folder(folder: Path, dataset: str) -> Case | None:
             return None
     meta = dict.fromkeys(META_KEYS)
     meta.update(dataset=dataset, site=dataset)
+    for key in ("field_strength", "repetition_time", "flip_angle"):
+        if key in given:
+            try:
+                given[key] = check_given(key, given[key])
+            except ValueError as err:
+                raise CaseError(patient_id, manifest, str(err)) from err
+    meta.update(given)
     return Case(patient_id=patient_id, image_paths=paths, pcr=math.nan, acquisition_times=times, meta=meta)
 
 
 def _read_root(root: Path, skipped: list[dict[str, str]] | None) -> list[Case]:
     if is_mamamia_root(root):
         return read_mamamia(root, require_images=True, skipped=skipped)
+    from mtl_breast.data.dicom import is_dicom_root
+
+    if is_dicom_root(root):
+        from mtl_breast.data.convert import read_dicom_cases
+
+        return read_dicom_cases(root, skipped=skipped)
     if not root.is_dir():
         raise FileNotFoundError(f"data root {root} does not exist or is not a folder")
     cases = []
