@@ -13,7 +13,7 @@ A case is written into a hidden folder and renamed into place when complete, so 
 leaves a case folder with part of its phases; a case whose source files (names, sizes, times) are unchanged since
 the last conversion is kept as it is.
 
-`read_dicom_cases(root)` is what `read_dataset` does with a DICOM root: it converts into a staging folder
+`folder.read_dicom_cases(root)` is what `read_dataset` does with a DICOM root: it converts into a staging folder
 (`$MTL_BREAST_DICOM_CACHE`, default `~/.cache/mtl_breast/dicom/<root name>-<hash of its path>`) and reads that, so
 `preprocess`, `predict`, `extract` and pretraining take a DICOM folder as they take NIfTI.
 """
@@ -29,7 +29,7 @@ from typing import Any
 
 import SimpleITK as sitk
 
-from mtl_breast.data.case import Case, CaseError
+from mtl_breast.data.case import CaseError
 from mtl_breast.data.dynamic import DicomStudy, read_dicom_root
 from mtl_breast.files import atomic_path, write_text
 
@@ -115,31 +115,8 @@ def convert_dicom(dicom_root: Path | str, out: Path | str, dataset: str | None =
 
 
 def staging_dir(root: Path | str) -> Path:
-    """Where `read_dicom_cases` converts a DICOM root: `$MTL_BREAST_DICOM_CACHE/<name>-<hash>` or under ~/.cache."""
+    """Where `folder.read_dicom_cases` converts a DICOM root: `$MTL_BREAST_DICOM_CACHE/<name>-<hash>`, or under
+    ~/.cache/mtl_breast/dicom."""
     root = Path(root).resolve()
     base = Path(os.environ.get("MTL_BREAST_DICOM_CACHE") or Path.home() / ".cache" / "mtl_breast" / "dicom")
     return base / f"{root.name}-{hashlib.sha256(str(root).encode()).hexdigest()[:10]}"
-
-
-def read_dicom_cases(root: Path | str, skipped: list[dict[str, str]] | None = None) -> list[Case]:
-    """The cases of a DICOM root, converted into `staging_dir(root)` and read from there (one per study).
-
-    Studies without a usable dynamic are appended to `skipped` (else the first one's `CaseError` propagates).
-    """
-    from mtl_breast.data.folder import read_folder
-
-    root = Path(root)
-    report = convert_dicom(root, staging_dir(root), dataset=root.name)
-    if report["skipped"] and skipped is None:
-        raise _reraise(report["skipped"][0])
-    if skipped is not None:
-        skipped += report["skipped"]
-    wanted = set(report["converted"]) | set(report["unchanged"])
-    return [c for c in read_folder(staging_dir(root), skipped=skipped) if c.patient_id in wanted]
-
-
-def _reraise(item: dict[str, str]) -> CaseError:
-    """A `CaseError` whose message is the reason as listed (it already names the case, study, series and file)."""
-    err = CaseError(item["patient_id"], None, "")
-    err.args = (item["reason"],)
-    return err

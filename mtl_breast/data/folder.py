@@ -95,11 +95,13 @@ def _read_case_folder(folder: Path, dataset: str) -> Case | None:
 def _read_root(root: Path, skipped: list[dict[str, str]] | None) -> list[Case]:
     if is_mamamia_root(root):
         return read_mamamia(root, require_images=True, skipped=skipped)
+    from mtl_breast.data.breastdcedl import is_breastdcedl_root, read_breastdcedl
     from mtl_breast.data.dicom import is_dicom_root
 
-    if is_dicom_root(root):
-        from mtl_breast.data.convert import read_dicom_cases
+    if is_breastdcedl_root(root):
+        return read_breastdcedl(root, skipped=skipped)
 
+    if is_dicom_root(root):
         return read_dicom_cases(root, skipped=skipped)
     if not root.is_dir():
         raise FileNotFoundError(f"data root {root} does not exist or is not a folder")
@@ -115,6 +117,27 @@ def _read_root(root: Path, skipped: list[dict[str, str]] | None) -> list[Case]:
         if case is not None:
             cases.append(case)
     return cases
+
+
+def read_dicom_cases(root: Path | str, skipped: list[dict[str, str]] | None = None) -> list[Case]:
+    """The cases of a DICOM root (one per study), converted into `convert.staging_dir(root)` and read from there.
+
+    Studies without a usable dynamic are appended to `skipped` (else the first one's `CaseError` propagates, its
+    message as listed: it names the case, study, series and file).
+    """
+    from mtl_breast.data.convert import convert_dicom, staging_dir
+
+    root = Path(root)
+    report = convert_dicom(root, staging_dir(root), dataset=root.name)
+    if report["skipped"] and skipped is None:
+        item = report["skipped"][0]
+        err = CaseError(item["patient_id"], None, "")
+        err.args = (item["reason"],)
+        raise err
+    if skipped is not None:
+        skipped += report["skipped"]
+    wanted = set(report["converted"]) | set(report["unchanged"])
+    return [c for c in read_folder(staging_dir(root), skipped=skipped) if c.patient_id in wanted]
 
 
 def read_folder(roots: Path | str | Sequence[Path | str], *,
