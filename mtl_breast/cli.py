@@ -66,13 +66,18 @@ def _convert_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dicom", type=Path, required=True, help="folder of DICOM studies (any nesting)")
     p.add_argument("--out", type=Path, required=True, help="output root: one case folder per study (NIfTI phases "
                                                            "+ manifest.json with times and header metadata)")
+    p.add_argument("--clinical", type=Path, default=None,
+                   help="the collection's clinical table (CSV/XLSX); its pCR goes into each matching case")
+    p.add_argument("--id-column", default=None, help="patient-id column of --clinical (default: found by name)")
+    p.add_argument("--pcr-column", default=None, help="pCR column of --clinical (default: the column named *pcr*)")
 
 
 @command("convert", "convert DICOM studies into case folders (the dynamic series as per-phase NIfTI)", _convert_flags)
 def _convert(args: argparse.Namespace) -> int:
     from mtl_breast.data.convert import convert_dicom
 
-    report = convert_dicom(args.dicom, args.out)
+    report = convert_dicom(args.dicom, args.out, clinical=args.clinical, id_column=args.id_column,
+                           pcr_column=args.pcr_column)
     print(f"converted {len(report['converted'])}, unchanged {len(report['unchanged'])}, skipped "
           f"{len(report['skipped'])}; report: {report['report_path']}")
     _print_skipped(report["skipped"])

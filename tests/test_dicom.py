@@ -184,3 +184,30 @@ def test_a_broken_study_leaves_the_others_and_earlier_output_alone(tmp_path, cap
     assert "BAD" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in (out / "GOOD").iterdir()} == before
     assert not (out / "BAD").exists() and not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_convert_joins_pcr_from_a_clinical_table(twins, tmp_path):
+    table = tmp_path / "clinical.csv"
+    table.write_text("group,,\nSUBJECTID,PCR,age\nBreast_MRI_001,1,50\n1001,0,40\n")  # a title row above the header
+    out = tmp_path / "converted"
+    assert run_cli(["convert", "--dicom", twins["per_phase"]["dicom"], "--out", out, "--clinical", table]) == 0
+    cases = {c.patient_id: c for c in read_folder(out)}
+    assert cases["DUKE_001"].pcr == 1.0 and cases["ISPY1_1001"].pcr == 0.0
+    assert json.loads((out / "conversion.json").read_text())["clinical"]["with_pcr"] == 2
+
+
+def test_extract_on_dicom_equals_extract_on_the_nifti_twin(twins, tmp_path):
+    from safetensors.numpy import load_file
+
+    from mtl_breast.hub import save_pretrained
+    from mtl_breast.models.registry import create_model
+
+    weights = tmp_path / "mae"
+    save_pretrained(create_model("mae_vit_test"), weights, extra_config={"preprocess": {"spacing": [2.0, 2.0, 2.0]}})
+    for kind in ("dicom", "nifti"):
+        assert run_cli(["extract", "--weights", weights, "--data", twins["multi"][kind], "--out", tmp_path / kind,
+                        "--device", "cpu"]) == 0
+    for pid in twins["multi"]["written"]:
+        a = load_file(tmp_path / "dicom" / "features" / f"{pid}.safetensors")
+        b = load_file(tmp_path / "nifti" / "features" / f"{pid}.safetensors")
+        np.testing.assert_allclose(a["pooled"], b["pooled"], atol=1e-5)

@@ -4,7 +4,8 @@
 
 ```
 <out>/<case>/<case>_0000.nii.gz, <case>_0001.nii.gz, ...   phases in time order (float32, geometry of the headers)
-<out>/<case>/manifest.json      {"phases": [...], "times": [...] or absent, "meta": {field_strength, repetition_time,
+<out>/<case>/manifest.json      {"phases": [...], "times": [...] or absent, "pcr": 0/1 when a clinical table
+                                 gives it (`--clinical`), "meta": {field_strength, repetition_time,
                                  echo_time, flip_angle, manufacturer, model, acquisition_times, study_uid,
                                  series_uids, dicom_patient_id, ...}, "dicom": {"study_uid", "ignored", "source"}}
 <out>/conversion.json           converted, unchanged, skipped (with reasons) and ignored series per study
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -30,6 +32,7 @@ from typing import Any
 import SimpleITK as sitk
 
 from mtl_breast.data.case import CaseError
+from mtl_breast.data.clinical import pcr_for, read_clinical
 from mtl_breast.data.dynamic import DicomStudy, read_dicom_root
 from mtl_breast.files import atomic_path, write_text
 
@@ -37,8 +40,8 @@ MANIFEST = "manifest.json"
 REPORT = "conversion.json"
 
 
-def _signature(study: DicomStudy) -> str:
-    digest = hashlib.sha256()
+def _signature(study: DicomStudy, pcr: float) -> str:
+    digest = hashlib.sha256(f"pcr={pcr}\n".encode())
     for volume in study.phases:
         for path in volume.files:
             stat = path.stat()
@@ -53,7 +56,7 @@ def _unchanged(folder: Path, signature: str) -> bool:
         return False
 
 
-def _write_case(study: DicomStudy, out: Path, signature: str) -> Path:
+def _write_case(study: DicomStudy, out: Path, signature: str, pcr: float) -> Path:
     """Write one study's case folder in a hidden folder, then rename it into place."""
     target = out / study.case_id
     work = out / f".{study.case_id}.{os.getpid()}.partial"
@@ -70,6 +73,8 @@ def _write_case(study: DicomStudy, out: Path, signature: str) -> Path:
                                               "source": signature}}
         if study.times is not None:
             manifest["times"] = study.times
+        if not math.isnan(pcr):
+            manifest["pcr"] = pcr
         write_text(work / MANIFEST, json.dumps(manifest, indent=2))
         old = out / f".{study.case_id}.{os.getpid()}.old"
         if target.exists():
@@ -82,8 +87,13 @@ def _write_case(study: DicomStudy, out: Path, signature: str) -> Path:
     return target
 
 
-def convert_dicom(dicom_root: Path | str, out: Path | str, dataset: str | None = None) -> dict[str, Any]:
+def convert_dicom(dicom_root: Path | str, out: Path | str, dataset: str | None = None,
+                  clinical: Path | str | None = None, id_column: str | None = None,
+                  pcr_column: str | None = None) -> dict[str, Any]:
     """Convert every study of `dicom_root` into a case folder under `out` (module docstring).
+
+    `clinical` is a collection's clinical table whose pCR goes into each matching case's manifest
+    (`clinical.read_clinical`, `clinical.pcr_for`; `id_column` and `pcr_column` name its columns).
 
     Returns:
         {"converted": [case ids written now], "unchanged": [case ids kept], "skipped": [{"patient_id", "reason"}],
@@ -98,17 +108,21 @@ def convert_dicom(dicom_root: Path | str, out: Path | str, dataset: str | None =
         raise FileNotFoundError(f"no DICOM files found under {dicom_root}")
     out.mkdir(parents=True, exist_ok=True)
     converted, unchanged = [], []
+    table = read_clinical(clinical, id_column, pcr_column) if clinical is not None else {}
     for study in studies:
-        signature = _signature(study)
+        pcr = pcr_for(study.patient_id, table) if table else math.nan
+        signature = _signature(study, pcr)
         if _unchanged(out / study.case_id, signature):
             unchanged.append(study.case_id)
             continue
         try:
-            _write_case(study, out, signature)
+            _write_case(study, out, signature, pcr)
             converted.append(study.case_id)
         except CaseError as err:
             skipped.append({"patient_id": study.case_id, "reason": str(err)})
     report = {"dicom": str(dicom_root), "out": str(out), "converted": converted, "unchanged": unchanged,
+              "clinical": None if clinical is None else {"table": str(clinical), "with_pcr": sum(
+                  not math.isnan(pcr_for(s.patient_id, table)) for s in studies)},
               "skipped": skipped, "ignored": {s.case_id: s.ignored for s in studies if s.ignored}}
     path = write_text(out / REPORT, json.dumps(report, indent=2))
     return {**report, "report_path": str(path)}

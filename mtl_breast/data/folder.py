@@ -9,7 +9,7 @@ Layout: each root holds one sub-folder per case; the sub-folder holds that case'
   names relative to the case folder, pre-contrast first; `times` (seconds after the pre-contrast
   acquisition, one per phase, strictly increasing) is optional, and so is `meta`, a mapping of case
   metadata (field_strength, repetition_time, flip_angle, manufacturer, dataset, ... as `mtl-breast convert`
-  writes them from DICOM headers) that fills `Case.meta`.
+  writes them from DICOM headers) that fills `Case.meta`, and `pcr` (0 or 1).
 
 Sub-folders without image files are ignored. Several roots combine; when two roots hold the same case
 name the ids of the colliding cases become `<root name>_<case name>`. A root in the MAMA-MIA layout is
@@ -49,10 +49,14 @@ def _read_manifest(path: Path, patient_id: str) -> tuple[list[Path], list[float]
         names = doc["phases"]
         times = doc.get("times")
         meta = doc.get("meta") or {}
+        pcr = doc.get("pcr")
         if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
             raise TypeError("'phases' must be a non-empty list of file names")
         if not isinstance(meta, dict):
             raise TypeError("'meta' must be a mapping")
+        if pcr is not None and (isinstance(pcr, bool) or pcr not in (0, 1)):
+            raise ValueError(f"'pcr' must be 0 or 1, got {pcr!r}")
+        meta = {**meta, "pcr": pcr} if pcr is not None else meta
         if times is not None:
             times = [float(t) for t in times]
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
@@ -88,8 +92,10 @@ def _read_case_folder(folder: Path, dataset: str) -> Case | None:
                 given[key] = check_given(key, given[key])
             except ValueError as err:
                 raise CaseError(patient_id, manifest, str(err)) from err
+    pcr = given.pop("pcr", None)
     meta.update(given)
-    return Case(patient_id=patient_id, image_paths=paths, pcr=math.nan, acquisition_times=times, meta=meta)
+    return Case(patient_id=patient_id, image_paths=paths, pcr=math.nan if pcr is None else float(pcr),
+                acquisition_times=times, meta=meta)
 
 
 def _read_root(root: Path, skipped: list[dict[str, str]] | None) -> list[Case]:
