@@ -78,8 +78,10 @@ def _convert(args: argparse.Namespace) -> int:
 
     report = convert_dicom(args.dicom, args.out, clinical=args.clinical, id_column=args.id_column,
                            pcr_column=args.pcr_column)
+    ignored = sum(len(v) for v in report["ignored"].values())
     print(f"converted {len(report['converted'])}, unchanged {len(report['unchanged'])}, skipped "
-          f"{len(report['skipped'])}; report: {report['report_path']}")
+          f"{len(report['skipped'])}; {ignored} non-dynamic series ignored; report (with each series ignored and "
+          f"why): {report['report_path']}")
     _print_skipped(report["skipped"])
     return 1 if report["skipped"] else 0
 

@@ -87,13 +87,14 @@ def _slice(array2d: np.ndarray, *, patient_id: str, study_uid: str, series_uid: 
 
 def write_dicom_study(out: Path, phases: list[np.ndarray], spacing, origin, direction, times, *, layout: str,
                       patient_id: str, seed: int = 0, acquisition: dict | None = None,
-                      extra_series: bool = True) -> dict:
+                      extra_series: bool = True, same_grid_t1: bool = False) -> dict:
     """Write phases ([D, H, W] SimpleITK array order, values from `quantise`) as one DICOM study under `out`.
 
     Args:
         layout: "per_phase" (one series per phase) or "multi" (one series, TemporalPositionIdentifier and
             TriggerTime per phase).
         extra_series: also write a T2-like single series on another grid and a derived subtraction series.
+        same_grid_t1: also write a non-dynamic series ("ax t1 non fs") on the dynamic's grid.
 
     Returns:
         {"study_uid", "series_uids" (of the dynamic, in phase order), "files" (all written paths)}.
@@ -128,6 +129,13 @@ def write_dicom_study(out: Path, phases: list[np.ndarray], spacing, origin, dire
                                 position=np.asarray(origin) + direction[:, 2] * spacing[2] * z, instance=z + 1,
                                 acquisition=acquisition, time_s=float(times[-1]) + 10, temporal=None,
                                 image_type="DERIVED\\SECONDARY\\SUBTRACTION"))
+    if same_grid_t1:
+        t1_uid = generate_uid()
+        for z in range(phases[0].shape[0]):
+            items.append(_slice(phases[0][z], patient_id=patient_id, study_uid=study_uid, series_uid=t1_uid,
+                                series_number=2, description="ax t1 non fs", direction=direction, spacing=spacing,
+                                position=np.asarray(origin) + direction[:, 2] * spacing[2] * z, instance=z + 1,
+                                acquisition=acquisition, time_s=-600.0, temporal=None, image_type="ORIGINAL\\PRIMARY"))
     rng.shuffle(items)
     files = []
     for n, ds in enumerate(items):
@@ -140,7 +148,7 @@ def write_dicom_study(out: Path, phases: list[np.ndarray], spacing, origin, dire
 
 
 def dicom_twin(phase_paths: list[Path], times: list[float], dicom_root: Path, nifti_root: Path, case_id: str, *,
-               layout: str, seed: int = 0, extra_series: bool = True) -> dict:
+               layout: str, seed: int = 0, extra_series: bool = True, same_grid_t1: bool = False) -> dict:
     """Write one phantom case as a DICOM study under `dicom_root` and as a NIfTI case folder
     `nifti_root/<case_id>/` (phases + manifest.json with the times and the DICOM headers' acquisition metadata),
     both on the same oblique grid with the same quantised voxels. Returns `write_dicom_study`'s dict plus
@@ -151,7 +159,7 @@ def dicom_twin(phase_paths: list[Path], times: list[float], dicom_root: Path, ni
     origin = np.asarray(images[0].GetOrigin()) + np.array([3.25, -7.5, 11.0])
     arrays = [quantise(sitk.GetArrayFromImage(im)) for im in images]
     written = write_dicom_study(dicom_root, arrays, spacing, origin, direction, times, layout=layout,
-                                patient_id=case_id, seed=seed, extra_series=extra_series)
+                                patient_id=case_id, seed=seed, extra_series=extra_series, same_grid_t1=same_grid_t1)
     folder = nifti_root / case_id
     folder.mkdir(parents=True, exist_ok=True)
     names = []

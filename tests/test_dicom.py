@@ -211,3 +211,13 @@ def test_extract_on_dicom_equals_extract_on_the_nifti_twin(twins, tmp_path):
         a = load_file(tmp_path / "dicom" / "features" / f"{pid}.safetensors")
         b = load_file(tmp_path / "nifti" / "features" / f"{pid}.safetensors")
         np.testing.assert_allclose(a["pooled"], b["pooled"], atol=1e-5)
+
+
+def test_a_non_dynamic_series_on_the_dynamics_grid_is_ignored_with_its_reason(tmp_path):
+    phases, times = _phantom_phases(tmp_path)
+    written = dicom_twin(phases, times, tmp_path / "dcm", tmp_path / "nii", "P4", layout="per_phase",
+                         same_grid_t1=True)
+    study = read_dicom_root(tmp_path / "dcm")[0]
+    assert study.series_uids == written["series_uids"] and study.times == pytest.approx(times)
+    reasons = {i["series"].split(" ")[1]: i["reason"] for i in study.ignored}
+    assert "names no dynamic phase" in reasons["2"] and "derived" in reasons["99"]

@@ -68,8 +68,9 @@ def _ignore_reason(first: Slice) -> str | None:
 
 
 def _grid_key(v: Volume) -> tuple:
-    return (v.size, tuple(round(s, 3) for s in v.spacing), tuple(round(o, 2) for o in v.origin),
-            tuple(round(d, 4) for d in v.direction))
+    """Matrix, slice count, spacing and orientation: the phases of a dynamic share them (their origins may differ
+    a little between series; preprocessing resamples every phase onto phase 1's grid)."""
+    return (v.size, tuple(round(s, 2) for s in v.spacing), tuple(round(d, 3) for d in v.direction))
 
 
 def _plane_key(series: list[Slice]) -> tuple:
@@ -119,6 +120,13 @@ def find_dynamic(slices: list[Slice], study_uid: str, case_id: str, dataset: str
         phases = best_multi[2]
         series_of = [best_multi[1]] * len(phases)
     elif len(best_group) >= 2:
+        named = [item for item in best_group if _DCE_WORDS.search(item[1][0].get("SeriesDescription", ""))]
+        if len(named) >= 2:  # e.g. a non-fat-saturated T1 on the dynamic's grid is not a phase
+            for name, _, _ in best_group:
+                if all(name != n for n, _, _ in named):
+                    ignored.append({"series": name, "reason": "on the dynamic's grid, but its description names "
+                                                              "no dynamic phase"})
+            best_group = named
         chosen = sorted(best_group, key=lambda item: _order_key(item[2][0], item[1]))
         phases = [item[2][0] for item in chosen]
         series_of = [item[1] for item in chosen]
@@ -140,7 +148,7 @@ def find_dynamic(slices: list[Slice], study_uid: str, case_id: str, dataset: str
         singles = "; ".join(f"{name}: one volume, no other series shares its grid" for name, _, _ in single)
         raise DicomError(case_id, slices[0].path.parent,
                          f"study {study_uid}: no dynamic series ({'; '.join(p for p in (singles, listed) if p)})")
-    chosen_names = {name for name, _, _ in chosen}
+    chosen_names = {name for name, _, _ in chosen} | {i["series"] for i in ignored}
     for name, _, volumes in single + multi:
         if name not in chosen_names:
             ignored.append({"series": name, "reason": f"{len(volumes)} volume(s), not part of the dynamic "
