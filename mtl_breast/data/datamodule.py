@@ -264,6 +264,10 @@ class PretrainDataModule(_CachedDataModule):
             self.corpus = read_corpus(corpus)
             root = list(dict.fromkeys(c["root"] for c in self.corpus["cases"]))
         roots = [] if root is None else [root] if isinstance(root, str | Path) else list(root)
+        if self.corpus is None and len(roots) > 1:
+            log.warning("pooling %d roots without matching their patients: a patient held by two collections is "
+                        "seen twice, and another root's copy of an evaluation patient is not left out; "
+                        "`mtl-breast corpus build` matches them (--data.corpus)", len(roots))
         super().__init__(roots, cache_dir, preprocess, batch_size, num_workers, preprocess_workers)
         self.crop_size = to_3tuple(crop_size, name="crop_size")
         self.val_fraction, self.split_seed, self.repeats = val_fraction, split_seed, repeats

@@ -179,7 +179,12 @@ def _temporal_groups(series: list[Slice]) -> tuple[list[list[Slice]], str | None
         values = [s.get(tag) for s in series]
         if any(v is None for v in values):
             continue
-        keys = [float(v) if tag != "AcquisitionTime" and tag != "ContentTime" else dicom_seconds(v) for v in values]
+        try:
+            keys = [dicom_seconds(v) if tag in ("AcquisitionTime", "ContentTime") else float(v) for v in values]
+        except (TypeError, ValueError):
+            continue
+        if any(k is None for k in keys):
+            continue
         groups: dict[float, list[Slice]] = defaultdict(list)
         for key, item in zip(keys, series, strict=True):
             groups[key].append(item)
