@@ -140,3 +140,34 @@ def test_breastdcedl_layout(tmp_path, roots):
     assert cases[0].num_phases == case.num_phases and cases[0].meta["dataset"] == "ISPY2"
     assert [c.patient_id for c in read_dataset(tmp_path / "dcedl")] == ["ACRIN-6698-100001"]
     assert patient_identity(cases[0].patient_id)[0] == "ispy2:100001"
+
+
+def test_a_dicom_collection_is_matched_by_patient_id_and_by_series_uid(roots, tmp_path, monkeypatch):
+    """A Duke-like DICOM root: one test patient under its TCIA id, one anonymised whose series UID the MAMA-MIA
+    table carries, one train patient; the first two are left out as evaluation patients, the third as a duplicate."""
+    from dicomwriter import dicom_twin
+
+    monkeypatch.setenv("MTL_BREAST_DICOM_CACHE", str(tmp_path / "staging"))
+    cases = {c.patient_id: c for c in read_mamamia(roots["mamamia"])}
+    test = sorted(p for p in roots["splits"]["test"] if p.startswith("DUKE_"))[0]
+    train = sorted(p for p in roots["splits"]["train"] if p.startswith("DUKE_"))[0]
+    other_test = sorted(p for p in roots["splits"]["test"] if p != test)[0]
+    dicom = tmp_path / "duke_dicom"
+    ids = {test: "Breast_MRI_" + test.split("_")[1], train: "Breast_MRI_" + train.split("_")[1], other_test: "ANON9"}
+    written = {}
+    for n, (pid, name) in enumerate(ids.items()):
+        case = cases[pid]
+        written[pid] = dicom_twin(case.image_paths[:3], [0.0, 60.0, 120.0], dicom, tmp_path / "nii", name,
+                                  layout="multi", seed=n, extra_series=False)
+    mamamia = tmp_path / "mamamia"
+    shutil.copytree(roots["mamamia"], mamamia)
+    table = pd.read_excel(mamamia / "clinical_and_imaging_info.xlsx", sheet_name="dataset_info")
+    table["tcia_series_uid"] = [written[other_test]["series_uids"][0] if p == other_test else None
+                                for p in table["patient_id"]]
+    table.to_excel(mamamia / "clinical_and_imaging_info.xlsx", sheet_name="dataset_info", index=False)
+    corpus = build_corpus([mamamia, dicom])
+    removed = {c["case"]: c["reason"] for c in corpus["removed"]["evaluation"] if Path(c["root"]) == dicom}
+    assert set(removed) == {ids[test], "ANON9"} and all("evaluation split" in r for r in removed.values())
+    assert [c["case"] for c in corpus["removed"]["duplicate"]] == [ids[train]]
+    assert not [c for c in corpus["cases"] if Path(c["root"]) == dicom]
+    assert corpus["roots"][1]["collection"] == "Duke-Breast-Cancer-MRI"
