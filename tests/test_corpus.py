@@ -129,7 +129,7 @@ def test_pretraining_reads_a_corpus_and_the_model_card_lists_it(roots, tmp_path)
 def test_breastdcedl_layout(tmp_path, roots):
     """The layout implemented from the collection's repository (file names only; unverified on released files)."""
     case = read_mamamia(roots["mamamia"])[0]
-    folder = tmp_path / "dcedl" / "ISPY2"
+    folder = tmp_path / "dcedl" / "ISPY2" / "data_samples" / "dce"  # as the repository's scripts lay it out
     folder.mkdir(parents=True)
     for k, path in enumerate(case.image_paths):
         shutil.copy(path, folder / f"ACRIN-6698-100001_spy2_vis1_dce_aqc_{k}.nii.gz")

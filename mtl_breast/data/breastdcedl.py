@@ -1,7 +1,9 @@
 """Reader for BreastDCEDL (I-SPY1, I-SPY2 and Duke DCE-MRI repackaged as NIfTI with pCR; naomifridman/BreastDCEDL).
 
-The layout read here follows the file names the collection's repository builds (its `utils/data_utils.py`); it has
-not been checked against the released files, so a copy named otherwise is not recognised:
+The layout read here follows the file names the collection's repository builds (its `utils/data_utils.py`; its
+`preprocess_full_dataset.py` keeps them under `<root>/<ISPY1|ISPY2|DUKE>/.../dce/` and `.../mask/`, which the search
+below, three folder levels deep, covers); it has not been checked against the released files, so a copy named
+otherwise is not recognised:
 
 ```
 <root>/BreastDCEDL_metadata.csv                      optional: columns pid, pCR (0/1), dataset, age ... (any case)
