@@ -15,8 +15,9 @@ import pytest
 from conftest import COMMON_FLAGS, PRETRAIN_FLAGS, demo_config, run_cli
 
 from mtl_breast.data.breastdcedl import read_breastdcedl
-from mtl_breast.data.corpus import build_corpus, patient_identity
+from mtl_breast.data.corpus import build_corpus
 from mtl_breast.data.folder import read_dataset
+from mtl_breast.data.identity import patient_identity
 from mtl_breast.data.mamamia import read_mamamia, read_splits
 
 TCIA = {"DUKE": lambda n: f"Breast_MRI_{int(n):03d}", "ISPY1": lambda n: f"ISPY1_{int(n)}",

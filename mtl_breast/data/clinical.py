@@ -23,6 +23,7 @@ from typing import Any
 import pandas as pd
 
 from mtl_breast.data.case import DatasetError
+from mtl_breast.data.identity import patient_identity
 
 ID_COLUMNS = ("patient_id", "patient id", "subjectid", "subject_id", "pid", "case_id", "patientid")
 _TRUE = {"1", "1.0", "yes", "true", "pcr", "y"}
@@ -71,8 +72,6 @@ def read_clinical(path: Path | str, id_column: str | None = None, pcr_column: st
 
 def pcr_for(patient_id: str, table: dict[str, float]) -> float:
     """The pCR of `patient_id` in `table` (module docstring for the matching), NaN when no row matches."""
-    from mtl_breast.data.corpus import patient_identity
-
     if patient_id in table:
         return table[patient_id]
     mine = patient_identity(patient_id)

@@ -22,48 +22,17 @@ import csv
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 from mtl_breast.data.case import Case, DatasetError
+from mtl_breast.data.identity import patient_identity
 from mtl_breast.data.mamamia import SPLITS, _find, _read_table, is_mamamia_root, read_splits
 from mtl_breast.files import write_text
 
 FORMAT = "mtl-breast-corpus"
 VERSION = 1
 _UID = re.compile(r"\d+(?:\.\d+)+")
-
-
-@dataclass(frozen=True)
-class IdentityRule:
-    collection: str
-    pattern: re.Pattern
-    identity: str
-    verified: bool
-    source: str
-
-
-@cache
-def identity_rules() -> tuple[IdentityRule, ...]:
-    """The rows of `collections.csv`: which patient-id form belongs to which collection and patient."""
-    with open(Path(__file__).with_name("collections.csv"), newline="") as handle:
-        return tuple(IdentityRule(r["collection"], re.compile(r["id_pattern"], re.IGNORECASE), r["identity"],
-                                  r["verified"].strip().lower() == "yes", r["source"]) for r in csv.DictReader(handle))
-
-
-def patient_identity(*names: str | None) -> tuple[str, IdentityRule] | None:
-    """(identity such as "duke:1", the rule) of the first name a rule of `collections.csv` matches, else None."""
-    for name in names:
-        if not name:
-            continue
-        for rule in identity_rules():
-            match = rule.pattern.match(str(name).strip())
-            if match:
-                return rule.identity.format(n=int(match.group(1)), **{str(k + 1): g for k, g in
-                                                                      enumerate(match.groups())}), rule
-    return None
 
 
 def _uids(value: Any) -> list[str]:
