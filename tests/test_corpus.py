@@ -172,3 +172,16 @@ def test_a_dicom_collection_is_matched_by_patient_id_and_by_series_uid(roots, tm
     assert [c["case"] for c in corpus["removed"]["duplicate"]] == [ids[train]]
     assert not [c for c in corpus["cases"] if Path(c["root"]) == dicom]
     assert corpus["roots"][1]["collection"] == "Duke-Breast-Cancer-MRI"
+
+
+@pytest.mark.parametrize("given", ["nothing", "not a corpus"])
+def test_pretraining_without_a_root_or_with_a_bad_corpus_says_so(tmp_path, capsys, given):
+    extra = []
+    if given == "not a corpus":
+        (tmp_path / "c.json").write_text('{"cases": 1}')
+        extra = ["--data.corpus", tmp_path / "c.json"]
+    code = run_cli(["pretrain", "fit", "--config", demo_config("pretrain"), "--trainer.default_root_dir",
+                    tmp_path / "run", *extra])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mtl-breast pretrain: error:")]
+    assert code == 2 and len(errors) == 1, errors
+    assert ("--data.corpus" in errors[0]) if given == "nothing" else ("not a corpus file" in errors[0])

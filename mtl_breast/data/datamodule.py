@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from mtl_breast.data.build import preprocess_dataset
 from mtl_breast.data.cache import CacheError, CaseCache, read_header
+from mtl_breast.data.case import DatasetError
 from mtl_breast.data.corpus import corpus_cases, read_corpus
 from mtl_breast.data.dataset import CachedCaseDataset, collate_cases
 from mtl_breast.data.folder import read_dataset
@@ -56,7 +57,7 @@ class _CachedDataModule(L.LightningDataModule):
                  num_workers: int, preprocess_workers: int):
         super().__init__()
         if not roots:
-            raise ValueError("no data root given (--data.root DIR, or --data.corpus FILE for pretraining)")
+            raise DatasetError("no data root given (--data.root DIR, or --data.corpus FILE for pretraining)")
         self.roots = [Path(r) for r in roots]
         for r in self.roots:
             if not r.is_dir():
@@ -260,7 +261,7 @@ class PretrainDataModule(_CachedDataModule):
         self.corpus = None
         if corpus is not None:
             if root is not None:
-                raise ValueError("give --data.root or --data.corpus, not both (a corpus lists its roots)")
+                raise DatasetError("give --data.root or --data.corpus, not both (a corpus lists its roots)")
             self.corpus = read_corpus(corpus)
             root = list(dict.fromkeys(c["root"] for c in self.corpus["cases"]))
         roots = [] if root is None else [root] if isinstance(root, str | Path) else list(root)
