@@ -61,6 +61,62 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- convert
+def _convert_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dicom", type=Path, required=True, help="folder of DICOM studies (any nesting)")
+    p.add_argument("--out", type=Path, required=True, help="output root: one case folder per study (NIfTI phases "
+                                                           "+ manifest.json with times and header metadata)")
+    p.add_argument("--clinical", type=Path, default=None,
+                   help="the collection's clinical table (CSV/XLSX); its pCR goes into each matching case")
+    p.add_argument("--id-column", default=None, help="patient-id column of --clinical (default: found by name)")
+    p.add_argument("--pcr-column", default=None, help="pCR column of --clinical (default: the column named *pcr*)")
+
+
+@command("convert", "convert DICOM studies into case folders (the dynamic series as per-phase NIfTI)", _convert_flags)
+def _convert(args: argparse.Namespace) -> int:
+    from mtl_breast.data.convert import convert_dicom
+
+    report = convert_dicom(args.dicom, args.out, clinical=args.clinical, id_column=args.id_column,
+                           pcr_column=args.pcr_column)
+    ignored = sum(len(v) for v in report["ignored"].values())
+    print(f"converted {len(report['converted'])}, unchanged {len(report['unchanged'])}, skipped "
+          f"{len(report['skipped'])}; {ignored} non-dynamic series ignored; report (with each series ignored and "
+          f"why): {report['report_path']}")
+    _print_skipped(report["skipped"])
+    return 1 if report["skipped"] else 0
+
+
+# ---------------------------------------------------------------------------------------------- corpus
+def _corpus_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=("build",), help="build: list every usable case of the roots once")
+    p.add_argument("--root", type=Path, action="append", required=True,
+                   help="a dataset root (MAMA-MIA, case folders, DICOM studies, BreastDCEDL); repeat for each; a "
+                        "patient in several roots is kept from the first")
+    p.add_argument("--out", type=Path, required=True, help="corpus file (JSON) for `pretrain fit --data.corpus`")
+    p.add_argument("--eval-split", action="append", default=[], metavar="ROOT[:SPLIT]",
+                   help="an evaluation split whose patients are left out: a MAMA-MIA root or split CSV (split "
+                        "default test) or a text file of patient ids; repeatable")
+    p.add_argument("--include-test", action="store_true",
+                   help="do not treat the test split of each MAMA-MIA --root as an evaluation split")
+
+
+@command("corpus", "build one pretraining corpus over several roots: each patient once, evaluation patients out",
+         _corpus_flags)
+def _corpus(args: argparse.Namespace) -> int:
+    from mtl_breast.data.corpus import build_corpus
+
+    corpus = build_corpus(args.root, args.out, eval_splits=args.eval_split, include_test=args.include_test)
+    summary = corpus["summary"]
+    for root in corpus["roots"]:
+        print(f"{root['path']} ({root['collection']}): {root['cases_read']} cases read, {root['kept']} kept")
+    print(f"corpus: {summary['cases']} cases of {summary['patients']} patients; removed "
+          f"{summary['removed_evaluation_cases']} case(s) of {summary['removed_evaluation_patients']} patient(s) in "
+          f"evaluation splits ({', '.join(summary['evaluation_splits']) or 'none'}) and "
+          f"{summary['removed_duplicate_cases']} case(s) of patients already in an earlier root; written to {args.out}")
+    _print_skipped(corpus["unreadable"])
+    return 1 if corpus["unreadable"] else 0
+
+
 # ---------------------------------------------------------------------------------------------- preprocess
 def _preprocess_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, required=True, help="dataset root (MAMA-MIA layout or folder of cases)")

@@ -201,6 +201,7 @@ def _training(config: Mapping[str, Any]) -> list[str]:
         lines += [f"  - {name}: {_fmt(count)}" for name, count in datasets.items()]
     else:
         lines.append(f"- Datasets: {NOT_RECORDED}")
+    lines += _corpus(train.get("corpus"))
     lines += [
         f"- Training cases: {_fmt(train.get('train_cases'))}",
         f"- Validation cases: {_fmt(train.get('val_cases'))}",
@@ -212,6 +213,23 @@ def _training(config: Mapping[str, Any]) -> list[str]:
     if _kind(config) == "joint" or "assumed" in train:
         lines.append(f"- Acquisition values assumed by the pCR kinetic features (not given by the case): "
                      f"{_assumed(train.get('assumed'))}")
+    return lines
+
+
+def _corpus(summary: Any) -> list[str]:
+    """The pretraining corpus (`data.corpus`): collections with case counts, and what was left out and why."""
+    if not isinstance(summary, Mapping):
+        return []
+    lines = [f"- Corpus: {_fmt(summary.get('cases'))} cases of {_fmt(summary.get('patients'))} patients, each "
+             "patient once across collections (matched by published patient ids and series UIDs)"]
+    collections = summary.get("collections")
+    if isinstance(collections, Mapping):
+        lines += [f"  - {name}: {_fmt(count)} cases" for name, count in collections.items()]
+    splits = ", ".join(map(str, summary.get("evaluation_splits") or [])) or "none"
+    lines.append(f"  - Left out: {_fmt(summary.get('removed_evaluation_cases'))} cases of "
+                 f"{_fmt(summary.get('removed_evaluation_patients'))} patients in evaluation splits ({splits}); "
+                 f"{_fmt(summary.get('removed_duplicate_cases'))} cases of patients already taken from another "
+                 "collection")
     return lines
 
 

@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader
 
 from mtl_breast.data.build import preprocess_dataset
 from mtl_breast.data.cache import CacheError, CaseCache, read_header
+from mtl_breast.data.case import DatasetError
+from mtl_breast.data.corpus import corpus_cases, read_corpus
 from mtl_breast.data.dataset import CachedCaseDataset, collate_cases
 from mtl_breast.data.folder import read_dataset
 from mtl_breast.data.mamamia import SPLITS, _find, is_mamamia_root, read_splits
@@ -55,7 +57,7 @@ class _CachedDataModule(L.LightningDataModule):
                  num_workers: int, preprocess_workers: int):
         super().__init__()
         if not roots:
-            raise ValueError("no data root given (--data.root DIR)")
+            raise DatasetError("no data root given (--data.root DIR, or --data.corpus FILE for pretraining)")
         self.roots = [Path(r) for r in roots]
         for r in self.roots:
             if not r.is_dir():
@@ -245,16 +247,28 @@ class PretrainDataModule(_CachedDataModule):
         phase_jitter: range of an extra gain per phase (off by default).
         include_test: also pretrain on the `test_split` of a root's train_test_splits.csv (off: test cases
             must stay unseen by every stage that is later scored on them).
+        corpus: a corpus file (`mtl-breast corpus build`) instead of `root`: its cases, each patient once and the
+            evaluation patients already left out, read from the roots it lists; its counts go to the model card.
         repeats: crops drawn per case per epoch.
         preprocess_workers: processes for the one-off preprocessing.
     """
 
-    def __init__(self, root: str | list[str], cache_dir: str | None = None,
+    def __init__(self, root: str | list[str] | None = None, cache_dir: str | None = None,
                  preprocess: PreprocessConfig = DEFAULT_PREPROCESS, crop_size: int | Sequence[int] = 64,
                  batch_size: int = 2, num_workers: int = 0, val_fraction: float = 0.1, split_seed: int = 0,
                  intensity_jitter: float = 0.1, phase_jitter: float = 0.0, include_test: bool = False,
-                 repeats: int = 1, preprocess_workers: int = 1):
-        roots = [root] if isinstance(root, str | Path) else list(root)
+                 repeats: int = 1, preprocess_workers: int = 1, corpus: str | None = None):
+        self.corpus = None
+        if corpus is not None:
+            if root is not None:
+                raise DatasetError("give --data.root or --data.corpus, not both (a corpus lists its roots)")
+            self.corpus = read_corpus(corpus)
+            root = list(dict.fromkeys(c["root"] for c in self.corpus["cases"]))
+        roots = [] if root is None else [root] if isinstance(root, str | Path) else list(root)
+        if self.corpus is None and len(roots) > 1:
+            log.warning("pooling %d roots without matching their patients: a patient held by two collections is "
+                        "seen twice, and another root's copy of an evaluation patient is not left out; "
+                        "`mtl-breast corpus build` matches them (--data.corpus)", len(roots))
         super().__init__(roots, cache_dir, preprocess, batch_size, num_workers, preprocess_workers)
         self.crop_size = to_3tuple(crop_size, name="crop_size")
         self.val_fraction, self.split_seed, self.repeats = val_fraction, split_seed, repeats
@@ -269,6 +283,8 @@ class PretrainDataModule(_CachedDataModule):
 
     def cases(self, skipped: list[dict[str, str]] | None = None) -> list:
         """The cases of all roots, less the test split of every root that has a split file (unless include_test)."""
+        if self.corpus is not None:  # the corpus has matched patients and left out the evaluation splits
+            return corpus_cases(self.corpus, skipped=[] if skipped is None else skipped)
         cases = super().cases(skipped)
         if self.include_test:
             return cases

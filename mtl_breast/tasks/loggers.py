@@ -93,6 +93,9 @@ def training_summary(module: L.LightningModule, task: str) -> dict[str, Any] | N
            "val_cases": len(getattr(dm, "val_ids", [])), "epochs": int(trainer.current_epoch),
            "steps": int(trainer.global_step), "base_weights": str(base) if base else None,
            "synthetic": any((Path(root) / SYNTHETIC_MANIFEST).is_file() for root in getattr(dm, "roots", []))}
+    corpus = getattr(dm, "corpus", None)
+    if isinstance(corpus, dict) and isinstance(corpus.get("summary"), dict):
+        out["corpus"] = corpus["summary"]  # counts only: collections, cases, what was left out and why
     if memo[2] is not None:
         out["assumed"] = memo[2]  # `acquisition.summarise_assumed` of the training cases, for the model card
     return out
