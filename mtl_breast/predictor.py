@@ -169,12 +169,16 @@ def postprocess_mask(prob: np.ndarray, case: Case, settings: InferenceSettings) 
     return mask
 
 
-def predict_case(model: torch.nn.Module, case: Case, settings: InferenceSettings) -> tuple[np.ndarray, dict, float]:
-    """Preprocess, predict and map back one case. Returns (mask on the original grid, geometry, pCR probability)."""
+def predict_case(model: torch.nn.Module, case: Case, settings: InferenceSettings,
+                 terms: dict[str, float] | None = None) -> tuple[np.ndarray, dict, float]:
+    """Preprocess, predict and map back one case. Returns (mask on the original grid, geometry, pCR probability);
+    ``terms``, when given, receives the calibrated pCR logit's terms by pathway (`predict_volume_parts`)."""
     pre = preprocess_case(case, settings.preprocess)
     acquisition = acquisition_vector(pre.info.get("normalization"), pre.info.get("meta"))
-    prob, logit = predict_volume(model, torch.from_numpy(pre.image), torch.from_numpy(pre.phase_time), settings,
-                                 acquisition=acquisition)
+    prob, logit, parts = predict_volume_parts(model, torch.from_numpy(pre.image), torch.from_numpy(pre.phase_time),
+                                              settings, acquisition=acquisition)
+    if terms is not None:
+        terms.update(parts)
     geometry = pre.info["geometry"]
     prob_orig = to_original_space(prob, geometry, interpolator="linear", default=0.0)
     return postprocess_mask(prob_orig, case, settings), geometry, 1.0 / (1.0 + math.exp(-logit))

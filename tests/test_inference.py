@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -56,9 +57,16 @@ def test_exported_weights_reload_strictly(mtl_weights, mae_weights, finetune_run
 # ---------------------------------------------------------------------------------------------- predict
 def test_predict_writes_masks_in_the_original_image_space(predictions, phantoms, mtl_weights):
     columns, rows = _read_csv(predictions / "predictions.csv")
-    # The challenge's columns, then what the kinetic features assumed (tumour T10 and relaxivity always).
-    assert columns == ["patient_id", "pcr", "score", "assumed_acquisition"]
+    # The challenge's columns, then what the kinetic features assumed (tumour T10 and relaxivity always), then the
+    # pCR logit's terms by pathway, which add up to the logit of the score (empty for a pathway the model lacks).
+    assert columns == ["patient_id", "pcr", "score", "assumed_acquisition", "logit_tokens", "logit_learned",
+                       "logit_kinetic"]
     assert all("tumour_t10_s=" in r["assumed_acquisition"] and "relaxivity=" in r["assumed_acquisition"] for r in rows)
+    for r in rows:
+        terms = [float(r[c]) for c in ("logit_tokens", "logit_learned", "logit_kinetic") if r[c] != ""]
+        # The test model's head: tokens and hand kinetic features, no learned pathway.
+        assert r["logit_tokens"] != "" and r["logit_kinetic"] != "" and r["logit_learned"] == ""
+        assert 1.0 / (1.0 + math.exp(-sum(terms))) == pytest.approx(float(r["score"]), abs=2e-6)
     with open(phantoms / "train_test_splits.csv") as f:
         test_split = {r["test_split"].lower() for r in csv.DictReader(f) if r["test_split"]}
     assert {r["patient_id"].lower() for r in rows} == test_split

@@ -22,11 +22,12 @@ from mtl_breast.baselines import (
 )
 from mtl_breast.data.cache import CaseCache
 from mtl_breast.data.mamamia import read_splits
+from mtl_breast.files import write_text
 from mtl_breast.phantoms.collection import generate_dataset
 from mtl_breast.predictor import InferenceSettings, read_weights_config
 from mtl_breast.run.evaluate import evaluate, headline
 from mtl_breast.run.plot import plot_run
-from mtl_breast.run.predict import predict_dataset
+from mtl_breast.run.predict import TERM_COLUMNS, predict_dataset
 from mtl_breast.run.train import lightning_cli
 from mtl_breast.tasks.export import export_checkpoint
 
@@ -79,16 +80,26 @@ def _held_out_pcr(data: Path, cache_dir: Path, weights: Path, predictions: Path)
 
     _, train_rows, y_train = labelled_features(cache, splits["train"], roi)
     test_ids, test_rows, y_test = labelled_features(cache, splits["test"], roi)
-    model = pd.read_csv(predictions / "predictions.csv", dtype={"patient_id": str}).set_index("patient_id")["score"]
-    scores = {"joint model": np.array([model.get(pid, np.nan) for pid in test_ids], dtype=np.float64)}
+    predicted = pd.read_csv(predictions / "predictions.csv", dtype={"patient_id": str}).set_index("patient_id")
+    scores = {"joint model": np.array([predicted["score"].get(pid, np.nan) for pid in test_ids], dtype=np.float64)}
+    # Each pathway's term of the model's logit on its own (columns the model has: `run.predict.TERM_COLUMNS`).
+    terms = {name: np.array([predicted[column].get(pid, np.nan) for pid in test_ids], dtype=np.float64)
+             for name, column in TERM_COLUMNS.items() if column in predicted and predicted[column].notna().any()}
+    for name, term in terms.items():
+        scores[f"joint model, {name} term alone"] = term
     for name, features in FEATURE_SETS.items():
         scores[f"{name} baseline"] = LogisticBaseline(features).fit(train_rows, y_train).predict_proba(test_rows)
     table = {name: auc_with_interval(y_test, s) for name, s in scores.items()}
     # Paired on the same cases: the interval says whether the model is above a baseline, which two overlapping
     # AUC intervals cannot.
     model_minus = {name: paired_auc_difference(y_test, scores["joint model"], s)
-                   for name, s in scores.items() if name != "joint model"}
-    return {"cases": len(test_ids), "positives": int(sum(y_test)), "auc": table, "model_minus": model_minus}
+                   for name, s in scores.items() if not name.startswith("joint model")}
+    logit = sum(terms.values()) if terms else None
+    # Share of the logit's variance each term carries, cov(term, logit) / var(logit): the shares add up to 1.
+    shares = {name: float(np.cov(term, logit)[0, 1] / logit.var(ddof=1))
+              for name, term in terms.items()} if logit is not None and logit.var() > 0 else {}
+    return {"cases": len(test_ids), "positives": int(sum(y_test)), "auc": table, "model_minus": model_minus,
+            "logit_variance_share": shares}
 
 
 def run_demo(workdir: Path | str = "runs/demo", labelled: int = 288, held_out: int = 150, pool: int = 200,
@@ -142,7 +153,7 @@ def run_demo(workdir: Path | str = "runs/demo", labelled: int = 288, held_out: i
     t0 = _step("5/6 evaluate with the MAMA-MIA formulas, next to the baselines")
     scores = evaluate(work / "predictions", data, work / "evaluation")
     baselines = _held_out_pcr(data, work / "cache" / "data", weights, work / "predictions")
-    (work / "evaluation" / "baselines.json").write_text(json.dumps(baselines, indent=2) + "\n")
+    write_text(work / "evaluation" / "baselines.json", json.dumps(baselines, indent=2) + "\n")
     timings["evaluate"] = time.perf_counter() - t0
 
     _step("6/6 summary")
@@ -158,6 +169,9 @@ def run_demo(workdir: Path | str = "runs/demo", labelled: int = 288, held_out: i
           "95% bootstrap intervals; baselines fitted on the training split with expert masks:")
     for name, row in baselines["auc"].items():
         print(f"  {name:<24} {row['auc']:.3f}  [{row['low']:.3f}, {row['high']:.3f}]")
+    if baselines["logit_variance_share"]:
+        shares = ", ".join(f"{name} {share:.0%}" for name, share in baselines["logit_variance_share"].items())
+        print(f"share of the model's pCR logit variance by pathway: {shares}")
     print("paired AUC differences on the same cases, 95% bootstrap intervals:")
     for name, row in baselines["model_minus"].items():
         print(f"  model - {name:<24} {row['difference']:+.3f}  [{row['low']:+.3f}, {row['high']:+.3f}]")

@@ -33,13 +33,16 @@ def write_mask(mask: np.ndarray, geometry: dict, path: Path) -> Path:
     return path
 
 
-# The challenge's columns, then what the kinetic features assumed for the case (`acquisition.assumed_text`): the
-# scorers read the first three and ignore the rest.
-CSV_COLUMNS = ("patient_id", "pcr", "score", "assumed_acquisition")
+# The challenge's columns, then what the kinetic features assumed for the case (`acquisition.assumed_text`), then
+# the calibrated pCR logit's terms by pathway (`PCRHead.parts`; empty where the model has no such pathway; they sum
+# to logit(score)): the scorers read the first three and ignore the rest.
+TERM_COLUMNS = {"tokens": "logit_tokens", "learned": "logit_learned", "kinetic": "logit_kinetic"}
+CSV_COLUMNS = ("patient_id", "pcr", "score", "assumed_acquisition", *TERM_COLUMNS.values())
 
 
 def write_predictions_csv(rows: list[dict], path: Path) -> Path:
-    """`patient_id,pcr,score` as the challenge expects, then `assumed_acquisition`, written atomically."""
+    """`patient_id,pcr,score` as the challenge expects, then `assumed_acquisition` and the logit's terms, written
+    atomically."""
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=list(CSV_COLUMNS))
     writer.writeheader()
@@ -63,7 +66,8 @@ def run_predictions(model: torch.nn.Module, cases: list[Case], out_dir: Path, se
     for case in cases:
         mask_path = out_dir / "pred_segmentations" / f"{case.patient_id}.nii.gz"
         try:
-            mask, geometry, score = predict_case(model, case, settings)
+            terms: dict[str, float] = {}
+            mask, geometry, score = predict_case(model, case, settings, terms)
             if write_masks:
                 write_mask(mask, geometry, mask_path)
         except (CaseError, RuntimeError, ValueError, OSError) as err:
@@ -76,7 +80,8 @@ def run_predictions(model: torch.nn.Module, cases: list[Case], out_dir: Path, se
         score = round(score, 6)
         assumed.append(case.assumed())  # what preprocessing recorded as the case's info["assumed"]
         rows.append({"patient_id": case.patient_id, "pcr": int(score >= settings.pcr_threshold), "score": score,
-                     "assumed_acquisition": assumed_text(assumed[-1])})
+                     "assumed_acquisition": assumed_text(assumed[-1]),
+                     **{col: round(terms[name], 6) if name in terms else "" for name, col in TERM_COLUMNS.items()}})
         done.append(case.patient_id)
     write_predictions_csv(rows, out_dir / "predictions.csv")
     return {"done": done, "skipped": skipped, "rows": rows, "assumed": assumed_report(assumed)}
