@@ -266,9 +266,11 @@ def _is_input_error(err: BaseException) -> bool:
     from mtl_breast.data.case import CaseError, DatasetError
     from mtl_breast.files import DiskFullError
     from mtl_breast.hub import WeightsError
+    from mtl_breast.predictor import SettingsError
     from mtl_breast.run.evaluate import PredictionsError
 
     return isinstance(err, (CaseError, DatasetError, CacheError, WeightsError, PredictionsError, DiskFullError,
+                            SettingsError,
                             FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError))
 
 

@@ -20,7 +20,13 @@ from mtl_breast.data.folder import read_dataset
 from mtl_breast.data.mamamia import is_mamamia_root, read_splits
 from mtl_breast.data.preprocess import original_image_reference
 from mtl_breast.files import atomic_path, write_text
-from mtl_breast.predictor import InferenceSettings, load_joint_model, predict_case
+from mtl_breast.predictor import (
+    InferenceSettings,
+    check_device,
+    load_joint_model,
+    predict_case,
+    read_weights_config,
+)
 
 
 def write_mask(mask: np.ndarray, geometry: dict, path: Path) -> Path:
@@ -95,10 +101,13 @@ def predict_dataset(weights: Path | str, data: Path | str, out: Path | str, *, d
         overrides: InferenceSettings fields (tta_flips, overlap, largest_component ...).
     """
     weights, data, out = Path(weights), Path(data), Path(out)
-    model, config = load_joint_model(weights, device)
-    settings = InferenceSettings.from_config(config, **overrides)
+    # Every setting is checked before the model is built and before anything in `out` is touched: a bad flag
+    # must not cost the masks and the predictions.csv of an earlier run.
+    settings = InferenceSettings.from_config(read_weights_config(weights), **overrides)
+    check_device(device)
     if not data.is_dir():
         raise FileNotFoundError(f"data folder {data} does not exist")
+    model, _ = load_joint_model(weights, device)
     # Cases the reader could not even list (a missing phase file, an empty case folder, a split id without a
     # folder ...) are skipped too, and said so: every requested case is predicted or reported.
     unreadable: list[dict[str, str]] = []
