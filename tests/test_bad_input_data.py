@@ -147,6 +147,34 @@ def test_mask_with_three_labels_is_refused_at_preprocessing_and_training(phantom
     assert pid not in set(dm.train_ids) | set(dm.val_ids) and dm.train_ids
 
 
+def test_cases_with_one_or_nine_phases_are_refused_at_preprocessing_and_training(phantoms, tmp_path, capsys,
+                                                                                   caplog):
+    from mtl_breast.data.datamodule import FinetuneDataModule
+
+    data = _copy(phantoms, tmp_path)
+    one, nine = _splits(data)["train"][:2]
+    for path in sorted(_folder(data, one).glob("*.nii.gz"))[1:]:
+        path.unlink()  # the pre-contrast phase alone
+    phases = sorted(_folder(data, nine).glob("*.nii.gz"))
+    for k in range(len(phases), 9):
+        shutil.copy(phases[-1], _phase(data, nine, k))
+
+    code, out, err = _preprocess(data, tmp_path / "cache", capsys)
+    assert code == 1 and "done 8, skipped 2" in out
+    assert (f"  skipped {one} ({_folder(data, one)}): 1 phase file(s) ({one.lower()}_0000.nii.gz); a DCE-MRI case "
+            "needs a pre-contrast and at least one post-contrast phase, 2 to 8 phases") in err
+    assert f"  skipped {nine} ({_folder(data, nine)}): 9 phase file(s) ({nine.lower()}_0000.nii.gz, " in err
+    assert "Traceback" not in err
+
+    dm = FinetuneDataModule(str(data), cache_dir=str(tmp_path / "dm_cache"), crop_size=32, batch_size=2)
+    with caplog.at_level(logging.WARNING, logger="mtl_breast.data.datamodule"):
+        dm.prepare_data()
+    for pid, n in ((one, 1), (nine, 9)):
+        assert any(pid in r.getMessage() and f"{n} phase file(s)" in r.getMessage() for r in caplog.records)
+    dm.setup("fit")
+    assert not {one, nine} & (set(dm.train_ids) | set(dm.val_ids)) and dm.train_ids
+
+
 def _zero_spacing(path: Path) -> None:
     raw = bytearray(gzip.decompress(path.read_bytes()))
     struct.pack_into("<f", raw, 76 + 4 * 1, 0.0)  # pixdim[1] of the NIfTI-1 header, as stored
