@@ -171,3 +171,17 @@ def test_cli_missing_predictions_warn_and_exit_0(dataset, tmp_path, capsys):
     listing.write_text("DUKE_001\n")
     assert run_cli(["evaluate", "--pred", pred, "--data", root, "--out", out, "--cases", listing]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("which", ["predicted", "expert"])
+def test_a_truncated_mask_is_refused_not_scored(dataset, capsys, which):
+    root, pred, out = dataset
+    path = (pred / "pred_segmentations" / "DUKE_001.nii.gz" if which == "predicted"
+            else root / "segmentations" / "expert" / "duke_001.nii.gz")
+    sitk.WriteImage(sitk.ReadImage(str(path)), str(path), True)  # compressed, so the cut lands in the voxels
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 3 // 4])
+    assert run_cli(["evaluate", "--pred", pred, "--data", root, "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mtl-breast evaluate: error: case DUKE_001 ({path}): cannot read mask"), err
+    assert len(err.strip().splitlines()) == 1 and not (out / "scores.json").exists()
