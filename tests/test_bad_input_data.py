@@ -175,6 +175,37 @@ def test_cases_with_one_or_nine_phases_are_refused_at_preprocessing_and_training
     assert not {one, nine} & (set(dm.train_ids) | set(dm.val_ids)) and dm.train_ids
 
 
+def _header_bomb(path: Path, side: int) -> None:
+    """Make the header of `path` announce side^3 voxels; the file keeps its few kilobytes of data."""
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    struct.pack_into("<hhh", raw, 42, side, side, side)  # dim[1:4] of the NIfTI-1 header
+    path.write_bytes(gzip.compress(bytes(raw)))
+
+
+@pytest.mark.parametrize(("side", "expected"), [
+    (4000, "the header announces 4000 x 4000 x 4000 = 64,000,000,000 voxels, more than the 268,435,456 accepted"),
+    (600, "the header announces 600 x 600 x 600 voxels of "),
+])
+def test_a_header_bomb_is_refused_before_reading_and_costs_no_other_case(mtl_weights, phantoms, tmp_path, capsys,
+                                                                         side, expected):
+    data = _copy(phantoms, tmp_path)
+    bomb, other = _splits(data)["test"]
+    path = _phase(data, bomb, 2)
+    _header_bomb(path, side)
+    assert path.stat().st_size < 100_000
+    code, out, err = _preprocess(data, tmp_path / "cache", capsys)
+    assert code == 1 and "done 9, skipped 1" in out
+    (line,) = [x for x in err.splitlines() if x.startswith("  skipped")]
+    assert line.startswith(f"  skipped {bomb} ({path}): {expected}"), line
+
+    out = tmp_path / "out"
+    code = run_cli(["predict", "--weights", mtl_weights, "--data", data, "--out", out, "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"  skipped {bomb} ({path}): {expected}" in err and "Traceback" not in err
+    assert list(pd.read_csv(out / "predictions.csv", dtype={"patient_id": str})["patient_id"]) == [other]
+    assert [p.name for p in (out / "pred_segmentations").iterdir()] == [f"{other}.nii.gz"]
+
+
 def _zero_spacing(path: Path) -> None:
     raw = bytearray(gzip.decompress(path.read_bytes()))
     struct.pack_into("<f", raw, 76 + 4 * 1, 0.0)  # pixdim[1] of the NIfTI-1 header, as stored

@@ -72,8 +72,9 @@ def run_predictions(model: torch.nn.Module, cases: list[Case], out_dir: Path, se
             mask, geometry, score = predict_case(model, case, settings)
             if write_masks:
                 write_mask(mask, geometry, mask_path)
-        except (CaseError, RuntimeError, ValueError, OSError) as err:
-            reason = str(err) if isinstance(err, CaseError) else f"case {case.patient_id}: {err}"
+        except (CaseError, RuntimeError, ValueError, OSError, MemoryError) as err:
+            why = str(err) or type(err).__name__  # a MemoryError has no message
+            reason = why if isinstance(err, CaseError) else f"case {case.patient_id}: {why}"
             skipped.append({"patient_id": case.patient_id, "reason": reason})
             mask_path.unlink(missing_ok=True)
             continue
