@@ -16,7 +16,7 @@ A reader therefore sees the previous file or the new one, never part of one; a w
 interrupted removes its temporary file, and one killed outright (SIGKILL, power loss) leaves a hidden file that
 the next write of the same target removes. A write that fails for want of room (ENOSPC, EDQUOT, EFBIG) raises
 `DiskFullError` naming the target; a file found incomplete after its writer reported success raises its subclass
-`IncompleteWriteError`.
+`IncompleteWriteError`; a read-only folder or one without write permission raises `NotWritableError`.
 
 `safetensors_bytes` serialises tensors with the header's keys sorted: safetensors keeps metadata in a hash map
 whose order changes from process to process, so the same tensors would otherwise give different file bytes.
@@ -42,6 +42,14 @@ DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 class DiskFullError(OSError):
     """A write that failed for want of room; the message names the file. Nothing was written."""
+
+
+# A read-only file system, a folder without write permission.
+NOT_WRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+class NotWritableError(OSError):
+    """A write refused because the folder is read-only or not ours to write; the message names the file."""
 
 
 class IncompleteWriteError(DiskFullError):
@@ -191,10 +199,19 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         ...     sitk.WriteImage(image, str(tmp), True)
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(path)
     tmp = path.with_name(f".{path.name}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp{_extension(path.name)}")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0666 & ~umask, like open()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(path)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0666 & ~umask, like open()
+    except OSError as err:
+        if err.errno in NOT_WRITABLE:
+            raise NotWritableError(err.errno, f"cannot write {path}: {os.strerror(err.errno)} (nothing was "
+                                              f"written; choose a folder you can write to)") from err
+        if err.errno in DISK_FULL:
+            raise DiskFullError(err.errno, f"cannot write {path}: {os.strerror(err.errno)} (nothing was written; "
+                                           "free space or raise the quota and run again)") from err
+        raise
     try:
         yield tmp
         with open(tmp, "rb+") as handle:  # on disk before the rename makes it visible

@@ -65,3 +65,41 @@ def test_settings_from_a_config_are_checked(values, match):
     with pytest.raises(SettingsError, match=match):
         InferenceSettings.from_config({"inference": {"roi_size": [32, 32, 32]}}, **values)
     assert InferenceSettings.from_config({"inference": {"roi_size": [32, 32, 32]}}).roi_size == (32, 32, 32)
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A real read-only file system (a tmpfs remounted read-only: root ignores permission bits; skipped where
+    mounting is not permitted)."""
+    import subprocess
+
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root and mount permission): {done.stderr.strip()}")
+    try:
+        (mount / "out").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True, capture_output=True)
+        yield mount / "out"
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_read_only_output_folder_is_one_line_for_every_command(read_only_folder, mtl_weights, finetune_run,
+                                                                  phantoms, predictions, capsys):
+    ro = read_only_folder
+    commands = {
+        "predict": ["--weights", mtl_weights, "--data", phantoms, "--out", ro, "--device", "cpu"],
+        "preprocess": ["--data", phantoms, "--cache", ro / "cache"],
+        "evaluate": ["--pred", predictions, "--data", phantoms, "--out", ro / "scores"],
+        "export": ["--ckpt", finetune_run / "checkpoints" / "last.ckpt", "--out", ro / "weights"],
+        "synth": ["--out", ro / "synth", "--cases", "1", "--size", "32"],
+    }
+    for name, args in commands.items():
+        capsys.readouterr()
+        assert run_cli([name, *args]) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"mtl-breast {name}: error: "), (name, err)
+        assert "Read-only file system" in err[0] and str(ro) in err[0], (name, err)

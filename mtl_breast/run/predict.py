@@ -19,7 +19,7 @@ from mtl_breast.data.case import Case, CaseError
 from mtl_breast.data.folder import read_dataset
 from mtl_breast.data.mamamia import is_mamamia_root, read_splits
 from mtl_breast.data.preprocess import original_image_reference
-from mtl_breast.files import DiskFullError, atomic_path, write_text
+from mtl_breast.files import DiskFullError, NotWritableError, atomic_path, write_text
 from mtl_breast.predictor import (
     InferenceSettings,
     check_device,
@@ -64,8 +64,8 @@ def run_predictions(model: torch.nn.Module, cases: list[Case], out_dir: Path, se
     in `out_dir` is removed, so it cannot be scored as this run's prediction.
 
     Raises:
-        DiskFullError: a mask could not be written whole (no room); the masks already written stay, the one that
-            failed keeps its earlier version, and predictions.csv is not rewritten.
+        DiskFullError, NotWritableError: a mask could not be written whole (no room, a read-only folder); the masks
+            already written stay, the one that failed keeps its earlier version, and predictions.csv is not rewritten.
     """
     out_dir = Path(out_dir)
     model.eval()
@@ -76,7 +76,7 @@ def run_predictions(model: torch.nn.Module, cases: list[Case], out_dir: Path, se
             mask, geometry, score = predict_case(model, case, settings)
             if write_masks:
                 write_mask(mask, geometry, mask_path)
-        except DiskFullError:  # no room for this mask is no room for the next: the job stops, naming the file
+        except (DiskFullError, NotWritableError):  # no room or no right for this mask: none for the next
             raise
         except (CaseError, RuntimeError, ValueError, OSError, MemoryError) as err:
             why = str(err) or type(err).__name__  # a MemoryError has no message
