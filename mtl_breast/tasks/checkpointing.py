@@ -65,6 +65,7 @@ class LastCheckpoint(Checkpoint):
         self._saved_step: int | None = None
         self._pending = False  # a validation ran since the last write: its choices must reach the file
         self._received: int | None = None  # a pre-empting signal arrived (its number)
+        self._at_epoch_end = False
         self._previous_handlers: dict[int, object] = {}
 
     def path(self, trainer: L.Trainer) -> Path:
@@ -130,7 +131,21 @@ class LastCheckpoint(Checkpoint):
             self._pending = True
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.save(trainer)
+        self._at_epoch_end = True
+        try:
+            self.save(trainer)
+        finally:
+            self._at_epoch_end = False
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        # Written from `on_train_epoch_end`, the loop state shows the epoch processed but not completed (Lightning
+        # counts it complete only after the hooks) and its batch counters full. Restored as it is in a run with
+        # `max_steps` and no validation at that epoch end, Lightning restarts the finished epoch and runs one more
+        # batch in it, so the resumed run drifts a batch and an epoch off the uninterrupted one (and, made complete
+        # but with full batch counters, the next epoch ends after one batch). Every epoch-end hook has run by now (this
+        # callback runs last), so the file records the epoch as complete and the next one as not begun.
+        if self._at_epoch_end and "fit_loop" in checkpoint.get("loops", {}):
+            _as_between_epochs(checkpoint["loops"]["fit_loop"])
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_handlers()
@@ -150,6 +165,30 @@ class LastCheckpoint(Checkpoint):
         trainer.strategy.barrier("LastCheckpoint.save")
         self._saved_step, self._last_time, self._pending = trainer.global_step, time.monotonic(), False
         return path
+
+
+def _as_between_epochs(fit_loop: dict) -> None:
+    """Make a fit loop's saved state read as between two epochs: the last one complete, the next one not begun
+    (the per-epoch `current` counters of its batches, scheduler and optimizer steps at 0). Totals are unchanged."""
+    progress = fit_loop.get("epoch_progress")
+    for part in ("total", "current") if progress else ():
+        progress[part]["completed"] = progress[part]["processed"]
+
+    def zero_current(node: object) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "current" and isinstance(value, dict):
+                    node[key] = dict.fromkeys(value, 0)
+                else:
+                    zero_current(value)
+
+    for key in ("epoch_loop.batch_progress", "epoch_loop.scheduler_progress",
+                "epoch_loop.automatic_optimization.optim_progress",
+                "epoch_loop.manual_optimization.optim_step_progress"):
+        if key in fit_loop:
+            zero_current(fit_loop[key])
+    if "epoch_loop.batch_progress" in fit_loop:
+        fit_loop["epoch_loop.batch_progress"]["is_last_batch"] = False
 
 
 def _signal_number(name: str | int) -> int:
