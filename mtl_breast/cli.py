@@ -268,11 +268,12 @@ def _is_input_error(err: BaseException) -> bool:
     from mtl_breast.hub import WeightsError
     from mtl_breast.predictor import SettingsError
     from mtl_breast.run.evaluate import PredictionsError
+    from mtl_breast.tasks.checkpointing import CheckpointError
 
     if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.errno in NOT_WRITABLE | DISK_FULL:
         return True  # a read-only or full output folder: the message names the file
     return isinstance(err, (CaseError, DatasetError, CacheError, WeightsError, PredictionsError, DiskFullError,
-                            SettingsError,
+                            SettingsError, CheckpointError,
                             FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError))
 
 

@@ -144,3 +144,16 @@ def test_sigterm_saves_last_checkpoint_at_the_step_and_exits_non_zero(finetune_a
         run_cli(finetune_argv(warned, *extra, "--last_checkpoint.signals", "[SIGUSR2]",
                               f"--trainer.callbacks+={probe}"))
     assert stopped.value.code == 128 + 12 and _steps(warned / "checkpoints" / "last.ckpt") == 1
+
+
+def test_a_truncated_last_checkpoint_is_one_line_before_training(pretrain_run, pretrain_argv, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    whole = (pretrain_run / "checkpoints" / "last.ckpt").read_bytes()
+    (run / "checkpoints" / "last.ckpt").write_bytes(whole[: len(whole) // 2])
+    capsys.readouterr()
+    assert run_cli(pretrain_argv(run, "--ckpt_path", "last")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"mtl-breast pretrain: error: {run / 'checkpoints' / 'last.ckpt'}: not a readable "
+                             "checkpoint, cannot resume from it (")

@@ -39,6 +39,10 @@ from mtl_breast.files import atomic_path
 LAST_NAME = "last.ckpt"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint to resume from that cannot be read (truncated, garbled); the message names the file."""
+
+
 class LastCheckpoint(Checkpoint):
     """Keep ``dirpath/last.ckpt`` current.
 
