@@ -283,3 +283,14 @@ def test_unusable_split_file_or_spreadsheet_is_one_line_naming_it(mtl_weights, f
         assert run_cli(argv) == 2, argv[0]
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and str(bad) in err[0] and "error:" in err[0], err
+
+
+def test_training_without_any_pcr_label_is_refused_in_one_line(phantoms, tmp_path, monkeypatch):
+    from mtl_breast.data.case import DatasetError
+    from mtl_breast.data.datamodule import FinetuneDataModule
+
+    dm = FinetuneDataModule(str(phantoms), cache_dir=str(tmp_path / "cache"), crop_size=32, batch_size=2)
+    dm.prepare_data()
+    monkeypatch.setattr(FinetuneDataModule, "_pcr", lambda self, pid: float("nan"))  # no case has a pCR label
+    with pytest.raises(DatasetError, match=r"none of the \d+ training case\(s\) has a pCR label \(0 or 1\)"):
+        dm.setup("fit")

@@ -185,3 +185,13 @@ def test_a_truncated_mask_is_refused_not_scored(dataset, capsys, which):
     err = capsys.readouterr().err
     assert err.startswith(f"mtl-breast evaluate: error: case DUKE_001 ({path}): cannot read mask"), err
     assert len(err.strip().splitlines()) == 1 and not (out / "scores.json").exists()
+
+
+def test_no_pcr_truth_at_all_is_not_scored_as_all_zero(dataset):
+    root, pred, out = dataset
+    table = pd.read_csv(root / "clinical_and_imaging_info.csv")
+    table["pcr"] = None
+    table.to_csv(root / "clinical_and_imaging_info.csv", index=False)
+    scores = evaluate(pred, root, out)
+    assert "classification" not in scores and "segmentation" in scores
+    assert any("none of the 4 scored case(s) has a pCR truth; not scored" in n for n in scores["notes"])

@@ -321,6 +321,10 @@ def evaluate(
         notes += [f"classification: {k} is not among the scored cases; ignored" for k in table.index
                   if k not in scored]
         y_true, y_pred, score, absent = _classification_inputs(selected, table, has_score, notes)
+    if csv_path.is_file() and y_true.isna().all():
+        # Unknown truth counts as 0 (the challenge's rule); with no truth at all every score would be an artefact.
+        notes.append(f"classification: none of the {len(y_true)} scored case(s) has a pCR truth; not scored")
+    elif csv_path.is_file():
         if absent:
             notes.append(f"classification: no pCR prediction for {len(absent)} case(s), each counted as pCR 0"
                          + (" with score 0" if has_score else "") + f": {_some(absent)}")
