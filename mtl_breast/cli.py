@@ -320,11 +320,16 @@ def _is_input_error(err: BaseException) -> bool:
     """Errors about the user's files, settings and disk, whose message says what is wrong (no traceback needed)."""
     from mtl_breast.data.cache import CacheError
     from mtl_breast.data.case import CaseError, DatasetError
-    from mtl_breast.files import DiskFullError
+    from mtl_breast.files import DISK_FULL, NOT_WRITABLE, DiskFullError
     from mtl_breast.hub import WeightsError
+    from mtl_breast.predictor import SettingsError
     from mtl_breast.run.evaluate import PredictionsError
+    from mtl_breast.tasks.checkpointing import CheckpointError
 
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.errno in NOT_WRITABLE | DISK_FULL:
+        return True  # a read-only or full output folder: the message names the file
     return isinstance(err, (CaseError, DatasetError, CacheError, WeightsError, PredictionsError, DiskFullError,
+                            SettingsError, CheckpointError,
                             FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError))
 
 

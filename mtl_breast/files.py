@@ -8,12 +8,15 @@ checkpoints, features, phantoms) goes through `atomic_path`:
    (same file system, so the rename is atomic; the extension is kept for writers that choose the format by it);
 3. the temporary file is created with mode 0666 minus the umask, as ``open`` would create the file itself
    (``tempfile.mkstemp`` makes 0600, which locks a cluster group out of a shared cache or weights folder);
-4. the file is fsynced, renamed over the target and the folder entry fsynced.
+4. the file is fsynced and checked (`check_written`: not empty, a gzip stream complete, a NIfTI file holding the
+   data its header announces, a PNG ending with its last chunk), since writers that write through their own C
+   code (SimpleITK) do not report a failed write; then renamed over the target and the folder entry fsynced.
 
 A reader therefore sees the previous file or the new one, never part of one; a write that fails or is
 interrupted removes its temporary file, and one killed outright (SIGKILL, power loss) leaves a hidden file that
 the next write of the same target removes. A write that fails for want of room (ENOSPC, EDQUOT, EFBIG) raises
-`DiskFullError` naming the target.
+`DiskFullError` naming the target; a file found incomplete after its writer reported success raises its subclass
+`IncompleteWriteError`; a read-only folder or one without write permission raises `NotWritableError`.
 
 `safetensors_bytes` serialises tensors with the header's keys sorted: safetensors keeps metadata in a hash map
 whose order changes from process to process, so the same tensors would otherwise give different file bytes.
@@ -22,10 +25,12 @@ whose order changes from process to process, so the same tensors would otherwise
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import secrets
 import socket
+import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +42,20 @@ DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 class DiskFullError(OSError):
     """A write that failed for want of room; the message names the file. Nothing was written."""
+
+
+# A read-only file system, a folder without write permission.
+NOT_WRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+class NotWritableError(OSError):
+    """A write refused because the folder is read-only or not ours to write; the message names the file."""
+
+
+class IncompleteWriteError(DiskFullError):
+    """A writer reported success but the file it wrote is incomplete (`check_written`). Libraries that write
+    through their own C code (SimpleITK, ITK's zlib) do not report a failed write, so a full disk or a file-size
+    limit shows up here; the message names the file. Nothing was written."""
 
 
 _HOST = socket.gethostname().replace("-", "_").replace(".", "_") or "host"
@@ -98,6 +117,76 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # a PNG file's last chunk
+
+
+def _gzip_content(path: Path, keep: int) -> tuple[int, bytes]:
+    """(uncompressed length, its first `keep` bytes) of a gzip file, decompressed in chunks; raises on a truncated
+    or corrupted stream (EOFError, gzip.BadGzipFile, zlib.error)."""
+    import gzip
+
+    length, head = 0, b""
+    with gzip.open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            if len(head) < keep:
+                head += chunk[: keep - len(head)]
+            length += len(chunk)
+    return length, head
+
+
+def _nifti_data_end(head: bytes) -> int | None:
+    """Bytes a NIfTI-1/2 file must hold after its header's vox_offset and data shape, or None if not a header."""
+    import nibabel as nib
+
+    klass = nib.Nifti2Header if head[:4] in ((540).to_bytes(4, "little"), (540).to_bytes(4, "big")) \
+        else nib.Nifti1Header
+    try:
+        header = klass.from_fileobj(io.BytesIO(head), check=False)
+        shape = header.get_data_shape()
+        itemsize = header.get_data_dtype().itemsize
+        offset = int(header["vox_offset"])
+    except Exception:  # noqa: BLE001 -- not a NIfTI header at all: reported by the caller
+        return None
+    count = 1
+    for n in shape:
+        count *= int(n)
+    return offset + count * itemsize
+
+
+def check_written(path: Path | str, name: str | None = None) -> str | None:
+    """What is wrong with a file a writer has just finished, or None when it looks complete.
+
+    An empty file is never complete; by the name's format (`name`, default the file's own): a gzip stream must
+    decompress to its end (its CRC and length checked), a NIfTI file must hold the data its header announces, a
+    PNG must end with its IEND chunk. Other files are written by Python code, whose failed writes raise.
+    """
+    path = Path(path)
+    lower = (name or path.name).lower()
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty"
+    if lower.endswith(".gz"):
+        try:
+            length, head = _gzip_content(path, 544)
+        except (EOFError, OSError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+            return f"the gzip stream is incomplete or corrupted ({err})"
+    elif lower.endswith(".nii"):
+        with open(path, "rb") as handle:
+            length, head = size, handle.read(544)
+    if lower.endswith((".nii", ".nii.gz")):
+        needed = _nifti_data_end(head)
+        if needed is None:
+            return "the file does not start with a NIfTI header"
+        if length < needed:
+            return f"the NIfTI data end after {length:,} bytes, its header announces {needed:,}"
+    if lower.endswith(".png"):
+        with open(path, "rb") as handle:
+            handle.seek(max(0, size - len(_PNG_END)))
+            if handle.read() != _PNG_END:
+                return "the PNG file does not end with its IEND chunk"
+    return None
+
+
 @contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path to write `path`'s content to; on a clean exit it replaces `path`.
@@ -110,14 +199,29 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         ...     sitk.WriteImage(image, str(tmp), True)
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(path)
     tmp = path.with_name(f".{path.name}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp{_extension(path.name)}")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0666 & ~umask, like open()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(path)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0666 & ~umask, like open()
+    except OSError as err:
+        if err.errno in NOT_WRITABLE:
+            raise NotWritableError(err.errno, f"cannot write {path}: {os.strerror(err.errno)} (nothing was "
+                                              f"written; choose a folder you can write to)") from err
+        if err.errno in DISK_FULL:
+            raise DiskFullError(err.errno, f"cannot write {path}: {os.strerror(err.errno)} (nothing was written; "
+                                           "free space or raise the quota and run again)") from err
+        raise
     try:
         yield tmp
         with open(tmp, "rb+") as handle:  # on disk before the rename makes it visible
             os.fsync(handle.fileno())
+        problem = check_written(tmp, path.name)  # some writers do not report a failed write: look at the file
+        if problem is not None:
+            raise IncompleteWriteError(errno.EIO, f"cannot write {path}: {problem}, although its writer reported "
+                                                  "success: the disk is probably full or a file-size limit was "
+                                                  "reached (nothing was written; free space or raise the limit and "
+                                                  "run again)")
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)

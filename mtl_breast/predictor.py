@@ -34,6 +34,40 @@ from mtl_breast.models.mtl import MTLModel
 # the test model run about 2.7x faster per case in batches of 4 than one by one on the CPU, and no faster in 16s).
 _WINDOW_VOXELS = {"cpu": 128**3, "cuda": 2 * 128**3}
 _MAX_WINDOWS = 4
+# The largest sliding window accepted (voxels): 512^3 already needs tens of GB of activations for a ViT-B.
+MAX_WINDOW_VOXELS = 512**3
+
+
+class SettingsError(ValueError):
+    """An inference setting (a command-line flag or a value of the weights' config.json) that cannot be used; the
+    message names the setting and the value. Raised before any output is written."""
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_device(device: str | None) -> str:
+    """The torch device to run on: `device`, or CUDA when available, else the CPU.
+
+    Raises:
+        SettingsError: `device` is not a device name, or names a CUDA device this machine does not have.
+    """
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise SettingsError(f"--device {device}: not a torch device ({err})") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise SettingsError(f"--device {device}: no CUDA device is available on this machine (use --device cpu)")
+        if parsed.index is not None and parsed.index >= count:
+            raise SettingsError(f"--device {device}: this machine has {count} CUDA device(s) (0 to {count - 1})")
+    elif parsed.type not in ("cpu", "mps"):
+        raise SettingsError(f"--device {device}: use cpu or cuda[:N]")
+    return device
 
 
 def default_sw_batch_size(roi_size: Sequence[int], device: torch.device | str) -> int:
@@ -69,6 +103,31 @@ class InferenceSettings:
     pcr_temperature: float = 1.0
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
+    def __post_init__(self) -> None:
+        """Refuse values that would fail on every case, or ask for absurd memory, before anything runs.
+
+        Raises:
+            SettingsError: naming the setting and its value.
+        """
+        roi = self.roi_size
+        if (not isinstance(roi, (tuple, list)) or len(roi) != 3
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in roi)):
+            raise SettingsError(f"roi_size must be three positive integers (D, H, W), got {roi!r}")
+        if math.prod(roi) > MAX_WINDOW_VOXELS:
+            raise SettingsError(f"roi_size {list(roi)} is {math.prod(roi):,} voxels per window, more than the "
+                                f"{MAX_WINDOW_VOXELS:,} (512^3) accepted")
+        if not (_is_number(self.overlap) and 0 <= self.overlap < 1):
+            raise SettingsError(f"overlap must be a number in [0, 1) (the share of a window shared with the next), "
+                                f"got {self.overlap!r}")
+        if self.sw_batch_size is not None and not (isinstance(self.sw_batch_size, int) and self.sw_batch_size >= 1):
+            raise SettingsError(f"sw_batch_size must be a positive integer, got {self.sw_batch_size!r}")
+        for name in ("seg_threshold", "pcr_threshold"):
+            value = getattr(self, name)
+            if not (_is_number(value) and 0 <= value <= 1):
+                raise SettingsError(f"{name} must be a probability in [0, 1], got {value!r}")
+        if not (_is_number(self.pcr_temperature) and self.pcr_temperature > 0):
+            raise SettingsError(f"pcr_temperature must be a positive number, got {self.pcr_temperature!r}")
+
     @classmethod
     def from_config(cls, config: dict, **overrides) -> InferenceSettings:
         inf = dict(config.get("inference", {}))
@@ -78,7 +137,7 @@ class InferenceSettings:
         if pre.get("clip_percentiles") is not None:
             pre["clip_percentiles"] = tuple(pre["clip_percentiles"])
         values = {k: v for k, v in inf.items() if k in cls.__dataclass_fields__ and k != "preprocess"}
-        if "roi_size" in values:
+        if isinstance(values.get("roi_size"), list):
             values["roi_size"] = tuple(values["roi_size"])
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(preprocess=PreprocessConfig(**pre), **values)
@@ -215,4 +274,4 @@ def load_joint_model(weights: Path | str, device: str | None = None) -> tuple[to
         raise WeightsError(
             f"{weights} holds {config.get('arch')!r} weights ({type(model).__name__}), not a joint segmentation + pCR "
             "model: fine-tune one (`mtl-breast finetune fit --model.pretrained <these weights>`) and export it")
-    return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")), config
+    return model.to(check_device(device)), config

@@ -96,3 +96,18 @@ class RecordLastCheckpoint(L.Callback):
         step = torch.load(last, map_location="cpu", weights_only=True)["global_step"] if last.is_file() else None
         self.seen.append([trainer.global_step, step])
         self.path.write_text(json.dumps(self.seen))
+
+
+class SignalAtStep(L.Callback):
+    """Send `signal` (a name, e.g. "SIGTERM") to this process as step `step` (1-based) starts, as a scheduler
+    pre-empting the job would while that step runs."""
+
+    def __init__(self, step: int = 1, signal: str = "SIGTERM"):
+        self.step, self.signal = step, signal
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import os
+        import signal
+
+        if trainer.global_step == self.step - 1:
+            os.kill(os.getpid(), getattr(signal, self.signal))

@@ -147,6 +147,65 @@ def test_mask_with_three_labels_is_refused_at_preprocessing_and_training(phantom
     assert pid not in set(dm.train_ids) | set(dm.val_ids) and dm.train_ids
 
 
+def test_cases_with_one_or_nine_phases_are_refused_at_preprocessing_and_training(phantoms, tmp_path, capsys,
+                                                                                   caplog):
+    from mtl_breast.data.datamodule import FinetuneDataModule
+
+    data = _copy(phantoms, tmp_path)
+    one, nine = _splits(data)["train"][:2]
+    for path in sorted(_folder(data, one).glob("*.nii.gz"))[1:]:
+        path.unlink()  # the pre-contrast phase alone
+    phases = sorted(_folder(data, nine).glob("*.nii.gz"))
+    for k in range(len(phases), 9):
+        shutil.copy(phases[-1], _phase(data, nine, k))
+
+    code, out, err = _preprocess(data, tmp_path / "cache", capsys)
+    assert code == 1 and "done 8, skipped 2" in out
+    assert (f"  skipped {one} ({_folder(data, one)}): 1 phase file(s) ({one.lower()}_0000.nii.gz); a DCE-MRI case "
+            "needs a pre-contrast and at least one post-contrast phase, 2 to 8 phases") in err
+    assert f"  skipped {nine} ({_folder(data, nine)}): 9 phase file(s) ({nine.lower()}_0000.nii.gz, " in err
+    assert "Traceback" not in err
+
+    dm = FinetuneDataModule(str(data), cache_dir=str(tmp_path / "dm_cache"), crop_size=32, batch_size=2)
+    with caplog.at_level(logging.WARNING, logger="mtl_breast.data.datamodule"):
+        dm.prepare_data()
+    for pid, n in ((one, 1), (nine, 9)):
+        assert any(pid in r.getMessage() and f"{n} phase file(s)" in r.getMessage() for r in caplog.records)
+    dm.setup("fit")
+    assert not {one, nine} & (set(dm.train_ids) | set(dm.val_ids)) and dm.train_ids
+
+
+def _header_bomb(path: Path, side: int) -> None:
+    """Make the header of `path` announce side^3 voxels; the file keeps its few kilobytes of data."""
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    struct.pack_into("<hhh", raw, 42, side, side, side)  # dim[1:4] of the NIfTI-1 header
+    path.write_bytes(gzip.compress(bytes(raw)))
+
+
+@pytest.mark.parametrize(("side", "expected"), [
+    (4000, "the header announces 4000 x 4000 x 4000 = 64,000,000,000 voxels, more than the 268,435,456 accepted"),
+    (600, "the header announces 600 x 600 x 600 voxels of "),
+])
+def test_a_header_bomb_is_refused_before_reading_and_costs_no_other_case(mtl_weights, phantoms, tmp_path, capsys,
+                                                                         side, expected):
+    data = _copy(phantoms, tmp_path)
+    bomb, other = _splits(data)["test"]
+    path = _phase(data, bomb, 2)
+    _header_bomb(path, side)
+    assert path.stat().st_size < 100_000
+    code, out, err = _preprocess(data, tmp_path / "cache", capsys)
+    assert code == 1 and "done 9, skipped 1" in out
+    (line,) = [x for x in err.splitlines() if x.startswith("  skipped")]
+    assert line.startswith(f"  skipped {bomb} ({path}): {expected}"), line
+
+    out = tmp_path / "out"
+    code = run_cli(["predict", "--weights", mtl_weights, "--data", data, "--out", out, "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"  skipped {bomb} ({path}): {expected}" in err and "Traceback" not in err
+    assert list(pd.read_csv(out / "predictions.csv", dtype={"patient_id": str})["patient_id"]) == [other]
+    assert [p.name for p in (out / "pred_segmentations").iterdir()] == [f"{other}.nii.gz"]
+
+
 def _zero_spacing(path: Path) -> None:
     raw = bytearray(gzip.decompress(path.read_bytes()))
     struct.pack_into("<f", raw, 76 + 4 * 1, 0.0)  # pixdim[1] of the NIfTI-1 header, as stored
@@ -224,3 +283,14 @@ def test_unusable_split_file_or_spreadsheet_is_one_line_naming_it(mtl_weights, f
         assert run_cli(argv) == 2, argv[0]
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and str(bad) in err[0] and "error:" in err[0], err
+
+
+def test_training_without_any_pcr_label_is_refused_in_one_line(phantoms, tmp_path, monkeypatch):
+    from mtl_breast.data.case import DatasetError
+    from mtl_breast.data.datamodule import FinetuneDataModule
+
+    dm = FinetuneDataModule(str(phantoms), cache_dir=str(tmp_path / "cache"), crop_size=32, batch_size=2)
+    dm.prepare_data()
+    monkeypatch.setattr(FinetuneDataModule, "_pcr", lambda self, pid: float("nan"))  # no case has a pCR label
+    with pytest.raises(DatasetError, match=r"none of the \d+ training case\(s\) has a pCR label \(0 or 1\)"):
+        dm.setup("fit")

@@ -171,3 +171,27 @@ def test_cli_missing_predictions_warn_and_exit_0(dataset, tmp_path, capsys):
     listing.write_text("DUKE_001\n")
     assert run_cli(["evaluate", "--pred", pred, "--data", root, "--out", out, "--cases", listing]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("which", ["predicted", "expert"])
+def test_a_truncated_mask_is_refused_not_scored(dataset, capsys, which):
+    root, pred, out = dataset
+    path = (pred / "pred_segmentations" / "DUKE_001.nii.gz" if which == "predicted"
+            else root / "segmentations" / "expert" / "duke_001.nii.gz")
+    sitk.WriteImage(sitk.ReadImage(str(path)), str(path), True)  # compressed, so the cut lands in the voxels
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 3 // 4])
+    assert run_cli(["evaluate", "--pred", pred, "--data", root, "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mtl-breast evaluate: error: case DUKE_001 ({path}): cannot read mask"), err
+    assert len(err.strip().splitlines()) == 1 and not (out / "scores.json").exists()
+
+
+def test_no_pcr_truth_at_all_is_not_scored_as_all_zero(dataset):
+    root, pred, out = dataset
+    table = pd.read_csv(root / "clinical_and_imaging_info.csv")
+    table["pcr"] = None
+    table.to_csv(root / "clinical_and_imaging_info.csv", index=False)
+    scores = evaluate(pred, root, out)
+    assert "classification" not in scores and "segmentation" in scores
+    assert any("none of the 4 scored case(s) has a pCR truth; not scored" in n for n in scores["notes"])

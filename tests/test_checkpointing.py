@@ -111,3 +111,49 @@ def test_fairness_weights_are_in_the_checkpoint_and_come_back():
     assert resumed.reweighter.state_dict() != module.reweighter.state_dict()  # a fresh run starts at 1
     resumed.on_load_checkpoint(checkpoint)
     assert resumed.reweighter.state_dict() == module.reweighter.state_dict()
+
+
+def _steps(path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+
+
+@pytest.mark.slow
+def test_sigterm_saves_last_checkpoint_at_the_step_and_exits_non_zero(finetune_argv, mae_weights, tmp_path, capsys):
+    """SIGTERM (a scheduler's pre-emption) during step 3 of fine-tuning: last.ckpt holds step 3, the exit code is
+    143 (not 0, so `fit && export` stops), and `--ckpt_path last` ends where the uninterrupted run ends. A warning
+    signal named in --last_checkpoint.signals does the same."""
+    extra = ("--model.pretrained", str(mae_weights), "--trainer.max_epochs", "3", "--last_checkpoint.every_n_minutes",
+             "null")
+    run, straight = tmp_path / "preempted", tmp_path / "straight"
+    probe = json.dumps({"class_path": "probes.SignalAtStep", "init_args": {"step": 3, "signal": "SIGTERM"}})
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(finetune_argv(run, *extra, f"--trainer.callbacks+={probe}"))
+    assert stopped.value.code == 143
+    assert _steps(run / "checkpoints" / "last.ckpt") == 3
+    assert "SIGTERM received: " in capsys.readouterr().err
+    assert run_cli(finetune_argv(run, *extra, "--ckpt_path", "last")) == 0
+    assert run_cli(finetune_argv(straight, *extra)) == 0
+    resumed, whole = (torch.load(r / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+                      for r in (run, straight))
+    assert resumed["global_step"] == whole["global_step"] == 6
+    assert all(torch.equal(resumed["state_dict"][k], v) for k, v in whole["state_dict"].items())
+
+    warned = tmp_path / "warned"
+    probe = json.dumps({"class_path": "probes.SignalAtStep", "init_args": {"step": 1, "signal": "SIGUSR2"}})
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(finetune_argv(warned, *extra, "--last_checkpoint.signals", "[SIGUSR2]",
+                              f"--trainer.callbacks+={probe}"))
+    assert stopped.value.code == 128 + 12 and _steps(warned / "checkpoints" / "last.ckpt") == 1
+
+
+def test_a_truncated_last_checkpoint_is_one_line_before_training(pretrain_run, pretrain_argv, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    whole = (pretrain_run / "checkpoints" / "last.ckpt").read_bytes()
+    (run / "checkpoints" / "last.ckpt").write_bytes(whole[: len(whole) // 2])
+    capsys.readouterr()
+    assert run_cli(pretrain_argv(run, "--ckpt_path", "last")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"mtl-breast pretrain: error: {run / 'checkpoints' / 'last.ckpt'}: not a readable "
+                             "checkpoint, cannot resume from it (")

@@ -45,7 +45,7 @@ def test_files_get_the_users_umask(tmp_path, umask, mask, expected):
     tensors = write_safetensors(tmp_path / "w.safetensors", {"x": np.zeros(3, np.float32)})
     with atomic_path(tmp_path / "mask.nii.gz") as tmp:
         assert tmp.name.endswith(".nii.gz") and tmp.parent == tmp_path  # the writer can sniff the format
-        tmp.write_bytes(b"x")
+        tmp.write_bytes(_nifti(tmp_path / "source.nii.gz"))  # a complete file: atomic_path checks it
     assert [_mode(p) for p in (text, tensors, tmp_path / "mask.nii.gz")] == [expected] * 3
 
 
@@ -125,3 +125,31 @@ def test_same_tensors_give_same_bytes_every_time():
     tensors = {"b": np.arange(7, dtype=np.float32), "a": np.ones((2, 2), np.uint8)}
     metadata = {k: k * 3 for k in ("info", "config", "format", "arch", "patient_id", "grid")}
     assert len({safetensors_bytes(tensors, metadata) for _ in range(20)}) == 1
+
+
+def _nifti(path: Path) -> bytes:
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(np.arange(4096, dtype=np.int16).reshape(16, 16, 16)), str(path), True)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize(("name", "cut", "match"), [
+    ("mask.nii.gz", lambda b: b[: len(b) - 100], "gzip stream is incomplete"),
+    ("mask.nii.gz", lambda b: b"", "the file is empty"),
+    ("mask.nii", lambda b: b[: len(b) - 100], r"NIfTI data end after [\d,]+ bytes, its header announces"),
+    ("plot.png", lambda b: b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "does not end with its IEND chunk"),
+])
+def test_a_writer_that_silently_wrote_part_of_a_file_leaves_the_old_one(tmp_path, name, cut, match):
+    """SimpleITK reports no failed write (a full disk gives a short file and success): the file is checked."""
+    target = tmp_path / name
+    target.write_bytes(b"previous")
+    whole = _nifti(tmp_path / ("whole" + name[len("mask"):])) if "nii" in name else b""
+    with pytest.raises(files.IncompleteWriteError, match=f"cannot write {target}: .*{match}.*disk is probably full"):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(cut(whole))
+    assert target.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir() if p.name[0] == ".") == []
+    if "nii" in name:  # the complete file passes
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(whole)
+        assert target.read_bytes() == whole

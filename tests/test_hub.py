@@ -170,6 +170,11 @@ def test_header_shapes_are_read_without_the_data(tmp_path):
     ("vit_test", {"embed_dim": 10**6, "num_heads": 2}, r"asks for [\d,]+ elements, the file holds 175,296.*\n"
                                                        r"  .*: weights \(64,\) vs model \(1000000,\)"),
     ("mae_vit_test", {"depth": 3}, r"does not fit 'mae_vit_test': missing keys \['encoder.blocks.2"),
+    # The default volume sets the position-embedding table, which a sin-cos embedding does not store in the file.
+    ("mtl_vit_test", {"img_size": [1024] * 3}, r"model_args.encoder.img_size=\[1024, 1024, 1024\] is "
+                                               r"1,073,741,824 voxels, more than the 134,217,728 \(512\^3\) accepted"),
+    ("vit_test", {"img_size": [100_000] * 3}, r"config.json: model_args.img_size=\[100000, 100000, 100000\] is "),
+    ("mae_vit_test", {"img_size": 100_000}, r"model_args.*img_size=\[100000, 100000, 100000\] is "),
 ])
 def test_absurd_config_is_refused_before_the_model_is_allocated(tmp_path, monkeypatch, arch, change, match):
     save_pretrained(create_model(arch), tmp_path)

@@ -283,3 +283,24 @@ def test_embedding_tables_and_tokens_get_no_weight_decay(arch, tables):
     decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert tables <= set(names.values()) and not tables & decayed
     assert "encoder.patch_embed.proj.weight" in decayed  # the weights of maps still decay
+
+
+def test_resume_from_an_epoch_end_checkpoint_continues_the_same_run(finetune_argv, mae_weights, tmp_path):
+    """Fine-tuning killed right after last.ckpt was first written, at the end of epoch 0 (no periodic writes:
+    the file is the epoch-end one; no validation at that epoch end), and restarted with `--ckpt_path last`: the
+    next epoch starts at its first sample and the run ends bit for bit where the uninterrupted one does, after the
+    same number of epochs."""
+    extra = ("--model.pretrained", str(mae_weights), "--trainer.max_epochs", "10", "--trainer.max_steps", "6",
+             "--trainer.check_val_every_n_epoch", "5")
+    run, straight = tmp_path / "killed", tmp_path / "straight"
+    probe = json.dumps({"class_path": "probes.CrashAtStep", "init_args": {"step": 2}})
+    with pytest.raises(SimulatedCrash):
+        run_cli(finetune_argv(run, *extra, f"--trainer.callbacks+={probe}"))
+    halfway = _ckpt(run / "checkpoints" / "last.ckpt")
+    assert halfway["global_step"] == 2
+    assert (_loader_state(halfway)["epoch"], _loader_state(halfway)["samples_done"]) == (1, 0)
+    assert run_cli(finetune_argv(run, *extra, "--ckpt_path", "last")) == 0
+    assert run_cli(finetune_argv(straight, *extra)) == 0
+    resumed, whole = _ckpt(run / "checkpoints" / "last.ckpt"), _ckpt(straight / "checkpoints" / "last.ckpt")
+    assert _loader_state(resumed) == _loader_state(whole)
+    _assert_same_run(resumed, whole)

@@ -203,6 +203,11 @@ class FinetuneDataModule(_CachedDataModule):
         self.train_ids, self.val_ids = split_train_val(train_pool, labels, self.val_fraction, self.split_seed)
         if not self.train_ids:
             raise RuntimeError(f"no training cases found in {self.root} (cache {self.cache.dir})")
+        if stage in (None, "fit") and not any(y in (0.0, 1.0) for y in labels):
+            # The joint model trains a pCR head: without a single label its loss has nothing to learn from.
+            raise DatasetError(f"{self.root}: none of the {len(train_pool)} training case(s) has a pCR label (0 or 1) "
+                               "in the clinical spreadsheet or patient JSON files; fine-tuning trains the pCR head and "
+                               "needs labelled cases (unknown pCR is left out of the loss, never counted as 0)")
 
     def _has_label(self, pid: str) -> bool:
         try:

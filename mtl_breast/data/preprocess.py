@@ -40,6 +40,10 @@ from mtl_breast.data.volumes import read_volume
 FORMAT_VERSION = 1  # bump when the output of preprocess_case changes for the same config
 _INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}
 _AXIS_PAIRS = ("RL", "AP", "SI")
+# Phases a case may have: a pre-contrast and at least one post-contrast phase (kinetics need both), and at most the
+# phase-index table of the registry's encoders (`max_phases` = 8). A case outside is refused here, naming it, rather
+# than cached and then failing in the middle of training.
+MIN_PHASES, MAX_PHASES = 2, 8
 _CLIP_SAMPLES = 2_000_000  # percentiles are estimated on at most this many evenly strided voxels
 
 
@@ -226,12 +230,16 @@ def preprocess_case(case: Case, config: PreprocessConfig) -> PreprocessedCase:
     Raises:
         CaseError: naming the case and file, for unreadable/non-3-D/NaN/empty images, invalid header spacing or
             direction, phases that do not cover the reference phase's region, a mask that does not match its
-            image or holds labels other than 0/1, a box outside the image, or acquisition times that are not
-            one per phase and strictly increasing.
+            image or holds labels other than 0/1, a box outside the image, acquisition times that are not
+            one per phase and strictly increasing, or fewer than `MIN_PHASES` or more than `MAX_PHASES` phases.
     """
     pid, paths = case.patient_id, [Path(p) for p in case.image_paths]
     if not paths:
         raise CaseError(pid, None, "no phase images")
+    if not MIN_PHASES <= len(paths) <= MAX_PHASES:
+        raise CaseError(pid, paths[0].parent, f"{len(paths)} phase file(s) ({', '.join(p.name for p in paths)}); a "
+                                              f"DCE-MRI case needs a pre-contrast and at least one post-contrast "
+                                              f"phase, {MIN_PHASES} to {MAX_PHASES} phases")
     times = case.acquisition_times
     if times is not None:
         if len(times) != len(paths):

@@ -16,9 +16,42 @@ from nibabel.spatialimages import HeaderDataError
 
 from mtl_breast.data.case import CaseError
 
+# The most voxels one volume may hold: 2^28 (1 GiB as float32), e.g. 1024 x 1024 x 256; MAMA-MIA phases hold up to
+# about 512 x 512 x 200. A header asking for more is refused before any voxel is read.
+MAX_VOXELS = 2**28
+# Deflate encodes at most 258 bytes in 2 bits (1032:1): a .nii.gz cannot hold more data than this times its size.
+_MAX_GZIP_RATIO = 1032
+
+
+def _nifti_size_problem(path: Path, header: nib.Nifti1Header) -> str | None:
+    """Why the data the header announces cannot be read, or None: more than `MAX_VOXELS` voxels, or more bytes
+    than the file can hold (a header "bomb": a small file whose header asks for gigabytes)."""
+    dims = [int(d) for d in header["dim"][1:1 + max(0, min(int(header["dim"][0]), 7))]]
+    if not dims or min(dims) < 1:
+        return None  # the readers below refuse it, in their words
+    voxels = math.prod(dims)
+    shown = " x ".join(str(d) for d in dims)
+    if voxels > MAX_VOXELS:
+        return (f"the header announces {shown} = {voxels:,} voxels, more than the {MAX_VOXELS:,} accepted "
+                "(refused before reading the voxels)")
+    try:
+        itemsize = np.dtype(header.get_data_dtype()).itemsize
+        offset = int(header["vox_offset"])
+    except Exception:  # noqa: BLE001 -- an unknown data type: the readers below say so
+        return None
+    needed, size = offset + voxels * itemsize, path.stat().st_size
+    compressed = path.name.lower().endswith(".gz")
+    if needed > size * (_MAX_GZIP_RATIO if compressed else 1):
+        what = f"a {size:,}-byte compressed file holds at most {size * _MAX_GZIP_RATIO:,}" if compressed \
+            else f"the file holds {size:,}"
+        return (f"the header announces {shown} voxels of {itemsize} byte(s) ({needed:,} bytes), but {what}: the "
+                "file is truncated or its header is wrong (refused before reading the voxels)")
+    return None
+
 
 def _nifti_header_problem(path: Path) -> str | None:
-    """What is wrong with the spatial fields of a NIfTI header as written in the file, or None.
+    """What is wrong with the spatial fields of a NIfTI header as written in the file, or with the size of the data
+    it announces (`_nifti_size_problem`), or None.
 
     Read raw (nibabel's `check=False`), because both readers repair these fields on loading: a zero or NaN
     voxel size becomes 1.0 and a negative one its absolute value, which would put the phase on a wrong grid.
@@ -32,6 +65,9 @@ def _nifti_header_problem(path: Path) -> str | None:
             header = klass.from_fileobj(f, check=False)
     except Exception:  # noqa: BLE001 -- not a readable header: the readers below say why, in their words
         return None
+    problem = _nifti_size_problem(path, header)
+    if problem is not None:
+        return problem
     ndim = int(header["dim"][0])
     pixdim = [float(v) for v in header["pixdim"][1:1 + min(max(ndim, 1), 3)]]
     if not all(math.isfinite(v) and v > 0 for v in pixdim):
@@ -64,7 +100,8 @@ def _geometry_problem(image: sitk.Image) -> str | None:
 
 def read_volume(path: Path, patient_id: str, what: str = "image") -> sitk.Image:
     """Read a 3-D volume as float32, refusing unreadable, truncated, non-3-D and NaN/Inf files, single-slice
-    volumes and headers with an invalid spacing, origin or direction.
+    volumes, headers with an invalid spacing, origin or direction, and headers announcing more than `MAX_VOXELS`
+    voxels or more data than the file can hold (checked before any voxel is read).
 
     NIfTI voxels are decoded with nibabel and the geometry taken from SimpleITK's reading of the header:
     SimpleITK's NIfTI reader silently zero-fills a truncated .nii.gz and replaces NaN/Inf by 0, so neither
@@ -91,15 +128,25 @@ def read_volume(path: Path, patient_id: str, what: str = "image") -> sitk.Image:
             image.SetOrigin(header.GetOrigin()[:3])
             image.SetDirection(np.reshape(header.GetDirection(), (n, n))[:3, :3].ravel().tolist())
         else:
+            header = sitk.ImageFileReader()
+            header.SetFileName(str(path))
+            header.ReadImageInformation()
+            voxels = math.prod(header.GetSize()) * header.GetNumberOfComponents()
+            if voxels > MAX_VOXELS:
+                raise CaseError(patient_id, path, f"the header announces {' x '.join(map(str, header.GetSize()))} = "
+                                                  f"{voxels:,} voxels, more than the {MAX_VOXELS:,} accepted "
+                                                  "(refused before reading the voxels)")
             image = sitk.ReadImage(str(path), sitk.sitkFloat32)
             image = image[:, :, :, 0] if image.GetDimension() == 4 and image.GetSize()[3] == 1 else image
             if image.GetDimension() != 3:
                 raise CaseError(patient_id, path, f"expected a 3-D {what}, got a {image.GetDimension()}-D one of "
                                                   f"size {image.GetSize()}" + _hint(image.GetDimension()))
-    except (RuntimeError, OSError, EOFError, ValueError, zlib.error, ImageFileError, HeaderDataError) as err:
+    except (RuntimeError, OSError, EOFError, ValueError, MemoryError, zlib.error, ImageFileError,
+            HeaderDataError) as err:
         if isinstance(err, CaseError):
             raise
-        raise CaseError(patient_id, path, f"cannot read {what} ({str(err).strip().splitlines()[-1]})") from err
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
+        raise CaseError(patient_id, path, f"cannot read {what} ({reason})") from err
     if min(image.GetSize()) < 2:
         raise CaseError(patient_id, path, f"expected a 3-D {what}, got a single slice (size {image.GetSize()})")
     problem = _geometry_problem(image)

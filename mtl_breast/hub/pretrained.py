@@ -48,6 +48,10 @@ _MAE_DECODER_PATTERNS = ("decoder_*", "mask_token")
 # model_args keys that set how many modules a model holds: building on the meta device still makes one Python
 # object per module, so an absurd value is refused from the header alone before anything is built.
 _COUNT_KEY = re.compile(r"(^|_)(depth|num_skips|num_layers|num_blocks)$")
+# The largest ``img_size`` (voxels of the model's default volume) a config may ask for: the default volume sets
+# the position-embedding table built with the model, so ``img_size: [100000, 100000, 100000]`` would allocate
+# terabytes before anything runs. 512^3 is four times a MAMA-MIA breast at 1 mm and 512 times the default crop.
+MAX_IMG_VOXELS = 512**3
 # What each family of registry names is, for messages about weights of the wrong kind.
 _FAMILIES = {"mtl_": "a joint segmentation + pCR model", "mae_": "an MAE pretrainer",
              "vit_": "a bare encoder"}
@@ -141,6 +145,31 @@ def _count_args(args: Any, where: str = "model_args") -> list[tuple[str, int]]:
     return found
 
 
+def _img_sizes(args: Any, where: str = "model_args") -> list[tuple[str, Any]]:
+    """``(path, value)`` of every ``img_size`` in ``args`` (nested dicts too)."""
+    if not isinstance(args, Mapping):
+        return []
+    found = []
+    for key, value in args.items():
+        if isinstance(value, Mapping):
+            found += _img_sizes(value, f"{where}.{key}")
+        elif key == "img_size":
+            found.append((f"{where}.{key}", value))
+    return found
+
+
+def _check_img_size(config_path: Path, model_args: Mapping[str, Any]) -> None:
+    """Refuse an ``img_size`` that is not 1 or 3 positive integers, or that holds more than `MAX_IMG_VOXELS`."""
+    for where, value in _img_sizes(model_args):
+        sizes = [value] * 3 if isinstance(value, int) else value
+        if (not isinstance(sizes, (list, tuple)) or len(sizes) != 3
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes)):
+            raise WeightsError(f"{config_path}: {where} must be one or three positive integers, got {value!r}")
+        if math.prod(sizes) > MAX_IMG_VOXELS:
+            raise WeightsError(f"{config_path}: {where}={list(sizes)} is {math.prod(sizes):,} voxels, more than the "
+                               f"{MAX_IMG_VOXELS:,} (512^3) accepted; refusing to build that model")
+
+
 def _check_arch(weights: Path, config: dict[str, Any], arch: str | None) -> str:
     """The registry name to build: the config's, checked against the registry and against ``arch`` when given."""
     found = config.get("arch")
@@ -166,10 +195,12 @@ def _check_before_building(weights: Path, arch: str, model_args: dict[str, Any],
     The header's shapes are compared with those of the model built on the ``meta`` device (no memory, no init): a
     config asking for a bigger model than the file holds (``depth: 100000``, ``embed_dim: 10**6``) is refused before
     the real model is allocated. Counts of modules are bounded first by the number of tensors in the header, since
-    even a meta build makes one Python object per module.
+    even a meta build makes one Python object per module, and ``img_size`` by `MAX_IMG_VOXELS` (it sets the size of
+    the position embedding, which a sin-cos table does not store in the file).
     """
     shapes = read_safetensors_shapes(weights)
     config_path = weights.parent / CONFIG_NAME
+    _check_img_size(config_path, model_args)
     too_many = [(k, v) for k, v in _count_args(model_args) if v > len(shapes)]
     if too_many:
         detail = ", ".join(f"{k}={v}" for k, v in too_many)

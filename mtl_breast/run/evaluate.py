@@ -32,6 +32,7 @@ import SimpleITK as sitk
 
 from mtl_breast.data.case import Case, CaseError
 from mtl_breast.data.mamamia import SPLITS, read_mamamia, read_splits
+from mtl_breast.data.volumes import read_volume
 from mtl_breast.files import write_text
 from mtl_breast.metrics.classification import reliability_curve
 from mtl_breast.metrics.mamamia import score_classification, score_segmentation
@@ -67,12 +68,14 @@ def json_safe(value: Any) -> Any:
 
 
 def _read_mask(path: Path, patient_id: str) -> tuple[np.ndarray, tuple[float, ...]]:
-    """Mask `[D, H, W]` as SimpleITK orders it, and its spacing in the same axis order."""
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as err:
-        raise CaseError(patient_id, path, f"cannot read mask: {err}") from err
-    return sitk.GetArrayFromImage(image) > 0, tuple(image.GetSpacing())[::-1]
+    """Mask `[D, H, W]` as SimpleITK orders it, and its spacing in the same axis order.
+
+    Read as the input readers read images (`data.volumes.read_volume`): a truncated or garbled file is refused
+    with a `CaseError` naming it (SimpleITK alone zero-fills the missing end of a truncated .nii.gz and a wrong
+    score would follow).
+    """
+    image = read_volume(Path(path), patient_id, what="mask")
+    return sitk.GetArrayViewFromImage(image) > 0, tuple(image.GetSpacing())[::-1]
 
 
 def _nifti_files(folder: Path) -> dict[str, Path]:
@@ -318,6 +321,10 @@ def evaluate(
         notes += [f"classification: {k} is not among the scored cases; ignored" for k in table.index
                   if k not in scored]
         y_true, y_pred, score, absent = _classification_inputs(selected, table, has_score, notes)
+    if csv_path.is_file() and y_true.isna().all():
+        # Unknown truth counts as 0 (the challenge's rule); with no truth at all every score would be an artefact.
+        notes.append(f"classification: none of the {len(y_true)} scored case(s) has a pCR truth; not scored")
+    elif csv_path.is_file():
         if absent:
             notes.append(f"classification: no pCR prediction for {len(absent)} case(s), each counted as pCR 0"
                          + (" with score 0" if has_score else "") + f": {_some(absent)}")

@@ -18,7 +18,7 @@ from mtl_breast.data.preprocess import PreprocessConfig, preprocess_case
 from mtl_breast.features import encoder_of, extract_features, pad_to_patch_multiple
 from mtl_breast.files import write_safetensors, write_text
 from mtl_breast.hub import load_pretrained
-from mtl_breast.predictor import read_weights_config
+from mtl_breast.predictor import check_device, read_weights_config
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def extract_dataset(weights: Path | str, data: Path | str, out: Path | str, devi
     pre_cfg = config.get("preprocess") or {}
     pre_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in pre_cfg.items()}
     preprocess = PreprocessConfig(**pre_cfg)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(device)
     model = load_pretrained(weights).to(device)
     patch = tuple(encoder_of(model).patch_size)
     rows: list[list] = []

@@ -19,8 +19,14 @@ from mtl_breast.data.case import Case, CaseError
 from mtl_breast.data.folder import read_dataset
 from mtl_breast.data.mamamia import is_mamamia_root, read_splits
 from mtl_breast.data.preprocess import original_image_reference
-from mtl_breast.files import atomic_path, write_text
-from mtl_breast.predictor import InferenceSettings, load_joint_model, predict_case
+from mtl_breast.files import DiskFullError, NotWritableError, atomic_path, write_text
+from mtl_breast.predictor import (
+    InferenceSettings,
+    check_device,
+    load_joint_model,
+    predict_case,
+    read_weights_config,
+)
 
 
 def write_mask(mask: np.ndarray, geometry: dict, path: Path) -> Path:
@@ -59,6 +65,10 @@ def run_predictions(model: torch.nn.Module, cases: list[Case], out_dir: Path, se
     the acquisition values assumed for the predicted cases (`acquisition.assumed_report`)}. The caller reports the
     skipped cases and the assumed values (once; nothing is logged here). A skipped case's mask from an earlier run
     in `out_dir` is removed, so it cannot be scored as this run's prediction.
+
+    Raises:
+        DiskFullError, NotWritableError: a mask could not be written whole (no room, a read-only folder); the masks
+            already written stay, the one that failed keeps its earlier version, and predictions.csv is not rewritten.
     """
     out_dir = Path(out_dir)
     model.eval()
@@ -70,8 +80,11 @@ def run_predictions(model: torch.nn.Module, cases: list[Case], out_dir: Path, se
             mask, geometry, score = predict_case(model, case, settings, terms)
             if write_masks:
                 write_mask(mask, geometry, mask_path)
-        except (CaseError, RuntimeError, ValueError, OSError) as err:
-            reason = str(err) if isinstance(err, CaseError) else f"case {case.patient_id}: {err}"
+        except (DiskFullError, NotWritableError):  # no room or no right for this mask: none for the next
+            raise
+        except (CaseError, RuntimeError, ValueError, OSError, MemoryError) as err:
+            why = str(err) or type(err).__name__  # a MemoryError has no message
+            reason = why if isinstance(err, CaseError) else f"case {case.patient_id}: {why}"
             skipped.append({"patient_id": case.patient_id, "reason": reason})
             mask_path.unlink(missing_ok=True)
             continue
@@ -100,10 +113,13 @@ def predict_dataset(weights: Path | str, data: Path | str, out: Path | str, *, d
         overrides: InferenceSettings fields (tta_flips, overlap, largest_component ...).
     """
     weights, data, out = Path(weights), Path(data), Path(out)
-    model, config = load_joint_model(weights, device)
-    settings = InferenceSettings.from_config(config, **overrides)
+    # Every setting is checked before the model is built and before anything in `out` is touched: a bad flag
+    # must not cost the masks and the predictions.csv of an earlier run.
+    settings = InferenceSettings.from_config(read_weights_config(weights), **overrides)
+    check_device(device)
     if not data.is_dir():
         raise FileNotFoundError(f"data folder {data} does not exist")
+    model, _ = load_joint_model(weights, device)
     # Cases the reader could not even list (a missing phase file, an empty case folder, a split id without a
     # folder ...) are skipped too, and said so: every requested case is predicted or reported.
     unreadable: list[dict[str, str]] = []

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from mtl_breast.data.datamodule import FinetuneDataModule, PretrainDataModule
-from mtl_breast.tasks.checkpointing import LastCheckpoint
+from mtl_breast.tasks.checkpointing import CheckpointError, LastCheckpoint
 from mtl_breast.tasks.finetune import MTLFinetuneModule
 from mtl_breast.tasks.loggers import LearningRates, log_text, run_loggers
 from mtl_breast.tasks.pretrain import MAEPretrainModule
@@ -88,6 +88,34 @@ def task_classes(task: str) -> tuple[type, type]:
     raise ValueError(f"unknown task {task!r}: 'pretrain' or 'finetune'")
 
 
+def check_resume_checkpoint(trainer, ckpt_path: str | None) -> None:
+    """Refuse a `--ckpt_path` file that cannot be read (truncated, garbled) before training starts, in one line.
+
+    ``last`` is the run's ``checkpoints/last.ckpt`` (when it exists; without it the run starts afresh). The file is
+    opened as Lightning will open it (``weights_only``), memory-mapped so that nothing is read twice.
+
+    Raises:
+        CheckpointError: naming the file and what the reader said.
+    """
+    if not ckpt_path:
+        return
+    if ckpt_path == "last":
+        last = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
+        path = last.path(trainer) if last is not None else None
+    elif ckpt_path in ("best", "hpc", "registry"):
+        return
+    else:
+        path = Path(ckpt_path)
+    if path is None or not path.is_file():
+        return
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 -- any reader failure means the same thing here
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{path}: not a readable checkpoint, cannot resume from it ({reason}); move it "
+                              "away to start afresh, or pass an earlier checkpoint with --ckpt_path") from err
+
+
 class SaveConfigToLogs(SaveConfigCallback):
     """config.yaml in the log folder (LightningCLI's default) and the same text in TensorBoard."""
 
@@ -105,6 +133,9 @@ class TaskCLI(LightningCLI):
         if trainer_config.get("logger") in (None, True):
             kwargs.setdefault("logger", run_loggers(trainer_config.get("default_root_dir")))
         return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        check_resume_checkpoint(self.trainer, self._get(self.config, "ckpt_path"))
 
     def add_arguments_to_parser(self, parser) -> None:
         # One value, typed once: the crop the data module cuts is the size the model is built for.
