@@ -14,7 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
+import lightning.pytorch  # noqa: F401
 import pytest
+
+# Lightning gives its loggers a StreamHandler bound to the sys.stderr of the moment it is first imported. Imported
+# here, at collection, that is the session's stream; imported inside a test using `capsys`, it would be that test's
+# buffer, closed afterwards, and every later Lightning log line would print a "Logging error" traceback into the
+# stderr another test checks.
 
 ROOT = Path(__file__).resolve().parents[1]
 
