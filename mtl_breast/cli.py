@@ -271,7 +271,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- fit-check
 def _fit_check_flags(p: argparse.ArgumentParser) -> None:
-    from mtl_breast.run.fitcheck import add_arguments
+    from mtl_breast.run.fitcheck_flags import add_arguments
 
     add_arguments(p)
 

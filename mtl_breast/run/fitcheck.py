@@ -35,6 +35,7 @@ from jsonargparse import Namespace
 
 from mtl_breast.memtrace import CudaAutocastPolicy, FakeMode, LiveBytes, block_bytes
 from mtl_breast.models.layers import to_3tuple
+from mtl_breast.run.fitcheck_flags import add_arguments
 from mtl_breast.run.train import parse_training_config, task_classes
 
 __all__ = ["DEFAULT_PHASES", "FitCheckError", "add_arguments", "estimate_training_memory", "format_table",
@@ -326,18 +327,6 @@ def format_table(r: dict) -> str:
     lines += [f"  peak              {gib(r['peak_bytes'])}  (as torch.cuda.max_memory_allocated)",
               f"  required          {r['required_gib']:8.3f} GiB  -> {verdict} in {r['budget_gib']:g} GiB"]
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `mtl-breast fit-check`."""
-    parser.add_argument("--config", required=True, help="LightningCLI YAML (configs/pretrain|finetune/*.yaml)")
-    parser.add_argument("--budget-gib", type=float, default=24.0, help="GPU memory available (default 24)")
-    parser.add_argument("--phases", type=int, help="phases per sample (default 4 to pretrain, 3 to fine-tune)")
-    parser.add_argument("--batch-size", type=int, help="override data.batch_size")
-    parser.add_argument("--crop-size", type=int, help="override data.crop_size (a cube)")
-    parser.add_argument("--precision", help="override trainer.precision (bf16-mixed, 16-mixed, 32-true, ...)")
-    parser.add_argument("--no-checkpointing", action="store_true", help="gradient checkpointing off")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
