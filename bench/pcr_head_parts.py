@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from bench_common import run_meta
+from science import flatten_washout
 
 from mtl_breast.baselines import case_acquisition
 from mtl_breast.data.cache import CaseCache
@@ -33,13 +34,6 @@ from mtl_breast.files import write_text
 from mtl_breast.metrics.classification import roc_auc
 from mtl_breast.metrics.intervals import bootstrap_interval
 from mtl_breast.predictor import InferenceSettings, load_joint_model, predict_volume
-
-
-def flatten_post_contrast(image: torch.Tensor) -> torch.Tensor:
-    """``[T, D, H, W]`` with every phase after the first post-contrast one replaced by it."""
-    out = image.clone()
-    out[2:] = image[1]
-    return out
 
 
 @torch.no_grad()
@@ -81,7 +75,7 @@ def head_parts(args: argparse.Namespace) -> dict:
         acquisition = case_acquisition(case["info"])
         prob, _ = predict_volume(model, case["image"], case["phase_time"], settings, acquisition=acquisition)
         for name, image in (("as acquired", case["image"]), ("post-contrast flattened",
-                                                               flatten_post_contrast(case["image"]))):
+                                                               flatten_washout(case["image"]))):
             rows[name].append(case_parts(model, image, case["phase_time"], prob, settings, acquisition))
         labels.append(float(case["info"]["pcr"]))
     y = np.array(labels)

@@ -27,6 +27,7 @@ from mtl_breast.data.preprocess import PreprocessConfig, preprocess_case, to_ori
 from mtl_breast.data.window import tumour_window
 from mtl_breast.hub import WeightsError, load_pretrained, resolve_weights, weights_and_config
 from mtl_breast.models.kinetics import acquisition_vector
+from mtl_breast.models.layers import positive_int_triple
 from mtl_breast.models.mtl import MTLModel
 
 # Voxels of all windows of one sliding-window pass: a ViT-B window of 128^3 holds about 2 GiB of activations on the
@@ -110,8 +111,7 @@ class InferenceSettings:
             SettingsError: naming the setting and its value.
         """
         roi = self.roi_size
-        if (not isinstance(roi, (tuple, list)) or len(roi) != 3
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in roi)):
+        if not isinstance(roi, (tuple, list)) or positive_int_triple(roi) is None:
             raise SettingsError(f"roi_size must be three positive integers (D, H, W), got {roi!r}")
         if math.prod(roi) > MAX_WINDOW_VOXELS:
             raise SettingsError(f"roi_size {list(roi)} is {math.prod(roi):,} voxels per window, more than the "

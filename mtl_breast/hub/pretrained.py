@@ -15,7 +15,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from mtl_breast.hub.weightfiles import (
 )
 from mtl_breast.modelcard import render_model_card
 from mtl_breast.models.encoder import ViTEncoder3d
-from mtl_breast.models.layers import resample_pos_embed_3d, to_3tuple
+from mtl_breast.models.layers import positive_int_triple, resample_pos_embed_3d, to_3tuple
 from mtl_breast.models.registry import MODELS, create_model
 
 __all__ = ["CARD_NAME", "checkpoint_filter_fn", "clean_state_dict", "load_encoder_into", "load_pretrained",
@@ -132,38 +132,30 @@ def _family(arch: str) -> str:
     return next((what for prefix, what in _FAMILIES.items() if arch.startswith(prefix)), arch)
 
 
-def _count_args(args: Any, where: str = "model_args") -> list[tuple[str, int]]:
+def _find_args(args: Any, accept: Callable[[str, Any], bool], where: str = "model_args") -> list[tuple[str, Any]]:
+    """``(path, value)`` of every leaf of ``args`` (nested dicts too) for which ``accept(key, value)`` holds."""
+    if not isinstance(args, Mapping):
+        return []
+    found = []
+    for key, value in args.items():
+        if isinstance(value, Mapping):
+            found += _find_args(value, accept, f"{where}.{key}")
+        elif accept(str(key), value):
+            found.append((f"{where}.{key}", value))
+    return found
+
+
+def _count_args(args: Any) -> list[tuple[str, int]]:
     """``(path, value)`` of every integer in ``args`` (nested dicts too) whose key sets a number of modules."""
-    if not isinstance(args, Mapping):
-        return []
-    found = []
-    for key, value in args.items():
-        if isinstance(value, Mapping):
-            found += _count_args(value, f"{where}.{key}")
-        elif _COUNT_KEY.search(str(key)) and isinstance(value, int) and not isinstance(value, bool):
-            found.append((f"{where}.{key}", value))
-    return found
-
-
-def _img_sizes(args: Any, where: str = "model_args") -> list[tuple[str, Any]]:
-    """``(path, value)`` of every ``img_size`` in ``args`` (nested dicts too)."""
-    if not isinstance(args, Mapping):
-        return []
-    found = []
-    for key, value in args.items():
-        if isinstance(value, Mapping):
-            found += _img_sizes(value, f"{where}.{key}")
-        elif key == "img_size":
-            found.append((f"{where}.{key}", value))
-    return found
+    return _find_args(args, lambda key, value: bool(_COUNT_KEY.search(key)) and isinstance(value, int)
+                      and not isinstance(value, bool))
 
 
 def _check_img_size(config_path: Path, model_args: Mapping[str, Any]) -> None:
     """Refuse an ``img_size`` that is not 1 or 3 positive integers, or that holds more than `MAX_IMG_VOXELS`."""
-    for where, value in _img_sizes(model_args):
-        sizes = [value] * 3 if isinstance(value, int) else value
-        if (not isinstance(sizes, (list, tuple)) or len(sizes) != 3
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes)):
+    for where, value in _find_args(model_args, lambda key, _: key == "img_size"):
+        sizes = positive_int_triple(value)
+        if sizes is None:
             raise WeightsError(f"{config_path}: {where} must be one or three positive integers, got {value!r}")
         if math.prod(sizes) > MAX_IMG_VOXELS:
             raise WeightsError(f"{config_path}: {where}={list(sizes)} is {math.prod(sizes):,} voxels, more than the "

@@ -9,6 +9,7 @@ Axes: B batch, T phases, D H W voxels, N tokens (per phase), E width, L sequence
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,19 @@ def to_3tuple(value: int | Sequence[int], *, name: str = "value") -> tuple[int, 
     if len(value) != 3 or min(value) < 1:
         raise ValueError(f"{name} must be a positive int or three positive ints, got {value}")
     return value  # type: ignore[return-value]
+
+
+def positive_int_triple(value: Any) -> tuple[int, int, int] | None:
+    """``value`` as three positive ints when it is one int or a sequence of three, else None.
+
+    The strict reading of a size from a file or a command line: bools, floats and strings are not ints here, where
+    `to_3tuple` converts whatever it is given.
+    """
+    sizes = [value] * 3 if isinstance(value, int) and not isinstance(value, bool) else value
+    if (not isinstance(sizes, (list, tuple)) or len(sizes) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes)):
+        return None
+    return tuple(sizes)  # type: ignore[return-value]
 
 
 def sincos_pos_embed_3d(grid_size: Sequence[int], embed_dim: int, *, temperature: float = 10000.0) -> Tensor:
