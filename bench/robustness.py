@@ -456,7 +456,7 @@ def render_md(r: Mapping) -> list[str]:
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, row in r["table"].items():
         any_cell = row[MODEL]
-        cells = [name, f"{any_cell['n']} ({any_cell['positives']})"]
+        cells = [name.replace("|", "\\|"), f"{any_cell['n']} ({any_cell['positives']})"]  # a pipe would end the cell
         if any_cell["too_few"]:
             cells += ["too few"] * (len(header) - 2)
         else:

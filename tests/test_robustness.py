@@ -173,6 +173,10 @@ def test_table_of_a_fake_score_file(rb, tmp_path):
     assert table["flip angle not given"][rb.MODEL]["value"] == table["all cases"][rb.MODEL]["value"]
     assert table["field strength not given"][rb.MODEL]["too_few"]  # about 16 cases, 6 with pCR
     assert "| field strength not given |" in md and "too few" in md
+    # every row of a table has its header's number of cells (a pipe inside a label is escaped)
+    for block in md.split("\n\n"):
+        rows = [line.replace("\\|", "") for line in block.splitlines() if line.startswith("|")]
+        assert len({row.count("|") for row in rows}) <= 1, block
     assert table["all cases"][rb.MODEL]["value"] > 0.7 > table["all cases"]["size baseline, expert mask"]["value"]
     assert set(result["differences"]) == set(rb.DIFFERENCES)
     assert result["loso"]["DUKE"]["leave-site-out"][rb.MODEL] == "not run"
