@@ -310,10 +310,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, configure, _) in _COMMANDS.items():
         configure(sub.add_parser(name, help=help_text, description=help_text))
-    for name in ("pretrain", "finetune"):
-        sub.add_parser(name, help=f"{name} through LightningCLI: `mtl-breast {name} fit --config X.yaml` "
-                                  f"(`mtl-breast {name} --help` for all options)")
+    for name, what in _TRAINING.items():
+        sub.add_parser(name, help=f"{what} through LightningCLI: `mtl-breast {name} fit --config X.yaml`")
     return parser
+
+
+# The two training commands hand everything to LightningCLI, whose parser needs torch and Lightning; their own
+# help is written here so that `mtl-breast pretrain --help` answers at once.
+_TRAINING = {"pretrain": "MAE pretraining of the encoder on unlabelled phases",
+             "finetune": "joint segmentation and pCR fine-tuning"}
+
+
+def _training_help(task: str) -> str:
+    return (f"usage: mtl-breast {task} {{fit,validate,test}} [--config X.yaml ...] [--KEY VALUE ...]\n\n"
+            f"{_TRAINING[task]} through LightningCLI.\n\n"
+            "subcommands:\n"
+            "  fit       train; --ckpt_path last resumes the run in --trainer.default_root_dir\n"
+            "  validate  score a checkpoint (--ckpt_path) on the validation split\n"
+            "  test      score a checkpoint (--ckpt_path) on the test split\n\n"
+            f"example:\n  mtl-breast {task} fit --config configs/{task}/demo.yaml --data.root DATA\n\n"
+            f"Every option with its default: `mtl-breast {task} fit --help` (loads torch and Lightning, seconds).\n")
 
 
 def _is_input_error(err: BaseException) -> bool:
@@ -341,8 +357,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command_name = argv[0] if argv else ""
     try:
-        if command_name in ("pretrain", "finetune"):
-            from mtl_breast.run.train import lightning_cli
+        if command_name in _TRAINING and argv[1:] in ([], ["-h"], ["--help"]):
+            print(_training_help(command_name), file=sys.stdout if argv[1:] else sys.stderr, end="")
+            return 0 if argv[1:] else 2
+        if command_name in _TRAINING:
+            from mtl_breast.run.train import lightning_cli  # torch and Lightning: only when training
 
             return lightning_cli(command_name, argv[1:])
         parser = build_parser()
