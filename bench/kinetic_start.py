@@ -36,7 +36,7 @@ def _cache(run: Path) -> tuple[CaseCache, tuple[int, ...]]:
 
 def starting_regression(run: Path) -> tuple[LogisticBaseline, int, int]:
     """The regression `FinetuneModule._init_kinetic_pathway` fits for `run` (the datamodule's training cases, with
-    its default division of the training split, as the demo and `bench/science.py` runs use): (model, training
+    its default division of the training split, as the demo and the experiments' runs use): (model, training
     cases, pCR among them)."""
     model, config = load_joint_model(run / "weights" / "mtl", "cpu")
     settings = InferenceSettings.from_config(config)

@@ -7,9 +7,9 @@ saw. The pCR head's kinetic pathway starts from the same regression on the fine-
 The labelled training cases of several demo runs are pooled; for each count N, ``--draws`` random subsets of N fit
 every feature set of `baselines.FEATURE_SETS` on expert-mask features. Each fit is scored on the pooled held-out
 splits of the same runs (their phantoms are disjoint from every run's training cases) and, with ``--heldout-dir``,
-on a fresh held-out set (a `science.py heldout` folder). Reported per N and feature set: the mean AUC over draws
-and the mean paired difference to the size baseline fitted on the same subset, with its 2.5 and 97.5 percentiles
-over draws: the spread that one training set of that size sees, not a bootstrap over held-out cases.
+on a fresh held-out set (a `python -m experiments heldout` folder). Reported per N and feature set: the mean AUC
+over draws and the mean paired difference to the size baseline fitted on the same subset, with its 2.5 and 97.5
+percentiles over draws: the spread that one training set of that size sees, not a bootstrap over held-out cases.
 
     python bench/label_curve.py runs/sci/seed0 runs/sci/seed1 runs/sci/seed2 runs/sci/seed3 runs/sci/seed4 \
         --heldout-dir runs/sci/heldout_data --counts 48 96 144 192 288 --out runs/sci/label_curve.json
@@ -47,12 +47,12 @@ def run_cases(run: Path) -> tuple[Cases, Cases]:
 
 
 def heldout_cases(folder: Path, run: Path) -> Cases:
-    """Expert-mask features of a `science.py heldout` folder, preprocessed as the run's weights expect."""
+    """Expert-mask features of a `python -m experiments heldout` folder, preprocessed as the run's weights expect."""
     settings = InferenceSettings.from_config(read_weights_config(run / "weights" / "mtl"))
     cache = CaseCache(folder / "cache", settings.preprocess)
     if not cache.patient_ids():
-        raise SystemExit(f"{folder / 'cache'} holds no case preprocessed for {run}'s weights: run science.py heldout "
-                         "on it first")
+        raise SystemExit(f"{folder / 'cache'} holds no case preprocessed for {run}'s weights: run "
+                         "`python -m experiments heldout` on it first")
     _, rows, y = labelled_features(cache, cache.patient_ids(), settings.roi_size)
     return rows, np.asarray(y)
 
@@ -90,7 +90,7 @@ def curve(train: Cases, scored: dict[str, Cases], counts: list[int], draws: int,
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path, help="demo work folders (data/, cache/data, weights/mtl)")
-    p.add_argument("--heldout-dir", type=Path, help="a science.py heldout folder (data/, cache/) to score as well")
+    p.add_argument("--heldout-dir", type=Path, help="an experiments heldout folder (data/, cache/) to score as well")
     p.add_argument("--counts", type=int, nargs="+", default=[48, 96, 144, 192, 288])
     p.add_argument("--draws", type=int, default=40, help="random training subsets per count")
     p.add_argument("--seed", type=int, default=0)

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from bench_common import run_meta
-from science import flatten_washout
 
 from mtl_breast.baselines import case_acquisition
 from mtl_breast.data.cache import CaseCache
@@ -34,6 +33,9 @@ from mtl_breast.files import write_text
 from mtl_breast.metrics.classification import roc_auc
 from mtl_breast.metrics.intervals import bootstrap_interval
 from mtl_breast.predictor import InferenceSettings, load_joint_model, predict_volume
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's experiments/ (a script sees only bench/)
+from experiments.common import flatten_washout, held_out_set  # noqa: E402
 
 
 @torch.no_grad()
@@ -51,7 +53,6 @@ def _cases(args: argparse.Namespace, settings: InferenceSettings) -> tuple[CaseC
         return CaseCache(run / "cache" / "data", settings.preprocess), list(read_splits(run / "data")["test"])
     sys.path.insert(0, str(Path(__file__).parent))
     from robustness import read_sets
-    from science import held_out_set
 
     config = read_sets()[args.set]
     if args.set == "sealed":

@@ -48,7 +48,6 @@ from pathlib import Path
 import numpy as np
 import yaml
 from bench_common import run_meta
-from science import VARIANTS, held_out_set, score_run
 
 from mtl_breast.acquisition import DEFAULT_FIELD_T, field_values
 from mtl_breast.baselines import FEATURE_SETS, LogisticBaseline
@@ -56,6 +55,9 @@ from mtl_breast.files import write_text
 from mtl_breast.metrics.classification import roc_auc
 from mtl_breast.metrics.intervals import RESAMPLES, bootstrap_interval
 from mtl_breast.phantoms.collection import MANIFEST, generate_dataset, read_truth
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's experiments/ (a script sees only bench/)
+from experiments.common import INPUTS, held_out_set, score_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SETS_CONFIG = ROOT / "configs" / "evaluation" / "sets.yaml"
@@ -81,7 +83,7 @@ DIFFERENCES = {"model - size (expert mask)": (MODEL, "size baseline, expert mask
                "model - size (predicted mask)": (MODEL, "size baseline, predicted mask"),
                "washout-removed drop (model - model with washout removed)": (MODEL, WASHOUT)}
 for _variant in SCORED_VARIANTS:
-    assert _variant in VARIANTS, _variant
+    assert _variant in INPUTS, _variant
 
 
 # ------------------------------------------------------------------------------------------------ pure logic
