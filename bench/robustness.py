@@ -51,10 +51,11 @@ from bench_common import run_meta
 from science import VARIANTS, held_out_set, score_run
 
 from mtl_breast.acquisition import DEFAULT_FIELD_T, field_values
-from mtl_breast.baselines import FEATURE_SETS, LogisticBaseline
+from mtl_breast.baselines import LogisticBaseline
 from mtl_breast.files import write_text
 from mtl_breast.metrics.classification import roc_auc
 from mtl_breast.metrics.intervals import RESAMPLES, bootstrap_interval
+from mtl_breast.models.kinetics import FEATURE_SETS
 from mtl_breast.phantoms.collection import MANIFEST, generate_dataset, read_truth
 
 ROOT = Path(__file__).resolve().parents[1]

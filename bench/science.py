@@ -40,7 +40,6 @@ import yaml
 from bench_common import run_meta
 
 from mtl_breast.baselines import (
-    FEATURE_SETS,
     LogisticBaseline,
     bootstrap_interval,
     case_acquisition,
@@ -55,6 +54,7 @@ from mtl_breast.files import write_text
 from mtl_breast.metrics.classification import balanced_accuracy, roc_auc
 from mtl_breast.metrics.intervals import mean_interval, percentile_interval, resample_indices
 from mtl_breast.metrics.segmentation import dice as dice_score
+from mtl_breast.models.kinetics import FEATURE_SETS
 from mtl_breast.phantoms.collection import generate_dataset, read_truth
 from mtl_breast.predictor import InferenceSettings, load_joint_model, predict_volume, read_weights_config
 
