@@ -5,7 +5,7 @@ saw. The pCR head's kinetic pathway starts from the same regression on the fine-
 (`tasks.finetune`, ``kinetic_init``), so this curve also says how many labelled cases the demo must fine-tune on.
 
 The labelled training cases of several demo runs are pooled; for each count N, ``--draws`` random subsets of N fit
-every feature set of `baselines.FEATURE_SETS` on expert-mask features. Each fit is scored on the pooled held-out
+every feature set of `models.kinetics.FEATURE_SETS` on expert-mask features. Each fit is scored on the pooled held-out
 splits of the same runs (their phantoms are disjoint from every run's training cases) and, with ``--heldout-dir``,
 on a fresh held-out set (a `python -m experiments heldout` folder). Reported per N and feature set: the mean AUC
 over draws and the mean paired difference to the size baseline fitted on the same subset, with its 2.5 and 97.5
@@ -25,10 +25,11 @@ from pathlib import Path
 import numpy as np
 from bench_common import emit, run_meta
 
-from mtl_breast.baselines import FEATURE_SETS, LogisticBaseline, labelled_features
+from mtl_breast.baselines import LogisticBaseline, labelled_features
 from mtl_breast.data.cache import CaseCache
 from mtl_breast.data.mamamia import read_splits
 from mtl_breast.metrics.classification import roc_auc
+from mtl_breast.models.kinetics import FEATURE_SETS
 from mtl_breast.predictor import InferenceSettings, read_weights_config
 
 Cases = tuple[list[dict[str, float]], np.ndarray]  # (feature rows, pCR labels)

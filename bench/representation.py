@@ -23,7 +23,7 @@ Every encoder sees the same window: the encoder's training crop (`img_size`) cen
 says. The interval resamples the cases' out-of-fold predictions (the refits are not repeated); the spread over
 folds is given too. Nothing here is seeded by the clock: the same inputs give the same numbers.
 
-A control column pads the "kinetic+" hand features with Gaussian noise columns up to the first encoder's width:
+A control column pads the "curve" hand features with Gaussian noise columns up to the first encoder's width:
 one ridge penalty over a few hundred columns dilutes a signal that lives in a few of them, and with ~150 cases the
 loss is large (on demo0's test split ln kep falls from R^2 0.34 to 0.05 with 256 noise columns), so an encoder's
 R^2 is to be read against that column as well as against the hand features themselves.
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from bench_common import device_name, emit, pick_device, run_meta
 from torch import nn
 
-from mtl_breast.baselines import FEATURE_SETS, case_acquisition, case_features
+from mtl_breast.baselines import case_acquisition, case_features
 from mtl_breast.data.build import preprocess_dataset
 from mtl_breast.data.cache import CaseCache
 from mtl_breast.data.folder import read_dataset
@@ -56,13 +56,14 @@ from mtl_breast.features import encoder_of, extract_features, pad_to_patch_multi
 from mtl_breast.files import write_text
 from mtl_breast.hub import load_pretrained
 from mtl_breast.metrics.intervals import percentile_interval, resample_indices
+from mtl_breast.models.kinetics import FEATURE_SETS
 from mtl_breast.models.registry import create_model
 from mtl_breast.phantoms.collection import read_truth
 from mtl_breast.predictor import InferenceSettings, read_weights_config
 
 log = logging.getLogger("representation")
 
-HAND_SETS = ("kinetic+", "concentration", "rim")  # `baselines.FEATURE_SETS` read through the same probe
+HAND_SETS = ("curve", "concentration", "rim")  # `models.kinetics.FEATURE_SETS` read through the same probe
 TRUTH_TARGETS = {  # target name -> (truth key, take the log)
     "ln_ktrans": ("ktrans", True), "ln_kep": ("kep", True), "ln_fp": ("fp", True), "ln_ps": ("ps", True),
     "ve": ("ve", False), "vp": ("vp", False), "necrotic_fraction": ("necrotic_fraction", False),

@@ -50,10 +50,11 @@ import yaml
 from bench_common import run_meta
 
 from mtl_breast.acquisition import DEFAULT_FIELD_T, field_values
-from mtl_breast.baselines import FEATURE_SETS, LogisticBaseline
+from mtl_breast.baselines import LogisticBaseline
 from mtl_breast.files import write_text
 from mtl_breast.metrics.classification import roc_auc
 from mtl_breast.metrics.intervals import RESAMPLES, bootstrap_interval
+from mtl_breast.models.kinetics import FEATURE_SETS
 from mtl_breast.phantoms.collection import MANIFEST, generate_dataset, read_truth
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's experiments/ (a script sees only bench/)

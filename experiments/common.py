@@ -24,7 +24,6 @@ import yaml
 
 from experiments.variants import COMPARISONS, Comparison, Variant, baseline
 from mtl_breast.baselines import (
-    FEATURE_SETS,
     LogisticBaseline,
     bootstrap_interval,
     case_acquisition,
@@ -39,6 +38,7 @@ from mtl_breast.files import write_text
 from mtl_breast.metrics.classification import balanced_accuracy, roc_auc
 from mtl_breast.metrics.intervals import percentile_interval, resample_indices
 from mtl_breast.metrics.segmentation import dice as dice_score
+from mtl_breast.models.kinetics import FEATURE_SETS
 from mtl_breast.phantoms.collection import MANIFEST, generate_dataset, read_truth
 from mtl_breast.predictor import InferenceSettings, load_joint_model, predict_volume, read_weights_config
 

@@ -94,7 +94,7 @@ PHASES_REVERSED = "joint model, post-contrast phases reversed"
 
 
 def baseline(features: str, mask: str) -> str:
-    """Score name of the logistic baseline on feature set `features` (`baselines.FEATURE_SETS`), mask "expert" or
+    """Score name of the logistic baseline on feature set `features` (`models.kinetics.FEATURE_SETS`), mask "expert" or
     "predicted"."""
     return f"{features} baseline, {mask} mask"
 

@@ -5,11 +5,11 @@ kinetic pathway sees) and the contrast concentration of `tumour_concentration` a
 computed on the same window
 (centred on the tumour's largest component, `data.window`) of the preprocessed case, under the expert mask or a
 predicted probability. A pCR model earns its keep only if it beats these on cases it never saw
-(docs/RESULTS.md).
+(docs/RESULTS.md). The feature sets are those of `models.kinetics.FEATURE_SETS`:
 
     size           log tumour volume
     kinetic        log volume + wash-in + washout ratio of the mean tumour curve
-    kinetic+       all six curve features
+    curve          all six curve features
     concentration  log volume + the tumour's concentration at phase 1 and at the last phase, its log slope per
                    minute and the core/whole enhancement ratio (signal equation inverted per voxel)
     rim            the same, with the rim index and the washout of the tumour's surface layer instead of the
@@ -31,26 +31,15 @@ from mtl_breast.data.window import tumour_window
 from mtl_breast.metrics.classification import roc_auc
 from mtl_breast.metrics.intervals import bootstrap_interval
 from mtl_breast.models.kinetics import (
-    CONCENTRATION_FEATURES,
-    INNER_RIM_FEATURES,
     KINETIC_FEATURES,
-    RIM_FEATURES,
     acquisition_vector,
     concentration_feature_sets,
     tumour_kinetics,
 )
 
-__all__ = ["FEATURE_SETS", "LogisticBaseline", "auc_with_interval", "bootstrap_interval", "case_acquisition",
+__all__ = ["LogisticBaseline", "auc_with_interval", "bootstrap_interval", "case_acquisition",
            "case_features", "labelled_features", "paired_auc_difference"]
 
-FEATURE_SETS: dict[str, tuple[str, ...]] = {
-    "size": ("log_volume",),
-    "kinetic": ("log_volume", "wash_in", "washout_ratio"),
-    "kinetic+": KINETIC_FEATURES,
-    "concentration": CONCENTRATION_FEATURES,
-    "rim": RIM_FEATURES,
-    "rim_inner": INNER_RIM_FEATURES,
-}
 
 
 def case_features(image: np.ndarray | torch.Tensor, tumour: np.ndarray | torch.Tensor,

@@ -148,7 +148,9 @@ def _architecture(config: Mapping[str, Any]) -> list[str]:
         skips = ", ".join(map(str, skips)) if isinstance(skips, list) else _fmt(skips)
         lines.append(f"- Segmentation decoder: feature size {_fmt(seg.get('feature_size'))}, "
                      f"{_fmt(seg.get('out_channels'))} output channels, skips from blocks {skips}")
-        lines.append(f"- pCR head: kinetic pathway {_fmt(head.get('kinetic'))}")
+        kinetic = {True: f"`{_fmt(head.get('kinetic_features'))}` features", False: "none"}.get(head.get("kinetic"),
+                                                                                          NOT_RECORDED)
+        lines.append(f"- pCR head: kinetic pathway {kinetic}, learned kinetic pathway {_fmt(head.get('learned'))}")
     lines += [
         f"- Format version: {_fmt(config.get('format_version'))}",
         f"- `model.safetensors` sha256: {_fmt(config.get('weights_sha256'))}",

@@ -11,7 +11,6 @@ import torch
 from conftest import load_bench_script
 
 from mtl_breast.baselines import (
-    FEATURE_SETS,
     LogisticBaseline,
     auc_with_interval,
     bootstrap_interval,
@@ -22,6 +21,7 @@ from mtl_breast.metrics.classification import roc_auc
 from mtl_breast.models.heads import PCRHead
 from mtl_breast.models.kinetics import (
     CONCENTRATION_FEATURES,
+    FEATURE_SETS,
     INNER_RIM_FEATURES,
     KINETIC_FEATURES,
     RIM_FEATURES,
@@ -123,7 +123,8 @@ def test_kinetic_pathway_initialised_from_a_logistic_regression():
     with pytest.raises(ValueError):
         head.init_kinetic(mean=[0.0] * 6, std=[0.0] * 6, weight=[0.0] * 6, bias=0.0)
     with pytest.raises(ValueError, match="need 5 means"):  # the concentration set has 5 features
-        PCRHead(embed_dim=8, kinetic=True).init_kinetic([0.0] * 6, [1.0] * 6, [0.0] * 6, 0.0)
+        PCRHead(embed_dim=8, kinetic=True, kinetic_features="concentration").init_kinetic([0.0] * 6, [1.0] * 6,
+                                                                                        [0.0] * 6, 0.0)
     with pytest.raises(ValueError, match="no kinetic pathway"):
         PCRHead(embed_dim=8).init_kinetic([0.0] * 6, [1.0] * 6, [0.0] * 6, 0.0)
 

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from mtl_breast.data.window import tumour_centre, tumour_window, window_start
 from mtl_breast.hub import load_pretrained, save_pretrained
-from mtl_breast.models.heads import PCRHead
+from mtl_breast.models.heads import FEATURE_FUNCTIONS, PCRHead
 from mtl_breast.models.kinetics import (
     ACQUISITION_FIELDS,
     CONCENTRATION_FEATURES,
+    FEATURE_SETS,
     INNER_RIM_FEATURES,
     KINETIC_FEATURES,
     RIM_FEATURES,
@@ -28,6 +32,8 @@ from mtl_breast.models.kinetics import (
 )
 from mtl_breast.models.registry import create_model
 from mtl_breast.phantoms.physics import R1_RELAXIVITY, spgr_signal
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _volume(curve, tumour=(slice(2, 5), slice(2, 5), slice(2, 5)), background=0.2, size=8):
@@ -81,7 +87,7 @@ def test_kinetic_features_see_washout_and_ignore_padding():
     assert torch.isfinite(empty).all()
 
 
-@pytest.mark.parametrize("features", ["curve", "concentration", "rim", "rim_inner"])
+@pytest.mark.parametrize("features", sorted(FEATURE_FUNCTIONS))
 def test_pcr_head_kinetic_pathway_uses_the_image(features):
     torch.manual_seed(0)
     head = PCRHead(embed_dim=16, kinetic=True, kinetic_features=features).eval()
@@ -118,8 +124,8 @@ def test_pcr_head_kinetic_pathway_uses_the_image(features):
 def test_joint_models_have_the_kinetic_pathway_and_older_weights_still_load(tmp_path):
     model = create_model("mtl_vit_test")
     assert model.pcr_head.kinetic and model.model_args["pcr_head"]["kinetic"] is True
-    assert model.model_args["pcr_head"]["kinetic_features"] == "concentration"
-    # Weights exported before the concentration features: the 6 curve features, no `kinetic_features` argument.
+    assert model.model_args["pcr_head"]["kinetic_features"] == "rim"
+    # Weights exported before the feature sets had names: the 6 curve features, no `kinetic_features` argument.
     curve = create_model("mtl_vit_test", pcr_head={"kinetic_features": "curve"})
     out = save_pretrained(curve, tmp_path / "curve")
     config = json.loads((out / "config.json").read_text())
@@ -383,3 +389,17 @@ def test_feature_sets_from_one_inversion_match_the_separate_calls():
     for layers, names in ((0, RIM_FEATURES), (1, INNER_RIM_FEATURES)):
         torch.testing.assert_close(sets[names], tumour_rim_concentration(image, mask, None, times, acquisition,
                                                                          surface_layers=layers))
+
+
+def test_one_kinetic_feature_set_default_across_code_configs_docs_and_model_card(tmp_path):
+    default = inspect.signature(PCRHead).parameters["kinetic_features"].default
+    assert default in FEATURE_SETS and set(FEATURE_FUNCTIONS) <= set(FEATURE_SETS)
+    # Every training config trains the default (ablation overlays in configs/experiments/ may change it).
+    for path in sorted((ROOT / "configs").glob("*/*.yaml")):
+        if path.parent.name == "experiments":
+            continue
+        head = ((yaml.safe_load(path.read_text()) or {}).get("model") or {}).get("model_args", {}).get("pcr_head") or {}
+        assert head.get("kinetic_features", default) == default, path
+    assert f"`{default}` (default)" in (ROOT / "finetune" / "README.md").read_text()
+    card = (save_pretrained(create_model("mtl_vit_test"), tmp_path / "w") / "README.md").read_text()
+    assert f"kinetic pathway `{default}` features" in card

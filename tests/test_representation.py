@@ -144,16 +144,16 @@ def test_cli_end_to_end(tiny_phantoms, tmp_path):
     result = json.loads(out.read_text())
     assert result["cases"] == 8 and result["device"].startswith("cpu")
     assert result["window"] == [16, 16, 16]
-    sets = ["mae", "mae+shell", "mtl", "mtl+shell", "random (seed 0)", "random (seed 0)+shell", "hand: kinetic+",
-            "hand: concentration", "hand: rim", "hand: kinetic+ + 256 noise"]
+    sets = ["mae", "mae+shell", "mtl", "mtl+shell", "random (seed 0)", "random (seed 0)+shell", "hand: curve",
+            "hand: concentration", "hand: rim", "hand: curve + 256 noise"]
     assert list(result["feature_dims"]) == sets
     assert result["feature_dims"]["mae"] == 4 * 64 and result["feature_dims"]["mae+shell"] == 8 * 64
-    assert result["feature_dims"]["hand: kinetic+ + 256 noise"] == 6 + 256
+    assert result["feature_dims"]["hand: curve + 256 noise"] == 6 + 256
     targets = set(result["table"])
     assert {"ln_ktrans", "ln_kep", "ln_fp", "ln_ps", "ve", "vp", "necrotic_fraction", "grade",
             "ln_volume_mm3"} <= targets
     assert {f"ln_kep|{f}" for f in result["kinetic_families"]} <= targets
-    cell = result["table"]["ln_volume_mm3"]["hand: kinetic+"]
+    cell = result["table"]["ln_volume_mm3"]["hand: curve"]
     # (8 cases say nothing about the numbers: their check is the ridge test above)
     assert cell["n"] == 8 and len(cell["fold_r2"]) == 3 and np.isfinite(cell["r2"])
     assert all(np.isfinite(c["r2"]) for t in ("ln_ktrans", "ln_kep", "grade") for c in result["table"][t].values())

@@ -255,10 +255,10 @@ def test_finetune_starts_the_kinetic_pathway_from_the_training_cases(finetune_ru
     import yaml
     from safetensors.torch import load_file
 
-    from mtl_breast.models.heads import FEATURE_SETS
+    from mtl_breast.models.kinetics import FEATURE_SETS
 
     demo = yaml.safe_load((ROOT / "configs" / "finetune" / "demo.yaml").read_text())["model"]["model_args"]
-    features = FEATURE_SETS[demo.get("pcr_head", {}).get("kinetic_features", "concentration")][0]
+    features = FEATURE_SETS[demo.get("pcr_head", {}).get("kinetic_features", "rim")]
     weights = load_file(mtl_weights / "model.safetensors")
     std, mean = weights["pcr_head.kinetic_std"], weights["pcr_head.kinetic_mean"]
     assert std.shape == mean.shape == (len(features),)  # the demo config's kinetic features

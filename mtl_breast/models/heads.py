@@ -15,22 +15,20 @@ from einops import rearrange
 from torch import nn
 
 from mtl_breast.models.kinetics import (
-    CONCENTRATION_FEATURES,
-    INNER_RIM_FEATURES,
-    KINETIC_FEATURES,
-    RIM_FEATURES,
+    FEATURE_SETS,
     tumour_concentration,
     tumour_kinetics,
     tumour_rim_concentration,
 )
 from mtl_breast.models.tumour_pathway import LearnedKineticPathway
 
-# Kinetic feature sets of the pathway: column names and the function computing them (`models.kinetics`).
-FEATURE_SETS = {
-    "curve": (KINETIC_FEATURES, lambda image, prob, mask, time, acq: tumour_kinetics(image, prob, mask, time)),
-    "concentration": (CONCENTRATION_FEATURES, tumour_concentration),
-    "rim": (RIM_FEATURES, tumour_rim_concentration),
-    "rim_inner": (INNER_RIM_FEATURES, partial(tumour_rim_concentration, surface_layers=1)),
+# The feature sets the kinetic pathway can compute from a batch, by their `models.kinetics.FEATURE_SETS` name:
+# (image, tumour_prob, phase_mask, phase_time, acquisition) -> [B, K] in that set's column order.
+FEATURE_FUNCTIONS = {
+    "curve": lambda image, prob, mask, time, acq: tumour_kinetics(image, prob, mask, time),
+    "concentration": tumour_concentration,
+    "rim": tumour_rim_concentration,
+    "rim_inner": partial(tumour_rim_concentration, surface_layers=1),
 }
 
 __all__ = ["PCRHead"]
@@ -48,13 +46,13 @@ class PCRHead(nn.Module):
 
     With ``kinetic`` the logit also gets a linear term of the tumour's kinetic features under the predicted mask, so
     the response signal that DCE-MRI carries in the enhancement between phases reaches the head directly instead
-    of only through pooled tokens: ``kinetic_features="concentration"`` (`tumour_concentration`: size and the
-    tumour's contrast concentration from the signal equation, which needs the case's ``acquisition`` vector),
-    ``"rim"`` (`tumour_rim_concentration`: the same, with a rim index and the washout of the tumour's surface layer
-    in place of the core ratio, so rim-enhancing tumours are read on the same scale), ``"rim_inner"`` (the rim
-    columns read one voxel layer below the surface, so a predicted boundary off by a voxel barely moves them;
-    measured below the default, docs/RESULTS.md) or ``"curve"``
-    (`tumour_kinetics`: size, wash-in, peak enhancement, washout of the normalised intensities).
+    of only through pooled tokens: ``kinetic_features="rim"`` (the default; `tumour_rim_concentration`: size, the
+    tumour's contrast concentration from the signal equation, which needs the case's ``acquisition`` vector, a rim
+    index and the washout of the tumour's surface layer, so rim-enhancing tumours are read on the same scale),
+    ``"concentration"`` (`tumour_concentration`: the same with a core ratio in place of the rim columns),
+    ``"rim_inner"`` (the rim columns read one voxel layer below the surface, so a predicted boundary off by a voxel
+    barely moves them) or ``"curve"`` (`tumour_kinetics`: size, wash-in, peak enhancement, washout of the
+    normalised intensities). The sets are named and described once, in `models.kinetics.FEATURE_SETS`.
 
     With ``learned`` the logit also gets the term of a `LearnedKineticPathway`: the encoder's tokens pooled per phase
     inside the predicted tumour and in a shell around it, read across phases by a small module. It takes no
@@ -72,9 +70,9 @@ class PCRHead(nn.Module):
             standardised with buffers ``kinetic_mean``/``kinetic_std`` (weights format: ``pcr_head.kinetic_fc.weight
             [1, K]``, ``pcr_head.kinetic_mean [K]``, ``pcr_head.kinetic_std [K]``). Weights exported without it load
             with ``kinetic=False``.
-        kinetic_features: "concentration" (K = 5), "rim", "rim_inner" or "curve" (K = 6 each). A feature that cannot be
-            computed (NaN: the acquisition vector is unknown) takes its training mean, i.e. contributes nothing.
-            Joint weights exported before this option existed load with "curve".
+        kinetic_features: "rim" (K = 6), "concentration" (K = 5), "rim_inner" or "curve" (K = 6 each). A feature
+            that cannot be computed (NaN: the acquisition vector is unknown) takes its training mean, i.e.
+            contributes nothing. Joint weights exported before this option existed load with "curve".
         kinetic_threshold: the tumour curve averages the voxels with ``seg_prob >= kinetic_threshold`` (a hard mask,
             like the expert masks the pathway is initialised on); None = weight every voxel by its probability,
             which lets a low-probability halo around the tumour dilute the curve.
@@ -96,7 +94,7 @@ class PCRHead(nn.Module):
         prob_eps: float = 1e-3,
         kinetic: bool = False,
         kinetic_threshold: float | None = 0.5,
-        kinetic_features: str = "concentration",
+        kinetic_features: str = "rim",
         learned: bool = False,
         learned_layers: int = 1,
         learned_hidden: int | None = None,
@@ -122,12 +120,12 @@ class PCRHead(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(embed_dim, 1)
-        if kinetic_features not in FEATURE_SETS:
-            raise ValueError(f"kinetic_features must be one of {sorted(FEATURE_SETS)}, got {kinetic_features!r}")
+        if kinetic_features not in FEATURE_FUNCTIONS:
+            raise ValueError(f"kinetic_features must be one of {sorted(FEATURE_FUNCTIONS)}, got {kinetic_features!r}")
         self.kinetic = kinetic
         self.kinetic_threshold = kinetic_threshold
         self.kinetic_features = kinetic_features
-        self.feature_names = FEATURE_SETS[kinetic_features][0]
+        self.feature_names = FEATURE_SETS[kinetic_features]
         k = len(self.feature_names)
         self.kinetic_fc = nn.Linear(k, 1, bias=False) if kinetic else None
         if self.kinetic_fc is not None:
@@ -233,7 +231,7 @@ class PCRHead(nn.Module):
                        phase_time: torch.Tensor | None = None, acquisition: torch.Tensor | None = None) -> torch.Tensor:
         """The ``[B, K]`` kinetic features of ``tumour`` (a mask ``[B, 1, D, H, W]``), unstandardised; a feature
         that cannot be computed is set to its training mean."""
-        features = FEATURE_SETS[self.kinetic_features][1](image, tumour, phase_mask, phase_time, acquisition)
+        features = FEATURE_FUNCTIONS[self.kinetic_features](image, tumour, phase_mask, phase_time, acquisition)
         return torch.where(torch.isfinite(features), features, self.kinetic_mean.to(features.dtype))
 
     @torch.no_grad()

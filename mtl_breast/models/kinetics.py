@@ -3,28 +3,28 @@
 Breast DCE-MRI reads response from how the tumour takes up and releases contrast: how strongly it enhances in
 the first post-contrast phase (wash-in), whether its signal keeps rising, plateaus or falls afterwards
 (washout), and how large it is. The pCR head gets one of the feature sets below as an explicit pathway next
-to the pooled encoder tokens (`models.heads.PCRHead`, ``kinetic_features``), and the baselines in
-``bench/science`` fit a logistic regression on the same numbers from the expert mask.
+to the pooled encoder tokens (`models.heads.PCRHead`, ``kinetic_features``), and the baselines
+(`mtl_breast.baselines`) fit a logistic regression on the same numbers from the expert mask.
 
-Feature sets:
+Feature sets (`FEATURE_SETS`: one name per set, used by the head's ``kinetic_features``, the baselines, the model
+card and the benchmarks):
 
-- "curve" (`KINETIC_FEATURES`, `tumour_kinetics`), the kinetic baselines and the head's earlier pathway: the
-  classic semi-quantitative summaries (Hylton's signal enhancement ratio, curve type) of the tumour curve in the
-  preprocessed intensities
-  (all phases normalised with ONE mean/std, so differences between phases are enhancement in units of the case's
-  intensity spread). They need nothing but the image, and they mix the enhancement with the breast's composition
-  (the z-scoring), the site's flip angle and TR (the signal is not linear in contrast) and its timing.
+- "size" and "kinetic": the baselines a reader tries first, tumour log volume alone and with the classic wash-in
+  and washout ratio (columns of `tumour_kinetics`).
+- "curve" (`KINETIC_FEATURES`, `tumour_kinetics`): the classic semi-quantitative summaries (Hylton's signal
+  enhancement ratio, curve type) of the tumour curve in the preprocessed intensities (all phases normalised with
+  ONE mean/std, so differences between phases are enhancement in units of the case's intensity spread). They
+  need nothing but the image, and they mix the enhancement with the breast's composition (the z-scoring), the
+  site's flip angle and TR (the signal is not linear in contrast) and its timing.
 - "concentration" (`CONCENTRATION_FEATURES`, `tumour_concentration`): the contrast-agent concentration of the
   tumour, from inverting the spoiled-gradient-echo signal equation voxel by voxel with the case's field strength,
-  TR and flip angle and its intensity normalisation (`acquisition_vector`). On the phantoms this recovers the
-  noise-free concentration curve of homogeneous and heterogeneous tumours almost exactly (bench/kinetics_ceiling.py,
-  docs/RESULTS.md), where the curve summaries do not. The head's default pathway and the concentration baseline
-  use them; the head then needs each case's acquisition vector at every forward.
-- "rim" (`RIM_FEATURES`) and "rim_inner" (`INNER_RIM_FEATURES`), `tumour_rim_concentration`: the same
-  concentrations with a rim index and a near-surface washout in place of the core ratio, so a rim-enhancing
-  tumour's washout reads on the same scale as a homogeneous one's; "rim_inner" reads them one voxel layer below
-  the surface, where a boundary off by one voxel barely moves them. `concentration_feature_sets` computes the
-  three concentration sets from one inversion.
+  TR and flip angle and its intensity normalisation (`acquisition_vector`; values a case does not give are
+  assumed, `mtl_breast.acquisition`). The head then needs each case's acquisition vector at every forward.
+- "rim" (`RIM_FEATURES`, the head's default) and "rim_inner" (`INNER_RIM_FEATURES`), `tumour_rim_concentration`:
+  the same concentrations with a rim index and a near-surface washout in place of the core ratio, so a
+  rim-enhancing tumour's washout reads on the same scale as a homogeneous one's; "rim_inner" reads them one voxel
+  layer below the surface, where a boundary off by one voxel barely moves them. `concentration_feature_sets`
+  computes the three concentration sets from one inversion.
 
 References:
     Hylton N., Vascular and contrast kinetics in breast MRI (signal enhancement ratio, curve types). 2006.
@@ -49,7 +49,8 @@ from mtl_breast.acquisition import (
     given_value,
 )
 
-__all__ = ["ACQUISITION_FIELDS", "CONCENTRATION_FEATURES", "INNER_RIM_FEATURES", "KINETIC_FEATURES", "RIM_FEATURES",
+__all__ = ["ACQUISITION_FIELDS", "CONCENTRATION_FEATURES", "FEATURE_SETS", "INNER_RIM_FEATURES", "KINETIC_FEATURES",
+           "RIM_FEATURES",
            "acquisition_vector", "concentration_feature_sets", "edge_depth", "enhancing_half", "spgr_concentration",
            "tumour_concentration", "tumour_kinetics", "tumour_rim_concentration"]
 
@@ -63,6 +64,15 @@ RIM_FEATURES = ("log_volume", "ln_conc_first", "ln_conc_last", "conc_log_slope",
 # ... and by `tumour_rim_concentration(..., surface_layers=1)`, which reads them one voxel layer below the surface.
 INNER_RIM_FEATURES = ("log_volume", "ln_conc_first", "ln_conc_last", "conc_log_slope", "inner_rim_index",
                       "inner_shell_log_slope")
+# Every named feature set: its columns, in order (see the module docstring).
+FEATURE_SETS: dict[str, tuple[str, ...]] = {
+    "size": ("log_volume",),
+    "kinetic": ("log_volume", "wash_in", "washout_ratio"),
+    "curve": KINETIC_FEATURES,
+    "concentration": CONCENTRATION_FEATURES,
+    "rim": RIM_FEATURES,
+    "rim_inner": INNER_RIM_FEATURES,
+}
 # Columns of the per-case acquisition vector [B, 5] (`acquisition_vector`); NaN = unknown.
 ACQUISITION_FIELDS = ("intensity_offset", "intensity_scale", "field_strength", "repetition_time", "flip_angle")
 # The values assumed where a case does not give them (field strength, TR, flip angle, phase spacing) and those
