@@ -335,13 +335,13 @@ def tumour_rim_concentration(image: Tensor, tumour_prob: Tensor, phase_mask: Ten
     the washout of one voxel layer near its surface in the signal itself, where partial volume with non-enhancing
     tissue scales every phase's enhancement alike and so leaves the ratio of enhancements unchanged
     (shell_log_slope). The regression on these columns can then read a rim tumour's washout on the same scale as a
-    homogeneous one's (docs/RESULTS.md, "How much can image kinetics add?").
+    homogeneous one's.
 
     Read on the outermost layer (``surface_layers=0``, `RIM_FEATURES`), both columns move with the mask's boundary:
     a mask one voxel too large puts non-enhancing tissue into the rim index and the shell. With
     ``surface_layers=1`` (`INNER_RIM_FEATURES`) the rim index leaves out the outermost layer and the shell is the
     second one, which one voxel of mask growth leaves almost unchanged but which carries more of a necrotic core's
-    slow curve (docs/RESULTS.md, "How much can image kinetics add?" and "The inner-rim kinetic pathway").
+    slow curve.
 
     Args: as `tumour_concentration`, and
         surface_layers: voxel layers below the tumour's surface that the two rim columns leave out (0 or more).
