@@ -33,13 +33,13 @@ from monai.transforms.utils_morphological_ops import dilate, erode
 
 from mtl_breast.baselines import LogisticBaseline, case_features
 from mtl_breast.data.cache import CaseCache
+from mtl_breast.data.dataset import acquisition_vector
 from mtl_breast.data.mamamia import read_splits
 from mtl_breast.metrics.classification import roc_auc
 from mtl_breast.models.kinetics import (
     CONCENTRATION_FEATURES,
     INNER_RIM_FEATURES,
     RIM_FEATURES,
-    acquisition_vector,
     enhancing_half,
     spgr_concentration,
 )

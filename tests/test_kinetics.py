@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 
+from mtl_breast.acquisition import ACQUISITION_FIELDS
+from mtl_breast.data.dataset import acquisition_vector
 from mtl_breast.data.window import tumour_centre, tumour_window, window_start
 from mtl_breast.hub import load_pretrained, save_pretrained
 from mtl_breast.models.heads import PCRHead
 from mtl_breast.models.kinetics import (
-    ACQUISITION_FIELDS,
     CONCENTRATION_FEATURES,
     INNER_RIM_FEATURES,
     KINETIC_FEATURES,
     RIM_FEATURES,
-    acquisition_vector,
     concentration_feature_sets,
     edge_depth,
     spgr_concentration,

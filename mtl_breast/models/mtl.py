@@ -45,7 +45,7 @@ class MTLModel(nn.Module):
                 phase_time: torch.Tensor | None = None,
                 acquisition: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Args: image [B, T, D, H, W]; phase_mask bool [B, T]; phase_time float [B, T] (NaN unknown); acquisition
-        float [B, 5] (`models.kinetics.acquisition_vector`, for the pCR head's concentration features; None unknown).
+        float [B, 5] (`data.dataset.acquisition_vector`, for the pCR head's concentration features; None unknown).
 
         Returns: {"seg_logits": [B, K, D, H, W], "pcr_logits": [B], "pcr_parts": {term: [B]}} -- raw logits, no
         activation; ``pcr_parts`` holds the terms the pCR logit sums (`PCRHead.parts`).

@@ -13,16 +13,11 @@ import json
 import time
 from pathlib import Path
 
-from mtl_breast.baselines import (
-    FEATURE_SETS,
-    LogisticBaseline,
-    auc_with_interval,
-    labelled_features,
-    paired_auc_difference,
-)
+from mtl_breast.baselines import FEATURE_SETS, LogisticBaseline, labelled_features
 from mtl_breast.data.cache import CaseCache
 from mtl_breast.data.mamamia import read_splits
 from mtl_breast.files import write_text
+from mtl_breast.metrics.classification import auc_with_interval, paired_auc_difference
 from mtl_breast.phantoms.collection import generate_dataset
 from mtl_breast.predictor import InferenceSettings, read_weights_config
 from mtl_breast.run.evaluate import evaluate, headline

@@ -34,9 +34,9 @@ import torch
 from jsonargparse import Namespace
 
 from mtl_breast.memtrace import CudaAutocastPolicy, FakeMode, LiveBytes, block_bytes
-from mtl_breast.models.layers import to_3tuple
 from mtl_breast.run.fitcheck_flags import add_arguments
 from mtl_breast.run.train import parse_training_config, task_classes
+from mtl_breast.sizes import to_3tuple
 
 __all__ = ["DEFAULT_PHASES", "FitCheckError", "add_arguments", "estimate_training_memory", "format_table",
            "load_config", "prepare_module", "run", "synthetic_batch"]

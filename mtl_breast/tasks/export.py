@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from mtl_breast.models.layers import to_3tuple
 from mtl_breast.models.registry import create_model
+from mtl_breast.sizes import to_3tuple
 
 
 def export_checkpoint(ckpt_path: Path | str, out_dir: Path | str) -> Path:

@@ -35,9 +35,9 @@ from mtl_breast.metrics.classification import choose_threshold, roc_auc, tempera
 from mtl_breast.metrics.mamamia import score_classification, score_segmentation
 from mtl_breast.metrics.segmentation import dice, hd95, norm_hd
 from mtl_breast.metrics.subgroups import subgroup_labels
-from mtl_breast.models.layers import to_3tuple
 from mtl_breast.models.registry import create_model
 from mtl_breast.predictor import InferenceSettings, predict_volume
+from mtl_breast.sizes import to_3tuple
 from mtl_breast.tasks.export import model_spec
 from mtl_breast.tasks.loggers import close_figure, log_figure, overlay_figure, training_summary, validation_metrics
 from mtl_breast.tasks.optim import build_optimizer, build_scheduler

@@ -17,8 +17,8 @@ import lightning as L
 import torch
 
 from mtl_breast.figures import save_png
-from mtl_breast.models.layers import to_3tuple
 from mtl_breast.models.registry import create_model
+from mtl_breast.sizes import to_3tuple
 from mtl_breast.tasks.export import model_spec
 from mtl_breast.tasks.loggers import close_figure, log_figure, training_summary, validation_metrics
 from mtl_breast.tasks.optim import build_optimizer, build_scheduler, effective_batch_size
