@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 from mtl_breast.baselines import LogisticBaseline, labelled_features
+from mtl_breast.figures import overlay_figure
 from mtl_breast.losses.classification import PCRLoss
 from mtl_breast.losses.fairness import SubgroupReweighter
 from mtl_breast.losses.multitask import MultiTaskLoss
@@ -39,7 +40,7 @@ from mtl_breast.models.registry import create_model
 from mtl_breast.predictor import InferenceSettings, predict_volume
 from mtl_breast.sizes import to_3tuple
 from mtl_breast.tasks.export import model_spec
-from mtl_breast.tasks.loggers import close_figure, log_figure, overlay_figure, training_summary, validation_metrics
+from mtl_breast.tasks.loggers import log_figure, training_summary, validation_metrics
 from mtl_breast.tasks.optim import build_optimizer, build_scheduler
 from mtl_breast.tasks.rng import KEY as RNG_KEY
 from mtl_breast.tasks.rng import checkpoint_rng_state, restore_rng_on_train_start
@@ -216,7 +217,6 @@ class MTLFinetuneModule(L.LightningModule):
         if example is not None and self.trainer.is_global_zero and not self.trainer.sanity_checking:
             fig = overlay_figure(example[1], example[2], example[3], str(example[0]))
             log_figure(self, "val/overlay", fig)
-            close_figure(fig)
         rows = self._gather_rows()
         self._val_rows = []
         if not rows:
