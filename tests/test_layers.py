@@ -177,3 +177,50 @@ def test_an_annotation_only_import_counts(tmp_path):
     source = tmp_path / "m.py"
     source.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from mtl_breast.data.cache import X\n")
     assert _imports(source, {"mtl_breast.data.cache": source}) == {"mtl_breast.data.cache"}
+
+
+# A module whose functions all import late for one reason states it once, at module level, after this marker.
+_MODULE_REASON = "# Imports inside functions:"
+
+
+def _unexplained_function_imports(source: str) -> list[int]:
+    """Lines of imports inside a function with no comment saying why: on the import's own lines, or on the line
+    above its run of consecutive imports; none when the module states its reason once (`_MODULE_REASON`)."""
+    if any(line.startswith(_MODULE_REASON) for line in source.splitlines()):
+        return []
+    lines = source.splitlines()
+    imports: list[ast.stmt] = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        if in_function and isinstance(node, (ast.Import, ast.ImportFrom)):
+            imports.append(node)
+        inside = in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for child in ast.iter_child_nodes(node):
+            visit(child, inside)
+
+    visit(ast.parse(source), False)
+    starts = {line for node in imports for line in range(node.lineno, node.end_lineno + 1)}
+    bad = []
+    for node in imports:
+        own = lines[node.lineno - 1:node.end_lineno]
+        above = node.lineno - 1  # the line above the run of imports this one belongs to (1-based: lines[above - 1])
+        while above in starts or (above >= 1 and not lines[above - 1].strip()):
+            above -= 1
+        if not any("#" in line for line in own) and not (above >= 1 and lines[above - 1].strip().startswith("#")):
+            bad.append(node.lineno)
+    return bad
+
+
+def test_imports_inside_functions_say_why():
+    unexplained = [f"{path.relative_to(PACKAGE.parent)}:{line}" for path in sorted(PACKAGE.rglob("*.py"))
+                   for line in _unexplained_function_imports(path.read_text())]
+    assert not unexplained, ("imports inside a function without a comment saying why (move them to the top of the "
+                             "module, or say why they are late): " + ", ".join(unexplained))
+
+
+def test_the_checker_sees_an_unexplained_late_import():
+    assert _unexplained_function_imports("def f():\n    import torch\n    return torch\n") == [2]
+    assert _unexplained_function_imports("def f():\n    import torch  # heavy\n") == []
+    assert _unexplained_function_imports("def f():\n    # heavy: only f needs them\n    import a\n    import b\n") == []
+    assert _unexplained_function_imports(f"{_MODULE_REASON} startup\ndef f():\n    import a\n") == []
+    assert _unexplained_function_imports("import a\n") == []

@@ -13,6 +13,10 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+import torch
+
 from mtl_breast.baselines import FEATURE_SETS, LogisticBaseline, labelled_features
 from mtl_breast.data.cache import CaseCache
 from mtl_breast.data.mamamia import read_splits
@@ -46,8 +50,6 @@ def _best_checkpoint(run_dir: Path) -> Path:
 
     Not the newest `best-*.ckpt` by name: a work folder used before can still hold one from an earlier run.
     """
-    import torch
-
     last = run_dir / "checkpoints" / "last.ckpt"
     state = torch.load(last, map_location="cpu", weights_only=True)
     for name, callback in (state.get("callbacks") or {}).items():
@@ -65,9 +67,6 @@ def _held_out_pcr(data: Path, cache_dir: Path, weights: Path, predictions: Path)
     on the held-out cases with features from their expert masks, which favours them over the model (it only
     sees its own predicted mask).
     """
-    import numpy as np
-    import pandas as pd
-
 
     settings = InferenceSettings.from_config(read_weights_config(weights))
     cache, roi = CaseCache(cache_dir, settings.preprocess), settings.roi_size

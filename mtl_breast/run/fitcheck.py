@@ -31,6 +31,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import yaml
 from jsonargparse import Namespace
 
 from mtl_breast.memtrace import CudaAutocastPolicy, FakeMode, LiveBytes, block_bytes
@@ -64,8 +65,6 @@ def load_config(config: str | Path | dict) -> dict:
         path = Path(config)
         if not path.is_file():
             raise FitCheckError(f"config file not found: {path}")
-        import yaml
-
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:

@@ -28,6 +28,7 @@ import torch
 
 from mtl_breast.baselines import LogisticBaseline, labelled_features
 from mtl_breast.figures import overlay_figure
+from mtl_breast.hub import load_encoder_into
 from mtl_breast.losses.classification import PCRLoss
 from mtl_breast.losses.fairness import SubgroupReweighter
 from mtl_breast.losses.multitask import MultiTaskLoss
@@ -36,6 +37,7 @@ from mtl_breast.metrics.classification import choose_threshold, roc_auc, tempera
 from mtl_breast.metrics.mamamia import score_classification, score_segmentation
 from mtl_breast.metrics.segmentation import dice, hd95, norm_hd
 from mtl_breast.metrics.subgroups import subgroup_labels
+from mtl_breast.models.lora import apply_lora
 from mtl_breast.models.registry import create_model
 from mtl_breast.predictor import InferenceSettings, predict_volume
 from mtl_breast.sizes import to_3tuple
@@ -110,8 +112,6 @@ class MTLFinetuneModule(L.LightningModule):
         self.img_size = size
         self.model = create_model(arch, img_size=size, **(model_args or {}))
         if pretrained:
-            from mtl_breast.hub import load_encoder_into
-
             load_encoder_into(self.model, pretrained)
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
@@ -119,8 +119,6 @@ class MTLFinetuneModule(L.LightningModule):
             self.model.encoder.requires_grad_(False)
         self.lora = None
         if lora_rank:
-            from mtl_breast.models.lora import apply_lora
-
             # The adapters train, the rest of the encoder stays as pretrained (decoder and head train as usual).
             self.lora = {"rank": int(lora_rank), "alpha": float(lora_alpha or 2 * lora_rank)}
             apply_lora(self.model.encoder, rank=self.lora["rank"], alpha=self.lora["alpha"], freeze_others=True)
