@@ -33,11 +33,11 @@ from monai.transforms.utils_morphological_ops import dilate, erode
 
 from mtl_breast.baselines import LogisticBaseline, case_features
 from mtl_breast.data.cache import CaseCache
+from mtl_breast.data.dataset import acquisition_vector
 from mtl_breast.data.mamamia import read_splits
 from mtl_breast.metrics.classification import roc_auc
 from mtl_breast.models.kinetics import (
     FEATURE_SETS,
-    acquisition_vector,
     enhancing_half,
     spgr_concentration,
 )

@@ -25,7 +25,6 @@ import yaml
 from experiments.variants import COMPARISONS, Comparison, Variant, baseline
 from mtl_breast.baselines import (
     LogisticBaseline,
-    bootstrap_interval,
     case_acquisition,
     case_features,
     labelled_features,
@@ -36,7 +35,7 @@ from mtl_breast.data.folder import read_dataset
 from mtl_breast.data.mamamia import read_splits
 from mtl_breast.files import write_text
 from mtl_breast.metrics.classification import balanced_accuracy, roc_auc
-from mtl_breast.metrics.intervals import percentile_interval, resample_indices
+from mtl_breast.metrics.intervals import bootstrap_interval, percentile_interval, resample_indices
 from mtl_breast.metrics.segmentation import dice as dice_score
 from mtl_breast.models.kinetics import FEATURE_SETS
 from mtl_breast.phantoms.collection import MANIFEST, generate_dataset, read_truth

@@ -20,10 +20,9 @@ import numpy as np
 
 from experiments.common import AS_ACQUIRED, WASHOUT_REMOVED, pooled_differences, summarise
 from experiments.variants import COMPARISONS, MODEL, REFERENCE, baseline, row_key
-from mtl_breast.baselines import bootstrap_interval
 from mtl_breast.files import write_text
 from mtl_breast.metrics.classification import roc_auc
-from mtl_breast.metrics.intervals import mean_interval
+from mtl_breast.metrics.intervals import bootstrap_interval, mean_interval
 
 # Files that record no held-out seed, neither as a field nor in their command, were scored with the default of the
 # time, 10_000.

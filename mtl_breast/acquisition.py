@@ -8,7 +8,8 @@ Real MAMA-MIA tables give field strength and TR but never a flip angle, so these
 exception: `assumed_values` says which ones hold for a case, `summarise_assumed` and `assumed_line` count them over
 a job, so `preprocess`, `predict` and the model card report them instead of assuming silently.
 
-This module is the one definition of those values (`models.kinetics` takes them from here). It imports nothing from
+This module is the one definition of those values and of the acquisition vector's columns (`models.kinetics`
+reads them from here, `data.dataset` builds the vector). It imports nothing from
 the package and no torch, so `models`, `data` and the top-level modules may all import it without breaking the
 one-way layering of DESIGN.md section 2.
 """
@@ -20,9 +21,10 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["ACQUISITION_UNITS", "DEFAULT_FIELD_T", "DEFAULT_FLIP_DEG", "DEFAULT_INTERVAL_S", "DEFAULT_TR_MS",
-           "HIGH_FIELD_T", "NEVER_GIVEN", "R1", "TUMOUR_T10_S", "assumed_counts", "assumed_line", "assumed_report",
-           "assumed_text", "assumed_values", "check_given", "field_values", "given_value", "summarise_assumed"]
+__all__ = ["ACQUISITION_FIELDS", "ACQUISITION_UNITS", "DEFAULT_FIELD_T", "DEFAULT_FLIP_DEG", "DEFAULT_INTERVAL_S",
+           "DEFAULT_TR_MS", "HIGH_FIELD_T", "NEVER_GIVEN", "R1", "TUMOUR_T10_S", "assumed_counts", "assumed_line",
+           "assumed_report", "assumed_text", "assumed_values", "check_given", "field_values", "given_value",
+           "summarise_assumed"]
 
 # Used where the case does not say: 1.5 T, and a TR/flip angle typical of breast DCE-MRI (3D spoiled gradient echo).
 DEFAULT_FIELD_T, DEFAULT_TR_MS, DEFAULT_FLIP_DEG = 1.5, 5.0, 12.0
@@ -33,6 +35,9 @@ TUMOUR_T10_S = {1.5: 1.1, 3.0: 1.3}
 R1 = {1.5: 4.5, 3.0: 4.0}
 HIGH_FIELD_T = 2.25  # a field at or above it takes the 3 T values, below it the 1.5 T ones (midway between them)
 
+# Columns of a case's acquisition vector [5] (`data.dataset.acquisition_vector`), the per-case input the pCR head's
+# concentration features read (`models.kinetics`): the intensity normalisation and what the case gives; NaN unknown.
+ACQUISITION_FIELDS = ("intensity_offset", "intensity_scale", "field_strength", "repetition_time", "flip_angle")
 # The keys of `assumed_values`, in report order, with their units. The first three are `Case.meta` keys (what a
 # reader may find in a table or JSON); the others name what no metadata key holds.
 ACQUISITION_UNITS = {"field_strength": "T", "repetition_time": "ms", "flip_angle": "deg", "phase_interval_s": "s",
@@ -47,7 +52,7 @@ _VALID = {"field_strength": (0.0, math.inf), "repetition_time": (0.0, math.inf),
 def given_value(value: Any) -> float | None:
     """The value as a finite float, or None when it is not one (absent, None, NaN, text that is not a number).
 
-    This is what `models.kinetics.acquisition_vector` reads as given: everything else takes the default there.
+    This is what `data.dataset.acquisition_vector` reads as given: everything else takes the default there.
     """
     try:
         out = float(value)

@@ -27,18 +27,15 @@ import torch
 from scipy.optimize import minimize
 
 from mtl_breast.data.cache import CaseCache
+from mtl_breast.data.dataset import acquisition_vector
 from mtl_breast.data.window import tumour_window
-from mtl_breast.metrics.classification import roc_auc
-from mtl_breast.metrics.intervals import bootstrap_interval
 from mtl_breast.models.kinetics import (
     KINETIC_FEATURES,
-    acquisition_vector,
     concentration_feature_sets,
     tumour_kinetics,
 )
 
-__all__ = ["LogisticBaseline", "auc_with_interval", "bootstrap_interval", "case_acquisition",
-           "case_features", "labelled_features", "paired_auc_difference"]
+__all__ = ["LogisticBaseline", "case_acquisition", "case_features", "labelled_features"]
 
 
 
@@ -54,7 +51,7 @@ def case_features(image: np.ndarray | torch.Tensor, tumour: np.ndarray | torch.T
             outside the tumour would otherwise add to the curve set's log_volume, which every set shares).
         phase_time: ``[T]`` seconds after pre-contrast (NaN unknown), or None.
         roi: the window size (the model's training crop).
-        acquisition: ``[5]`` `models.kinetics.acquisition_vector` of the case; None leaves the concentration
+        acquisition: ``[5]`` `data.dataset.acquisition_vector` of the case; None leaves the concentration
             features NaN.
 
     Returns:
@@ -143,30 +140,3 @@ class LogisticBaseline:
             raise RuntimeError("fit the baseline first")
         z = np.c_[np.ones(len(rows)), (self._matrix(rows) - self.mean_) / self.std_]
         return 1.0 / (1.0 + np.exp(-(z @ self.coef_)))
-
-
-def auc_with_interval(y: Sequence[float], score: Sequence[float], *, seed: int = 0) -> dict[str, float]:
-    """``{"auc", "low", "high"}``: ROC AUC and its 95% bootstrap interval over cases."""
-    y, score = np.asarray(y, dtype=np.float64), np.asarray(score, dtype=np.float64)
-
-    def stat(i: np.ndarray) -> float:
-        return roc_auc(y[i], score[i]) if len(np.unique(y[i])) == 2 else float("nan")
-
-    low, high = bootstrap_interval(stat, len(y), seed=seed)
-    return {"auc": roc_auc(y, score), "low": low, "high": high}
-
-
-def paired_auc_difference(y: Sequence[float], score: Sequence[float], other: Sequence[float], *,
-                          seed: int = 0) -> dict[str, float]:
-    """``{"difference", "low", "high"}``: AUC of ``score`` minus AUC of ``other`` on the same cases, with a 95%
-    bootstrap interval that resamples the cases once for both (so what the two share cancels)."""
-    y = np.asarray(y, dtype=np.float64)
-    score, other = np.asarray(score, dtype=np.float64), np.asarray(other, dtype=np.float64)
-    if not len(y) == len(score) == len(other):
-        raise ValueError(f"need one score per case: {len(y)} labels, {len(score)} and {len(other)} scores")
-
-    def stat(i: np.ndarray) -> float:
-        return roc_auc(y[i], score[i]) - roc_auc(y[i], other[i]) if len(np.unique(y[i])) == 2 else float("nan")
-
-    low, high = bootstrap_interval(stat, len(y), seed=seed)
-    return {"difference": roc_auc(y, score) - roc_auc(y, other), "low": low, "high": high}

@@ -14,6 +14,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from mtl_breast.run.fitcheck_flags import add_arguments as add_fit_check_arguments
+
+# Imports inside functions: each subcommand imports the library function it calls when it runs, so building the
+# parser (`mtl-breast --help`) loads neither torch nor Lightning (tests/test_cli_startup.py).
 Command = Callable[[argparse.Namespace], int]
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Command]] = {}
 
@@ -270,13 +274,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- fit-check
-def _fit_check_flags(p: argparse.ArgumentParser) -> None:
-    from mtl_breast.run.fitcheck_flags import add_arguments
-
-    add_arguments(p)
-
-
-@command("fit-check", "estimate the peak GPU memory of a training config without a GPU", _fit_check_flags)
+@command("fit-check", "estimate the peak GPU memory of a training config without a GPU", add_fit_check_arguments)
 def _fit_check(args: argparse.Namespace) -> int:
     from mtl_breast.run.fitcheck import run
 

@@ -25,6 +25,7 @@ whose order changes from process to process, so the same tensors would otherwise
 from __future__ import annotations
 
 import errno
+import gzip
 import io
 import json
 import os
@@ -35,6 +36,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from safetensors.numpy import save as save_numpy
 
 # A full disk, an exhausted quota, a file-size limit: the write failed for want of room, not for a bug.
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -123,8 +126,6 @@ _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # a PNG file's last chunk
 def _gzip_content(path: Path, keep: int) -> tuple[int, bytes]:
     """(uncompressed length, its first `keep` bytes) of a gzip file, decompressed in chunks; raises on a truncated
     or corrupted stream (EOFError, gzip.BadGzipFile, zlib.error)."""
-    import gzip
-
     length, head = 0, b""
     with gzip.open(path, "rb") as handle:
         while chunk := handle.read(1 << 20):
@@ -136,7 +137,7 @@ def _gzip_content(path: Path, keep: int) -> tuple[int, bytes]:
 
 def _nifti_data_end(head: bytes) -> int | None:
     """Bytes a NIfTI-1/2 file must hold after its header's vox_offset and data shape, or None if not a header."""
-    import nibabel as nib
+    import nibabel as nib  # imported here: 0.7 s, and only a NIfTI file's check needs it (most writes are not)
 
     klass = nib.Nifti2Header if head[:4] in ((540).to_bytes(4, "little"), (540).to_bytes(4, "big")) \
         else nib.Nifti1Header
@@ -248,9 +249,9 @@ def _safetensors_parts(tensors: Mapping[str, Any], metadata: Mapping[str, str] |
     """(8-byte length + canonical header, data section) of a safetensors file."""
     values = list(tensors.values())
     if values and all(type(v).__module__.startswith("torch") for v in values):
-        from safetensors.torch import save  # torch is only imported by callers that hold torch tensors
+        from safetensors.torch import save  # imported here: torch only for callers that hold torch tensors
     else:
-        from safetensors.numpy import save
+        save = save_numpy
     raw = save(dict(tensors), metadata=dict(metadata) if metadata else None)
     n = int.from_bytes(raw[:8], "little")
     header = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()

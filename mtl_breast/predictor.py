@@ -23,12 +23,12 @@ from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
 from mtl_breast.data.case import Case
+from mtl_breast.data.dataset import acquisition_vector
 from mtl_breast.data.preprocess import PreprocessConfig, preprocess_case, to_original_space
 from mtl_breast.data.window import tumour_window
 from mtl_breast.hub import WeightsError, load_pretrained, resolve_weights, weights_and_config
-from mtl_breast.models.kinetics import acquisition_vector
-from mtl_breast.models.layers import positive_int_triple
 from mtl_breast.models.mtl import MTLModel
+from mtl_breast.sizes import positive_int_triple
 
 # Voxels of all windows of one sliding-window pass: a ViT-B window of 128^3 holds about 2 GiB of activations on the
 # CPU, so one at a time keeps a real-size case under 4 GB of RSS there; small windows are batched (32^3 windows of
@@ -168,7 +168,7 @@ def predict_volume_parts(model: torch.nn.Module, image: torch.Tensor, phase_time
         phase_time: [T] seconds after pre-contrast (NaN unknown).
         settings: window size, overlap, TTA.
         phase_mask: [T] bool, default all True.
-        acquisition: [5] the case's `models.kinetics.acquisition_vector` (the pCR head's concentration features
+        acquisition: [5] the case's `data.dataset.acquisition_vector` (the pCR head's concentration features
             need it; None = unknown).
 
     Returns:

@@ -30,10 +30,10 @@ from mtl_breast.acquisition import (
 )
 from mtl_breast.data.cache import CaseCache
 from mtl_breast.data.case import CaseError
+from mtl_breast.data.dataset import acquisition_vector
 from mtl_breast.data.folder import read_dataset
 from mtl_breast.data.mamamia import read_mamamia
 from mtl_breast.data.preprocess import PreprocessConfig, preprocess_case
-from mtl_breast.models.kinetics import acquisition_vector
 
 SIZE = 32
 TIMES = [0.0, 90.0, 180.0]

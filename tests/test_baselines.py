@@ -10,14 +10,10 @@ import pytest
 import torch
 from conftest import load_bench_script
 
-from mtl_breast.baselines import (
-    LogisticBaseline,
-    auc_with_interval,
-    bootstrap_interval,
-    case_features,
-    paired_auc_difference,
-)
-from mtl_breast.metrics.classification import roc_auc
+from mtl_breast.baselines import LogisticBaseline, case_features
+from mtl_breast.data.dataset import acquisition_vector
+from mtl_breast.metrics.classification import auc_with_interval, paired_auc_difference, roc_auc
+from mtl_breast.metrics.intervals import bootstrap_interval
 from mtl_breast.models.heads import PCRHead
 from mtl_breast.models.kinetics import (
     CONCENTRATION_FEATURES,
@@ -25,7 +21,6 @@ from mtl_breast.models.kinetics import (
     INNER_RIM_FEATURES,
     KINETIC_FEATURES,
     RIM_FEATURES,
-    acquisition_vector,
     tumour_concentration,
     tumour_kinetics,
     tumour_rim_concentration,
@@ -160,7 +155,6 @@ def test_enhancing_concentration_curve_inverts_the_signal_equation():
     the concentration of the enhancing part, the weak quarter left out."""
     import torch
 
-    from mtl_breast.models.kinetics import acquisition_vector
     from mtl_breast.phantoms.physics import spgr_signal
 
     ceiling = load_bench_script("kinetics_ceiling")

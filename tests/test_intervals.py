@@ -65,12 +65,6 @@ def test_bootstrap_interval_leaves_out_undefined_resamples():
     assert all(math.isnan(v) for v in bootstrap_interval(lambda i: math.nan, 4, samples=10))
 
 
-def test_baselines_use_the_same_bootstrap():
-    from mtl_breast import baselines
-
-    assert baselines.bootstrap_interval is bootstrap_interval
-
-
 def test_small_group_rule():
     assert too_small(9) and not too_small(10)
     assert too_small(20, n_pos=4, n_neg=16) and too_small(20, n_pos=16, n_neg=4)

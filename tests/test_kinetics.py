@@ -12,17 +12,17 @@ import pytest
 import torch
 import yaml
 
+from mtl_breast.acquisition import ACQUISITION_FIELDS
+from mtl_breast.data.dataset import acquisition_vector
 from mtl_breast.data.window import tumour_centre, tumour_window, window_start
 from mtl_breast.hub import load_pretrained, save_pretrained
 from mtl_breast.models.heads import FEATURE_FUNCTIONS, PCRHead
 from mtl_breast.models.kinetics import (
-    ACQUISITION_FIELDS,
     CONCENTRATION_FEATURES,
     FEATURE_SETS,
     INNER_RIM_FEATURES,
     KINETIC_FEATURES,
     RIM_FEATURES,
-    acquisition_vector,
     concentration_feature_sets,
     edge_depth,
     spgr_concentration,

@@ -10,7 +10,7 @@ import yaml
 
 from mtl_breast.acquisition import summarise_assumed
 from mtl_breast.hub import save_pretrained
-from mtl_breast.modelcard import NOT_RECORDED, render_model_card
+from mtl_breast.hub.modelcard import NOT_RECORDED, render_model_card
 from mtl_breast.models.registry import create_model
 
 REQUIRED_TAGS = {"medical-imaging", "mri", "breast", "dce-mri"}

@@ -4,11 +4,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mtl_breast.figures import BarPanel, bar_panels_figure, make_overlay
 from mtl_breast.metrics.classification import reliability_curve
 from mtl_breast.metrics.mamamia import score_classification, score_segmentation
 from mtl_breast.metrics.subgroups import subgroup_table
 from mtl_breast.run.evaluate import json_safe
-from mtl_breast.run.report import make_overlay, write_report
+from mtl_breast.run.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -113,13 +114,9 @@ def test_report_of_scores_without_intervals(tmp_path, scores):
 
 
 def test_subgroup_bars_show_counts_intervals_and_small_groups():
-    from matplotlib.figure import Figure
-
-    from mtl_breast.run.report import _bars
-
-    ax = Figure().subplots()
     groups = {"40-50": {"n": 3, "too_small": True}, "0-40": {"n": 12}}
-    _bars(ax, groups, ["0-40", "40-50"], {"DSC": [0.6, 0.8]}, "t", None, errors={"DSC": [(0.5, 0.7), (0.3, 0.95)]})
+    panel = BarPanel(groups, ["0-40", "40-50"], {"DSC": [0.6, 0.8]}, "t", errors={"DSC": [(0.5, 0.7), (0.3, 0.95)]})
+    (ax,) = bar_panels_figure([[panel]], "title", "note", 3.0).axes
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0-40\n(n=12)", "40-50\n(n=3)"]
     big, small = ax.patches
     assert big.get_hatch() is None and small.get_hatch() == "///"  # the small group is hatched

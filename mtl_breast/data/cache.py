@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,13 +29,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from mtl_breast.acquisition import assumed_values
+from mtl_breast.data.preprocess import CACHE_DTYPES, PreprocessConfig, PreprocessedCase
 from mtl_breast.files import write_safetensors, write_text
-
-if TYPE_CHECKING:  # preprocess imports this module; the classes are only needed for annotations here
-    from mtl_breast.data.preprocess import PreprocessConfig, PreprocessedCase
-
-# PreprocessConfig.cache_dtype -> stored type (preprocess.py re-exports it; declared here, below it in the imports).
-CACHE_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 SUFFIX = ".safetensors"
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header size

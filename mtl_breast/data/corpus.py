@@ -25,7 +25,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from mtl_breast.data.breastdcedl import is_breastdcedl_root
 from mtl_breast.data.case import Case, DatasetError
+from mtl_breast.data.folder import read_dataset
 from mtl_breast.data.identity import patient_identity
 from mtl_breast.data.mamamia import SPLITS, _find, _read_table, is_mamamia_root, read_splits
 from mtl_breast.files import write_text
@@ -55,8 +57,6 @@ def _table_uids(root: Path) -> dict[str, list[str]]:
 def _collection(root: Path, cases: list[Case]) -> str:
     if is_mamamia_root(root):
         return "MAMA-MIA"
-    from mtl_breast.data.breastdcedl import is_breastdcedl_root
-
     if is_breastdcedl_root(root):
         return "BreastDCEDL"
     votes = Counter(found[1].collection for c in cases
@@ -111,8 +111,6 @@ def _eval_ids(spec: str) -> tuple[str, Path | None, list[str]]:
 def build_corpus(roots: list[Path | str], out: Path | str | None = None, eval_splits: list[str] = (),
                  include_test: bool = False) -> dict[str, Any]:
     """Build the corpus of `roots` (module docstring) and write it to `out` (JSON, atomically) when given."""
-    from mtl_breast.data.folder import read_dataset
-
     roots = [Path(r) for r in roots]
     union, read, skipped, root_info = _Union(), [], [], []
     for index, root in enumerate(roots):
@@ -215,8 +213,6 @@ def read_corpus(path: Path | str) -> dict[str, Any]:
 
 def corpus_cases(corpus: dict[str, Any], skipped: list[dict[str, str]] | None = None) -> list[Case]:
     """The cases a corpus lists, read from their roots, with the corpus's unique ids as patient ids."""
-    from mtl_breast.data.folder import read_dataset
-
     wanted: dict[str, dict[str, str]] = {}
     for record in corpus["cases"]:
         wanted.setdefault(record["root"], {})[record["case"].lower()] = record["id"]

@@ -28,7 +28,7 @@ from mtl_breast.data.mamamia import SPLITS, _find, is_mamamia_root, read_splits
 from mtl_breast.data.preprocess import PreprocessConfig
 from mtl_breast.data.sampling import EpochSampler, ResumableLoader
 from mtl_breast.data.transforms import finetune_transforms, pretrain_transforms
-from mtl_breast.models.layers import to_3tuple
+from mtl_breast.sizes import to_3tuple
 
 log = logging.getLogger(__name__)
 # The default `preprocess` of both data modules: PreprocessConfig is frozen, so one shared instance is safe.

@@ -19,11 +19,28 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.utils.data import Dataset
 
+from mtl_breast.acquisition import ACQUISITION_FIELDS, given_value
 from mtl_breast.data.cache import CaseCache
 from mtl_breast.data.sampling import SampleKey
-from mtl_breast.models.kinetics import ACQUISITION_FIELDS, acquisition_vector
+
+
+def acquisition_vector(normalization: dict | None, meta: dict | None) -> Tensor:
+    """``[5]`` float32 in `ACQUISITION_FIELDS` order from a preprocessed case's ``info["normalization"]`` (the
+    mean/std every phase was normalised with) and ``info["meta"]`` (field_strength T, repetition_time ms,
+    flip_angle deg). Missing values are NaN."""
+    norm, meta = normalization or {}, meta or {}
+
+    def number(value) -> float:
+        # `acquisition.given_value` decides what counts as given, so `acquisition.assumed_values` reports exactly
+        # the values that take a default here.
+        out = given_value(value)
+        return float("nan") if out is None else out
+
+    return torch.tensor([number(norm.get("mean")), number(norm.get("std")), number(meta.get("field_strength")),
+                         number(meta.get("repetition_time")), number(meta.get("flip_angle"))], dtype=torch.float32)
 
 
 class CachedCaseDataset(Dataset):

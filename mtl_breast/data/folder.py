@@ -27,7 +27,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mtl_breast.acquisition import check_given
+from mtl_breast.data.breastdcedl import is_breastdcedl_root, read_breastdcedl
 from mtl_breast.data.case import Case, CaseError, check_times
+from mtl_breast.data.convert import convert_dicom, staging_dir
+from mtl_breast.data.dicom import is_dicom_root
 from mtl_breast.data.mamamia import META_KEYS, is_mamamia_root, read_mamamia
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
@@ -101,9 +104,6 @@ def _read_case_folder(folder: Path, dataset: str) -> Case | None:
 def _read_root(root: Path, skipped: list[dict[str, str]] | None) -> list[Case]:
     if is_mamamia_root(root):
         return read_mamamia(root, require_images=True, skipped=skipped)
-    from mtl_breast.data.breastdcedl import is_breastdcedl_root, read_breastdcedl
-    from mtl_breast.data.dicom import is_dicom_root
-
     if is_breastdcedl_root(root):
         return read_breastdcedl(root, skipped=skipped)
 
@@ -131,8 +131,6 @@ def read_dicom_cases(root: Path | str, skipped: list[dict[str, str]] | None = No
     Studies without a usable dynamic are appended to `skipped` (else the first one's `CaseError` propagates, its
     message as listed: it names the case, study, series and file).
     """
-    from mtl_breast.data.convert import convert_dicom, staging_dir
-
     root = Path(root)
     report = convert_dicom(root, staging_dir(root), dataset=root.name)
     if report["skipped"] and skipped is None:

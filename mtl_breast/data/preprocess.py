@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from mtl_breast.data.cache import CACHE_DTYPES
 from mtl_breast.data.case import Case, CaseError, check_times, source_fingerprint
 from mtl_breast.data.volumes import read_volume
 
@@ -45,6 +44,8 @@ _AXIS_PAIRS = ("RL", "AP", "SI")
 # than cached and then failing in the middle of training.
 MIN_PHASES, MAX_PHASES = 2, 8
 _CLIP_SAMPLES = 2_000_000  # percentiles are estimated on at most this many evenly strided voxels
+# PreprocessConfig.cache_dtype -> the type `data.cache.CaseCache` stores the normalised phases in.
+CACHE_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
 @dataclass(frozen=True)

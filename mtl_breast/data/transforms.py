@@ -33,7 +33,7 @@ from monai.transforms import (
 )
 
 from mtl_breast.data.window import tumour_centre, window_start
-from mtl_breast.models.layers import to_3tuple
+from mtl_breast.sizes import to_3tuple
 
 
 class RandPhaseDropoutd(RandomizableTransform, MapTransform):
@@ -70,7 +70,7 @@ class RandCaseGaind(RandomizableTransform, MapTransform):
 
     The image is the case normalised with one offset and scale (``(S - offset) / scale``); a gain on the scanner
     signal S scales the normalised image by ``1 + u`` only if the offset scales with it, so the sample's
-    ``acquisition`` vector (`models.kinetics.acquisition_vector`) gets ``offset * (1 + u)``: the signal ratios
+    ``acquisition`` vector (`data.dataset.acquisition_vector`) gets ``offset * (1 + u)``: the signal ratios
     between phases, and with them the contrast concentration, stay exact.
     """
 

@@ -4,7 +4,9 @@ Every weights read and write of the package goes through here. Two modules, one 
 
 - `hub.weightfiles`: a weights location (local path, or a Hugging Face Hub id already in the local cache)
   resolved, its safetensors file read (never unpickled) and its ``config.json`` read and checked;
-- `hub.pretrained`: models saved to and rebuilt from such a folder, and partial encoder loads.
+- `hub.pretrained`: models saved to and rebuilt from such a folder, and partial encoder loads;
+
+and `hub.modelcard`, the ``README.md`` model card `hub.pretrained` writes next to the weights.
 
 Import from ``mtl_breast.hub``; the names below are the public API.
 """

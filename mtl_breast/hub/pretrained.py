@@ -3,7 +3,7 @@
 ``config.json`` = ``{"arch", "model_args", "format_version", "num_parameters", "weights_sha256", ...extra keys}``;
 the model is rebuilt with ``create_model(arch, **model_args)`` and loaded strictly, after the config has been
 checked against the file's header on the ``meta`` device. Every exported folder also holds ``README.md``, a model
-card rendered from ``config.json`` (``modelcard``). Files are read through `hub.weightfiles`.
+card rendered from ``config.json`` (`hub.modelcard`). Files are read through `hub.weightfiles`.
 """
 # References:
 #   timm _hub.py (save_for_hf: safetensors + config.json) and checkpoint_filter_fn; MAE util/pos_embed.py
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from mtl_breast.files import safetensors_bytes, write_bytes, write_text
+from mtl_breast.hub.modelcard import render_model_card
 from mtl_breast.hub.weightfiles import (
     CONFIG_NAME,
     FORMAT_VERSION,
@@ -33,10 +34,10 @@ from mtl_breast.hub.weightfiles import (
     read_safetensors_shapes,
     weights_and_config,
 )
-from mtl_breast.modelcard import render_model_card
 from mtl_breast.models.encoder import ViTEncoder3d
-from mtl_breast.models.layers import positive_int_triple, resample_pos_embed_3d, to_3tuple
+from mtl_breast.models.layers import resample_pos_embed_3d
 from mtl_breast.models.registry import MODELS, create_model
+from mtl_breast.sizes import positive_int_triple, to_3tuple
 
 __all__ = ["CARD_NAME", "checkpoint_filter_fn", "clean_state_dict", "load_encoder_into", "load_pretrained",
            "save_pretrained"]

@@ -119,6 +119,7 @@ def hf_cache_dir() -> Path:
 
 def _from_hf_cache(repo_id: str, revision: str | None, name: str) -> Path:
     """The cached snapshot folder of a Hub model, or a WeightsError saying where it was looked for."""
+    # imported here: huggingface_hub is not a declared dependency (timm brings it), and only a Hub id needs it
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
 

@@ -1,4 +1,5 @@
-"""pCR metrics: balanced accuracy, ROC AUC, equalized-odds fairness, threshold choice and calibration.
+"""pCR metrics: balanced accuracy, ROC AUC (alone, with its bootstrap interval, and the paired difference of two
+scores), equalized-odds fairness, threshold choice and calibration.
 
 The challenge rules (from the official task-2 scoring script):
 
@@ -27,6 +28,8 @@ import pandas as pd
 from numpy.typing import ArrayLike
 from scipy.optimize import minimize_scalar
 from scipy.stats import rankdata
+
+from mtl_breast.metrics.intervals import bootstrap_interval
 
 
 def _labels(y: ArrayLike, name: str) -> np.ndarray:
@@ -92,6 +95,26 @@ def roc_auc(y_true: ArrayLike, score: ArrayLike) -> float:
         return float("nan")
     ranks = rankdata(s)  # average ranks handle ties
     return float((ranks[yt == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def auc_with_interval(y: Sequence[float], score: Sequence[float], *, seed: int = 0) -> dict[str, float]:
+    """``{"auc", "low", "high"}``: ROC AUC and its 95% bootstrap interval over cases (`intervals.bootstrap_interval`;
+    resamples holding one class have no AUC and are left out)."""
+    y, score = np.asarray(y, dtype=np.float64), np.asarray(score, dtype=np.float64)
+    low, high = bootstrap_interval(lambda i: roc_auc(y[i], score[i]), len(y), seed=seed)
+    return {"auc": roc_auc(y, score), "low": low, "high": high}
+
+
+def paired_auc_difference(y: Sequence[float], score: Sequence[float], other: Sequence[float], *,
+                          seed: int = 0) -> dict[str, float]:
+    """``{"difference", "low", "high"}``: AUC of ``score`` minus AUC of ``other`` on the same cases, with a 95%
+    bootstrap interval that resamples the cases once for both (so what the two share cancels)."""
+    y = np.asarray(y, dtype=np.float64)
+    score, other = np.asarray(score, dtype=np.float64), np.asarray(other, dtype=np.float64)
+    if not len(y) == len(score) == len(other):
+        raise ValueError(f"need one score per case: {len(y)} labels, {len(score)} and {len(other)} scores")
+    low, high = bootstrap_interval(lambda i: roc_auc(y[i], score[i]) - roc_auc(y[i], other[i]), len(y), seed=seed)
+    return {"difference": roc_auc(y, score) - roc_auc(y, other), "low": low, "high": high}
 
 
 def tpr_fpr(y_true: ArrayLike, y_pred: ArrayLike) -> tuple[float, float]:

@@ -9,8 +9,8 @@ Why two methods:
   distribution: resample the cases with replacement and take the percentiles of the statistic.
 
 Every bootstrap is seeded, so the same inputs give the same interval. `resample_indices` draws one resample
-at a time (`rng.integers(0, n, n)`), the order `baselines.bootstrap_interval` always used, so intervals
-computed before this module existed do not move.
+at a time (`rng.integers(0, n, n)`), the order the baselines' bootstrap always used, so intervals computed
+before this module existed do not move.
 
 Small groups (`too_small`): an interval from a handful of cases is mostly width; a group is marked too small to
 judge when it holds fewer than `MIN_GROUP_CASES` (10) cases, or, for pCR rates, fewer than `MIN_CLASS_CASES` (5)

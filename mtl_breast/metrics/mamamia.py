@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mtl_breast.metrics.classification import balanced_accuracy, equalized_odds, roc_auc
+from mtl_breast.metrics.classification import auc_with_interval, balanced_accuracy, equalized_odds, roc_auc
 from mtl_breast.metrics.intervals import (
     bootstrap_interval,
     describe,
@@ -141,8 +141,8 @@ def _classification_intervals(yt: np.ndarray, yp: np.ndarray, s: np.ndarray | No
     """
     n_pos = int((yt == 1).sum())
     ba_ci = bootstrap_interval(lambda i: balanced_accuracy(yt[i], yp[i]), len(yt), seed=seed)
-    auc_ci = (math.nan, math.nan) if s is None else bootstrap_interval(lambda i: roc_auc(yt[i], s[i]), len(yt),
-                                                                       seed=seed)
+    auc = None if s is None else auc_with_interval(yt, s, seed=seed)  # the same resamples as the BA interval
+    auc_ci = (math.nan, math.nan) if auc is None else (auc["low"], auc["high"])
     return {"n": len(yt), "n_pos": n_pos, "n_neg": len(yt) - n_pos, "balanced_accuracy_ci": ba_ci, "auc_ci": auc_ci,
             "intervals": describe(seed)}
 

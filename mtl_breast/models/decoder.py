@@ -13,7 +13,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from mtl_breast.models.layers import to_3tuple
+from mtl_breast.sizes import to_3tuple
 
 __all__ = ["PhaseAttentionPool", "SegDecoder", "phase_pool", "skip_indices"]
 

@@ -27,9 +27,9 @@ from mtl_breast.models.layers import (
     init_linear_and_norm,
     resample_pos_embed_3d,
     sincos_pos_embed_3d,
-    to_3tuple,
 )
 from mtl_breast.models.temporal import PhaseEncoding, TemporalAttention, check_phase_inputs
+from mtl_breast.sizes import to_3tuple
 
 __all__ = ["ATTN_MODES", "PHASE_LAYOUTS", "POS_EMBED_TYPES", "Block", "ViTEncoder3d"]
 

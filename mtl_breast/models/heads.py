@@ -174,7 +174,7 @@ class PCRHead(nn.Module):
             grid: token grid ``(d, h, w)``; needed with ``seg_prob`` unless the patch is isotropic.
             image: ``[B, T, D, H, W]`` the phases the tokens came from (kinetic pathway).
             phase_time: ``[B, T]`` seconds after pre-contrast, NaN unknown (kinetic pathway).
-            acquisition: ``[B, 5]`` `models.kinetics.acquisition_vector` of each case (concentration features);
+            acquisition: ``[B, 5]`` `data.dataset.acquisition_vector` of each case (concentration features);
                 None = unknown.
             layers: encoder token maps, shallow to deep, each ``[B, T, N, E]`` (learned pathway: its last
                 ``learned_layers``); None = ``[tokens]``.

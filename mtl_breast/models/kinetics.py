@@ -18,7 +18,7 @@ card and the benchmarks):
   site's flip angle and TR (the signal is not linear in contrast) and its timing.
 - "concentration" (`CONCENTRATION_FEATURES`, `tumour_concentration`): the contrast-agent concentration of the
   tumour, from inverting the spoiled-gradient-echo signal equation voxel by voxel with the case's field strength,
-  TR and flip angle and its intensity normalisation (`acquisition_vector`; values a case does not give are
+  TR and flip angle and its intensity normalisation (`data.dataset.acquisition_vector`; values a case does not give are
   assumed, `mtl_breast.acquisition`). The head then needs each case's acquisition vector at every forward.
 - "rim" (`RIM_FEATURES`, the head's default) and "rim_inner" (`INNER_RIM_FEATURES`), `tumour_rim_concentration`:
   the same concentrations with a rim index and a near-surface washout in place of the core ratio, so a
@@ -39,6 +39,7 @@ from monai.transforms.utils_morphological_ops import erode
 from torch import Tensor
 
 from mtl_breast.acquisition import (
+    ACQUISITION_FIELDS,
     DEFAULT_FIELD_T,
     DEFAULT_FLIP_DEG,
     DEFAULT_INTERVAL_S,
@@ -46,12 +47,10 @@ from mtl_breast.acquisition import (
     HIGH_FIELD_T,
     R1,
     TUMOUR_T10_S,
-    given_value,
 )
 
-__all__ = ["ACQUISITION_FIELDS", "CONCENTRATION_FEATURES", "FEATURE_SETS", "INNER_RIM_FEATURES", "KINETIC_FEATURES",
-           "RIM_FEATURES",
-           "acquisition_vector", "concentration_feature_sets", "edge_depth", "enhancing_half", "spgr_concentration",
+__all__ = ["CONCENTRATION_FEATURES", "FEATURE_SETS", "INNER_RIM_FEATURES", "KINETIC_FEATURES", "RIM_FEATURES",
+           "concentration_feature_sets", "edge_depth", "enhancing_half", "spgr_concentration",
            "tumour_concentration", "tumour_kinetics", "tumour_rim_concentration"]
 
 # Names of the columns returned by `tumour_kinetics`, in order.
@@ -73,8 +72,6 @@ FEATURE_SETS: dict[str, tuple[str, ...]] = {
     "rim": RIM_FEATURES,
     "rim_inner": INNER_RIM_FEATURES,
 }
-# Columns of the per-case acquisition vector [B, 5] (`acquisition_vector`); NaN = unknown.
-ACQUISITION_FIELDS = ("intensity_offset", "intensity_scale", "field_strength", "repetition_time", "flip_angle")
 # The values assumed where a case does not give them (field strength, TR, flip angle, phase spacing) and those
 # assumed for every case (tumour T10, relaxivity by field strength) are defined once, in `mtl_breast.acquisition`,
 # which also tells preprocess / predict / the model card which of them held for each case.
@@ -149,22 +146,6 @@ def tumour_kinetics(image: Tensor, tumour_prob: Tensor, phase_mask: Tensor | Non
     contrast = wash_in - (surround[:, 1] - surround[:, 0])
     log_volume = torch.log1p(mass) - 6.0
     return torch.stack([log_volume, wash_in, peak, ratio, per_min, contrast], dim=1)
-
-
-def acquisition_vector(normalization: dict | None, meta: dict | None) -> Tensor:
-    """``[5]`` float32 in `ACQUISITION_FIELDS` order from a preprocessed case's ``info["normalization"]`` (the
-    mean/std every phase was normalised with) and ``info["meta"]`` (field_strength T, repetition_time ms,
-    flip_angle deg). Missing values are NaN."""
-    norm, meta = normalization or {}, meta or {}
-
-    def number(value) -> float:
-        # `acquisition.given_value` decides what counts as given, so `acquisition.assumed_values` reports exactly
-        # the values that take a default here.
-        out = given_value(value)
-        return float("nan") if out is None else out
-
-    return torch.tensor([number(norm.get("mean")), number(norm.get("std")), number(meta.get("field_strength")),
-                         number(meta.get("repetition_time")), number(meta.get("flip_angle"))], dtype=torch.float32)
 
 
 def spgr_concentration(signal: Tensor, baseline: Tensor, field_t: Tensor, tr_ms: Tensor, flip_deg: Tensor) -> Tensor:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mtl_breast.models.decoder import skip_indices as default_skips
+
 
 class MTLModel(nn.Module):
     """Joint segmentation + pCR model built by composition.
@@ -34,8 +36,6 @@ class MTLModel(nn.Module):
         self.seg_decoder = seg_decoder
         self.pcr_head = pcr_head
         if skip_indices is None:
-            from mtl_breast.models.decoder import skip_indices as default_skips
-
             skip_indices = default_skips(encoder.depth, seg_decoder.num_skips)
         if any(not 0 <= i < encoder.depth for i in skip_indices):
             raise ValueError(f"skip_indices {skip_indices} out of range for an encoder of depth {encoder.depth}")
@@ -45,7 +45,7 @@ class MTLModel(nn.Module):
                 phase_time: torch.Tensor | None = None,
                 acquisition: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Args: image [B, T, D, H, W]; phase_mask bool [B, T]; phase_time float [B, T] (NaN unknown); acquisition
-        float [B, 5] (`models.kinetics.acquisition_vector`, for the pCR head's concentration features; None unknown).
+        float [B, 5] (`data.dataset.acquisition_vector`, for the pCR head's concentration features; None unknown).
 
         Returns: {"seg_logits": [B, K, D, H, W], "pcr_logits": [B], "pcr_parts": {term: [B]}} -- raw logits, no
         activation; ``pcr_parts`` holds the terms the pCR logit sums (`PCRHead.parts`).

@@ -13,15 +13,15 @@ import json
 import time
 from pathlib import Path
 
-from mtl_breast.baselines import (
-    LogisticBaseline,
-    auc_with_interval,
-    labelled_features,
-    paired_auc_difference,
-)
+import numpy as np
+import pandas as pd
+import torch
+
+from mtl_breast.baselines import LogisticBaseline, labelled_features
 from mtl_breast.data.cache import CaseCache
 from mtl_breast.data.mamamia import read_splits
 from mtl_breast.files import write_text
+from mtl_breast.metrics.classification import auc_with_interval, paired_auc_difference
 from mtl_breast.models.kinetics import FEATURE_SETS
 from mtl_breast.phantoms.collection import generate_dataset
 from mtl_breast.predictor import InferenceSettings, read_weights_config
@@ -51,8 +51,6 @@ def _best_checkpoint(run_dir: Path) -> Path:
 
     Not the newest `best-*.ckpt` by name: a work folder used before can still hold one from an earlier run.
     """
-    import torch
-
     last = run_dir / "checkpoints" / "last.ckpt"
     state = torch.load(last, map_location="cpu", weights_only=True)
     for name, callback in (state.get("callbacks") or {}).items():
@@ -70,9 +68,6 @@ def _held_out_pcr(data: Path, cache_dir: Path, weights: Path, predictions: Path)
     on the held-out cases with features from their expert masks, which favours them over the model (it only
     sees its own predicted mask).
     """
-    import numpy as np
-    import pandas as pd
-
 
     settings = InferenceSettings.from_config(read_weights_config(weights))
     cache, roi = CaseCache(cache_dir, settings.preprocess), settings.roi_size

@@ -33,12 +33,13 @@ import SimpleITK as sitk
 from mtl_breast.data.case import Case, CaseError
 from mtl_breast.data.mamamia import SPLITS, read_mamamia, read_splits
 from mtl_breast.data.volumes import read_volume
+from mtl_breast.figures import make_overlay
 from mtl_breast.files import write_text
 from mtl_breast.metrics.classification import reliability_curve
 from mtl_breast.metrics.mamamia import score_classification, score_segmentation
 from mtl_breast.metrics.segmentation import segmentation_case_metrics
 from mtl_breast.metrics.subgroups import subgroup_table
-from mtl_breast.run.report import make_overlay, write_report
+from mtl_breast.run.report import write_report
 
 log = logging.getLogger(__name__)
 _LISTED = 10  # ids named in one error message

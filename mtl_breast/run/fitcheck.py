@@ -31,12 +31,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import yaml
 from jsonargparse import Namespace
 
 from mtl_breast.memtrace import CudaAutocastPolicy, FakeMode, LiveBytes, block_bytes
-from mtl_breast.models.layers import to_3tuple
 from mtl_breast.run.fitcheck_flags import add_arguments
 from mtl_breast.run.train import parse_training_config, task_classes
+from mtl_breast.sizes import to_3tuple
 
 __all__ = ["DEFAULT_PHASES", "FitCheckError", "add_arguments", "estimate_training_memory", "format_table",
            "load_config", "prepare_module", "run", "synthetic_batch"]
@@ -64,8 +65,6 @@ def load_config(config: str | Path | dict) -> dict:
         path = Path(config)
         if not path.is_file():
             raise FitCheckError(f"config file not found: {path}")
-        import yaml
-
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:

@@ -8,14 +8,13 @@ figures are written: losses (train and validation), learning rates, and the othe
 
 from __future__ import annotations
 
-import math
 import re
 from collections import defaultdict
 from pathlib import Path
 
 import pandas as pd
 
-from mtl_breast.figures import save_png
+from mtl_breast.figures import curves_figure, save_png
 
 __all__ = ["read_scalars", "plot_run"]
 
@@ -45,6 +44,7 @@ def _csv_scalars(path: Path) -> Series:
 
 
 def _event_scalars(folder: Path) -> Series:
+    # imported here: 0.5 s, needed only for a run whose metrics.csv is missing
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(folder), size_guidance={"scalars": 0})  # 0 = keep every point
@@ -103,35 +103,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     Returns:
         The written files.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     series = read_scalars(run_dir)
     out = Path(out_dir) if out_dir is not None else Path(run_dir) / "plots"
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, tags in _groups(series).items():
-        cols = min(len(tags), 3) if name == "validation" else 1
-        rows = math.ceil(len(tags) / cols) if name == "validation" else 1
-        fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3 * rows), squeeze=False)
-        for i, tag in enumerate(tags):
-            ax = axes[i // cols][i % cols] if name == "validation" else axes[0][0]
-            steps, values = zip(*series[tag], strict=True)
-            style = "o-" if len(steps) < 30 else "-"
-            ax.plot(steps, values, style, markersize=3, linewidth=1, label=tag)
-            ax.set_xlabel("step")
-            if name == "validation":
-                ax.set_title(tag, fontsize=9)
-        for j in range(len(tags), rows * cols):
-            axes[j // cols][j % cols].axis("off")
-        if name == "losses" and all(v > 0 for tag in tags for _, v in series[tag]):
-            axes[0][0].set_yscale("log")  # losses fall over decades; log only when every curve is positive
-        if name != "validation":
-            axes[0][0].legend(fontsize=8)
-            axes[0][0].set_title(name.replace("_", " "), fontsize=10)
-        fig.tight_layout()
-        written.append(save_png(fig, out / f"{name}.png", dpi=90))
-        plt.close(fig)
-    return written
+    return [save_png(curves_figure(name, tags, series), out / f"{name}.png", dpi=90)
+            for name, tags in _groups(series).items()]

@@ -14,23 +14,28 @@ too small to judge (`metrics.intervals.SMALL_GROUP_RULE`) are hatched and faded,
 which give n and the interval of every group; the headline numbers show their bootstrap intervals as [low, high].
 Scores without these keys (e.g. `score_segmentation(..., intervals=False)`) are drawn as before.
 
-Figures are drawn on `matplotlib.figure.Figure` with the Agg canvas directly, so nothing here touches pyplot's
-global state or the process-wide backend.
+What each plot shows is decided here; `mtl_breast.figures` draws it (on the Agg canvas, never through pyplot).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 
-from mtl_breast.figures import save_png
+from mtl_breast.figures import (
+    BarPanel,
+    Overlay,
+    bar_panels_figure,
+    format_value,
+    overlays_figure,
+    per_case_figure,
+    reliability_figure,
+    save_png,
+)
 from mtl_breast.files import write_text
 from mtl_breast.metrics.intervals import SMALL_GROUP_RULE
 from mtl_breast.metrics.subgroups import AGE_LABELS, DENSITY_LABELS, FAIRNESS_VARIABLES, MENOPAUSE_LABELS
@@ -38,52 +43,8 @@ from mtl_breast.metrics.subgroups import AGE_LABELS, DENSITY_LABELS, FAIRNESS_VA
 _ORDER = {"age": AGE_LABELS, "menopausal_status": MENOPAUSE_LABELS, "breast_density": DENSITY_LABELS}
 _NAMES = {"age": "Age", "menopausal_status": "Menopausal status", "breast_density": "Breast density"}
 _SMALL_MARK = "†"
+_fmt = format_value  # the plots' number format, so the tables read as the plots do
 _SMALL_NOTE = f"hatched = too few cases to judge ({SMALL_GROUP_RULE}); error bars = 95% intervals"
-
-
-@dataclass
-class Overlay:
-    """One 2-D slice to show: image (or None), expert and predicted masks, all `[H, W]`."""
-
-    patient_id: str
-    title: str
-    image: np.ndarray | None
-    expert: np.ndarray
-    pred: np.ndarray
-
-
-def make_overlay(
-    patient_id: str, expert: np.ndarray, pred: np.ndarray, image: np.ndarray | None = None, title: str = ""
-) -> Overlay:
-    """Cut the central slice through the expert mask.
-
-    Args:
-        patient_id: case shown.
-        expert: expert mask `[D, H, W]` (D = slice axis of the SimpleITK array).
-        pred: predicted mask `[D, H, W]`.
-        image: first post-contrast phase `[D, H, W]` on the same grid, or None (masks on black).
-        title: caption, e.g. "worst: DUKE_001 (DSC 0.12)".
-
-    Returns:
-        The median slice among those holding expert voxels (the predicted mask's when the expert one is empty).
-    """
-    expert, pred = np.asarray(expert) > 0, np.asarray(pred) > 0
-    if expert.shape != pred.shape or (image is not None and np.shape(image) != expert.shape):
-        raise ValueError(f"case {patient_id}: expert {expert.shape}, prediction {pred.shape} and image "
-                         f"{None if image is None else np.shape(image)} must share one grid")
-    reference = expert if expert.any() else pred
-    slices = np.flatnonzero(reference.reshape(reference.shape[0], -1).any(axis=1))
-    z = int(slices[len(slices) // 2]) if slices.size else reference.shape[0] // 2
-    plane = None if image is None else np.asarray(image, dtype=np.float32)[z]
-    return Overlay(patient_id, title or patient_id, plane, expert[z], pred[z])
-
-
-def _fmt(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def _num(value: Any) -> float:
@@ -104,62 +65,9 @@ def _fmt_ci(entry: dict, key: str) -> str:
     return f"{_fmt(entry.get(key))} [{_fmt(low)}, {_fmt(high)}]"
 
 
-def _tick(group: str, entry: dict) -> str:
-    """Tick label of a subgroup bar: its name and, on a second line, its case count when known: "40-50\n(n=7)"."""
-    return group if entry.get("n") is None else f"{group}\n(n={entry['n']})"
-
-
 def _ordered(variable: str, groups: dict) -> list[str]:
     order = _ORDER.get(variable, ())
     return sorted(groups, key=lambda g: (order.index(g) if g in order else len(order), g))
-
-
-def _bars(ax, groups: dict, order: list[str], series: dict[str, list[float]], title: str,
-          ylim: tuple[float, float] | None, *, errors: dict[str, list[tuple[float, float]]] | None = None) -> None:
-    """Grouped bars, one colour per series, each bar labelled with its value.
-
-    Args:
-        groups: {group: scores}; a group's ``n`` goes under its tick label, and a group flagged ``too_small`` is
-            hatched and faded so it is not read like the others.
-        order: `[G]` the groups, in the order shown.
-        series: {name: `[G]` bar heights}.
-        title: axes title.
-        ylim: y range, or None to fit the bars, their intervals and the value labels.
-        errors: {name: `[G]` (low, high)} 95% intervals drawn as error bars (NaN = none). They are drawn from
-            low to high, not around the bar, because an official rate can lie outside its interval.
-    """
-    labels = [_tick(g, groups[g]) for g in order]
-    small = [bool(groups[g].get("too_small")) for g in order]
-    x = np.arange(len(labels))
-    width = 0.8 / max(len(series), 1)
-    tops, legend = [0.0], []
-    for i, (name, values) in enumerate(series.items()):
-        xs = x + (i - (len(series) - 1) / 2) * width
-        bars = ax.bar(xs, np.nan_to_num(values), width)
-        colour = f"C{i}"
-        legend.append(Patch(facecolor=colour, label=name))  # the plain style, whichever bar comes first
-        for bar, is_small in zip(bars, small, strict=True):
-            bar.set_facecolor(colour)
-            if is_small:
-                bar.set(hatch="///", alpha=0.45, edgecolor="dimgrey")
-        low, high = (np.array([pair[k] for pair in (errors or {}).get(name, [(np.nan, np.nan)] * len(values))],
-                              dtype=float) for k in (0, 1))
-        shown = np.isfinite(low) & np.isfinite(high)
-        if shown.any():
-            ax.errorbar(xs[shown], (low + high)[shown] / 2, yerr=(high - low)[shown] / 2, fmt="none",
-                        ecolor="black", elinewidth=1, capsize=3)
-        label_y = np.fmax(np.nan_to_num(values), np.where(shown, high, 0.0))  # above the bar and its whisker
-        for xi, yi, v in zip(xs, label_y, values, strict=True):
-            ax.annotate(_fmt(v), (xi, yi), xytext=(0, 2), textcoords="offset points", ha="center", fontsize=7)
-        tops += [float(np.nanmax(label_y))] if len(label_y) else []
-    ax.set_xticks(x, labels, fontsize=8)
-    ax.set_title(title, fontsize=9)
-    if ylim is None:  # leave head room for the value labels
-        top = max(tops)
-        ylim = (0.0, 1.15 * top if top > 0 else 1.0)
-    ax.set_ylim(*ylim)
-    if len(series) > 1:
-        ax.legend(handles=legend, fontsize=7, loc="upper right", ncols=len(legend))
 
 
 def _seg_fairness(groups: dict) -> float:
@@ -178,100 +86,43 @@ def _eo_disparity(groups: dict) -> float:
     return (max(tpr) - min(tpr)) + (max(fpr) - min(fpr))
 
 
-def _plot_subgroups(part: dict, path: Path, title: str, row_height: float, columns: int,
-                    draw: Callable[[list, str, dict, list[str]], None]) -> Path:
-    """One row of ``columns`` axes per fairness variable, filled by ``draw(axes, variable, groups, order)`` from
-    ``part["by_variable"]`` (``order``: the group names as shown), under ``title`` and above the small-group note."""
-    fig = Figure(figsize=(9, row_height * len(FAIRNESS_VARIABLES)))
-    axes = fig.subplots(len(FAIRNESS_VARIABLES), columns, squeeze=False)
-    for row, variable in enumerate(FAIRNESS_VARIABLES):
+def _subgroup_rows(part: dict, panels: Callable[[str, dict, list[str]], list[BarPanel]]) -> list[list[BarPanel]]:
+    """One row of bar panels per fairness variable: ``panels(variable, groups, order)`` from ``part["by_variable"]``
+    (``order``: the group names as shown)."""
+    rows = []
+    for variable in FAIRNESS_VARIABLES:
         groups = part["by_variable"].get(variable, {})
-        draw(axes[row], variable, groups, _ordered(variable, groups))
-    fig.suptitle(title)
-    fig.text(0.5, 0.005, _SMALL_NOTE, ha="center", va="bottom", fontsize=7)
-    fig.tight_layout(rect=(0, 0.02, 1, 1))
-    return save_png(fig, path)
+        rows.append(panels(variable, groups, _ordered(variable, groups)))
+    return rows
 
 
 def _plot_seg_subgroups(seg: dict, path: Path) -> Path:
-    def draw(axes, variable: str, groups: dict, order: list[str]) -> None:
+    def panels(variable: str, groups: dict, order: list[str]) -> list[BarPanel]:
         fair = _fmt(_seg_fairness(groups))
-        for ax, (key, name) in zip(axes, (("dsc", "mean DSC"), ("norm_hd", "mean NormHD")), strict=True):
-            _bars(ax, groups, order, {name: [_num(groups[g][key]) for g in order]},
-                  f"{_NAMES[variable]}: {name} (fairness {fair})", None,
-                  errors={name: [_ci(groups[g], key) for g in order]})
+        return [BarPanel(groups, order, {name: [_num(groups[g][key]) for g in order]},
+                         f"{_NAMES[variable]}: {name} (fairness {fair})", None,
+                         errors={name: [_ci(groups[g], key) for g in order]})
+                for key, name in (("dsc", "mean DSC"), ("norm_hd", "mean NormHD"))]
 
-    return _plot_subgroups(seg, path, "Segmentation by subgroup (higher DSC, lower NormHD is better)", 2.6, 2, draw)
+    title = "Segmentation by subgroup (higher DSC, lower NormHD is better)"
+    return save_png(bar_panels_figure(_subgroup_rows(seg, panels), title, _SMALL_NOTE, 2.6), path)
 
 
 def _plot_seg_per_case(seg: dict, path: Path) -> Path:
     dsc = [_num(m["dsc"]) for m in seg["per_case"].values()]
     nhd = [_num(m["norm_hd"]) for m in seg["per_case"].values()]
-    fig = Figure(figsize=(9, 3))
-    left, right = fig.subplots(1, 2)
-    left.hist(dsc, bins=np.linspace(0, 1, 21), color="tab:green")
-    left.set(title=f"DSC per case (mean {_fmt(seg['dsc'])})", xlabel="DSC", ylabel="cases")
-    right.hist(nhd, bins=20, color="tab:red")
-    right.set(title=f"NormHD per case (mean {_fmt(seg['norm_hd'])})", xlabel="NormHD (1 = empty vs non-empty)")
-    fig.tight_layout()
-    return save_png(fig, path)
+    return save_png(per_case_figure(dsc, nhd, seg["dsc"], seg["norm_hd"]), path)
 
 
 def _plot_pcr_subgroups(cls: dict, path: Path) -> Path:
-    def draw(axes, variable: str, groups: dict, order: list[str]) -> None:
+    def panels(variable: str, groups: dict, order: list[str]) -> list[BarPanel]:
         series = {"TPR": [_num(groups[g]["tpr"]) for g in order], "FPR": [_num(groups[g]["fpr"]) for g in order]}
         errors = {name: [_ci(groups[g], name.lower()) for g in order] for name in series}
         title = f"{_NAMES[variable]}: disparity (TPR range + FPR range) = {_fmt(_eo_disparity(groups))}"
-        _bars(axes[0], groups, order, series, title, (0, 1.3), errors=errors)
+        return [BarPanel(groups, order, series, title, (0, 1.3), errors=errors)]
 
     title = "pCR true- and false-positive rates by subgroup (equal bars = fair)"
-    return _plot_subgroups(cls, path, title, 2.4, 1, draw)
-
-
-def _plot_reliability(reliability: tuple, path: Path) -> Path:
-    mean_prob, frac_pos, counts = (np.asarray(a, dtype=float) for a in reliability)
-    bins = counts.size
-    fig = Figure(figsize=(5, 6))
-    top, bottom = fig.subplots(2, 1, height_ratios=(3, 1), sharex=True)
-    top.plot([0, 1], [0, 1], ls="--", color="grey", label="perfectly calibrated")
-    filled = counts > 0
-    top.plot(mean_prob[filled], frac_pos[filled], "o-", color="tab:blue", label="model")
-    ece = float(np.nansum(np.abs(mean_prob - frac_pos) * counts) / max(counts.sum(), 1))
-    top.set(ylabel="observed pCR fraction", xlim=(0, 1), ylim=(0, 1), title=f"pCR reliability (ECE {ece:.3f})")
-    top.legend(fontsize=8)
-    centres = (np.arange(bins) + 0.5) / bins
-    bottom.bar(centres, counts, width=1 / bins, color="tab:blue", alpha=0.6)
-    bottom.set(xlabel="predicted pCR probability", ylabel="cases")
-    fig.tight_layout()
-    return save_png(fig, path)
-
-
-def _zoom_box(overlay: Overlay, margin: int = 12) -> tuple[slice, slice]:
-    both = overlay.expert | overlay.pred
-    if not both.any():
-        return slice(None), slice(None)
-    rows, cols = np.flatnonzero(both.any(axis=1)), np.flatnonzero(both.any(axis=0))
-    h, w = both.shape
-    return (slice(max(rows[0] - margin, 0), min(rows[-1] + margin + 1, h)),
-            slice(max(cols[0] - margin, 0), min(cols[-1] + margin + 1, w)))
-
-
-def _plot_overlays(overlays: list[Overlay], path: Path) -> Path:
-    fig = Figure(figsize=(8, 4 * len(overlays)))
-    axes = fig.subplots(len(overlays), 2, squeeze=False)
-    for row, overlay in enumerate(overlays):
-        for col, box in enumerate(((slice(None), slice(None)), _zoom_box(overlay))):
-            ax = axes[row][col]
-            background = overlay.image if overlay.image is not None else np.zeros(overlay.expert.shape)
-            lo, hi = np.percentile(background, [1, 99.5]) if overlay.image is not None else (0, 1)
-            ax.imshow(background[box], cmap="gray", vmin=lo, vmax=max(hi, lo + 1e-6), interpolation="nearest")
-            for mask, colour in ((overlay.expert, "lime"), (overlay.pred, "red")):
-                if mask[box].any():
-                    ax.contour(mask[box].astype(float), levels=[0.5], colors=colour, linewidths=1.2)
-            ax.set_axis_off()
-            ax.set_title(overlay.title if col == 0 else "zoom (green expert, red prediction)", fontsize=9)
-    fig.tight_layout()
-    return save_png(fig, path)
+    return save_png(bar_panels_figure(_subgroup_rows(cls, panels), title, _SMALL_NOTE, 2.4), path)
 
 
 def _variable_rows(by_variable: dict, summary) -> list[str]:
@@ -382,7 +233,7 @@ def write_report(
     Args:
         scores: the `evaluate` / scores.json dict ("segmentation" and/or "classification", optional "notes").
         out_dir: output folder (created).
-        overlays: `make_overlay(...)` slices to show, e.g. best and worst case.
+        overlays: `figures.make_overlay(...)` slices to show, e.g. best and worst case.
         reliability: `(mean_prob, frac_pos, counts)` as returned by `metrics.classification.reliability_curve`.
 
     Returns:
@@ -395,10 +246,10 @@ def write_report(
         images["seg_subgroups"] = _plot_seg_subgroups(scores["segmentation"], out_dir / "seg_subgroups.png")
         images["seg_per_case"] = _plot_seg_per_case(scores["segmentation"], out_dir / "seg_per_case.png")
     if overlays:
-        images["overlays"] = _plot_overlays(list(overlays), out_dir / "overlays.png")
+        images["overlays"] = save_png(overlays_figure(list(overlays)), out_dir / "overlays.png")
     if scores.get("classification"):
         images["pcr_subgroups"] = _plot_pcr_subgroups(scores["classification"], out_dir / "pcr_subgroups.png")
     if reliability is not None and np.asarray(reliability[2]).sum() > 0:
-        images["reliability"] = _plot_reliability(reliability, out_dir / "reliability.png")
+        images["reliability"] = save_png(reliability_figure(reliability), out_dir / "reliability.png")
     path = out_dir / "report.md"
     return write_text(path, _markdown(scores, images))

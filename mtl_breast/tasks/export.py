@@ -12,8 +12,10 @@ from typing import Any
 
 import torch
 
-from mtl_breast.models.layers import to_3tuple
+from mtl_breast.hub import WeightsError, save_pretrained
+from mtl_breast.models.lora import apply_lora, merge_lora
 from mtl_breast.models.registry import create_model
+from mtl_breast.sizes import to_3tuple
 
 
 def export_checkpoint(ckpt_path: Path | str, out_dir: Path | str) -> Path:
@@ -22,8 +24,6 @@ def export_checkpoint(ckpt_path: Path | str, out_dir: Path | str) -> Path:
     Returns the output folder. Raises FileNotFoundError when there is no such file, and WeightsError (a
     ValueError) naming the file when it is not a checkpoint of this package.
     """
-    from mtl_breast.hub import WeightsError, save_pretrained
-
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist (runs keep theirs in RUN/checkpoints/)")
@@ -35,8 +35,6 @@ def export_checkpoint(ckpt_path: Path | str, out_dir: Path | str) -> Path:
     model = create_model(spec["arch"], **spec["model_args"])
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     if spec.get("lora"):
-        from mtl_breast.models.lora import apply_lora, merge_lora
-
         apply_lora(model.encoder, rank=spec["lora"]["rank"], alpha=spec["lora"]["alpha"])
         model.load_state_dict(state, strict=True)
         merge_lora(model.encoder)
@@ -58,8 +56,6 @@ def checkpoint_model_spec(ckpt: dict, path: Path | str = "checkpoint") -> dict[s
     """The `model_spec` of a training checkpoint: stored with it, or for checkpoints written before it was
     stored, rebuilt from the task's hyper-parameters (arch, model_args, img_size, lora_rank with alpha 2 x rank,
     which is what those versions trained with)."""
-    from mtl_breast.hub import WeightsError
-
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise WeightsError(f"{path}: no state_dict; not a Lightning checkpoint of mtl-breast")
     stored = (ckpt.get("mtl_breast") or {}).get("model")

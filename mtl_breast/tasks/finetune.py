@@ -27,6 +27,8 @@ import pandas as pd
 import torch
 
 from mtl_breast.baselines import LogisticBaseline, labelled_features
+from mtl_breast.figures import overlay_figure
+from mtl_breast.hub import load_encoder_into
 from mtl_breast.losses.classification import PCRLoss
 from mtl_breast.losses.fairness import SubgroupReweighter
 from mtl_breast.losses.multitask import MultiTaskLoss
@@ -35,11 +37,12 @@ from mtl_breast.metrics.classification import choose_threshold, roc_auc, tempera
 from mtl_breast.metrics.mamamia import score_classification, score_segmentation
 from mtl_breast.metrics.segmentation import dice, hd95, norm_hd
 from mtl_breast.metrics.subgroups import subgroup_labels
-from mtl_breast.models.layers import to_3tuple
+from mtl_breast.models.lora import apply_lora
 from mtl_breast.models.registry import create_model
 from mtl_breast.predictor import InferenceSettings, predict_volume
+from mtl_breast.sizes import to_3tuple
 from mtl_breast.tasks.export import model_spec
-from mtl_breast.tasks.loggers import close_figure, log_figure, overlay_figure, training_summary, validation_metrics
+from mtl_breast.tasks.loggers import log_figure, training_summary, validation_metrics
 from mtl_breast.tasks.optim import build_optimizer, build_scheduler
 from mtl_breast.tasks.rng import KEY as RNG_KEY
 from mtl_breast.tasks.rng import checkpoint_rng_state, restore_rng_on_train_start
@@ -109,8 +112,6 @@ class MTLFinetuneModule(L.LightningModule):
         self.img_size = size
         self.model = create_model(arch, img_size=size, **(model_args or {}))
         if pretrained:
-            from mtl_breast.hub import load_encoder_into
-
             load_encoder_into(self.model, pretrained)
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
@@ -118,8 +119,6 @@ class MTLFinetuneModule(L.LightningModule):
             self.model.encoder.requires_grad_(False)
         self.lora = None
         if lora_rank:
-            from mtl_breast.models.lora import apply_lora
-
             # The adapters train, the rest of the encoder stays as pretrained (decoder and head train as usual).
             self.lora = {"rank": int(lora_rank), "alpha": float(lora_alpha or 2 * lora_rank)}
             apply_lora(self.model.encoder, rank=self.lora["rank"], alpha=self.lora["alpha"], freeze_others=True)
@@ -216,7 +215,6 @@ class MTLFinetuneModule(L.LightningModule):
         if example is not None and self.trainer.is_global_zero and not self.trainer.sanity_checking:
             fig = overlay_figure(example[1], example[2], example[3], str(example[0]))
             log_figure(self, "val/overlay", fig)
-            close_figure(fig)
         rows = self._gather_rows()
         self._val_rows = []
         if not rows:

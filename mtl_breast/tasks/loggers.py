@@ -14,7 +14,6 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
@@ -117,47 +116,9 @@ def log_figure(module: L.LightningModule, tag: str, figure: Figure) -> None:
             logger.experiment.add_figure(tag, figure, global_step=module.global_step, close=False)
 
 
-def close_figure(figure: Figure) -> None:
-    """Free a figure made here (pyplot keeps every open figure alive)."""
-    import matplotlib.pyplot as plt
-
-    plt.close(figure)
-
-
 def log_text(module_or_loggers, tag: str, text: str) -> None:
     """Add a text entry (markdown) to every TensorBoard logger."""
     loggers = getattr(module_or_loggers, "loggers", module_or_loggers)
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.add_text(tag, text, global_step=0)
-
-
-def overlay_figure(image: np.ndarray, truth: np.ndarray, prob: np.ndarray, title: str) -> Figure:
-    """The slice with the most tumour of one validation case: the image with the expert (green) and the
-    predicted (red, probability >= 0.5) outlines, and the predicted probability.
-
-    Args:
-        image: ``[D, H, W]`` first post-contrast phase.
-        truth: ``[D, H, W]`` expert mask.
-        prob: ``[D, H, W]`` predicted tumour probability.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    area = truth.reshape(truth.shape[0], -1).sum(1) + (prob >= 0.5).reshape(prob.shape[0], -1).sum(1)
-    z = int(np.argmax(area)) if area.any() else truth.shape[0] // 2
-    fig, axes = plt.subplots(1, 2, figsize=(6, 3))
-    axes[0].imshow(image[z], cmap="gray")
-    for mask, colour in ((truth[z], "lime"), (prob[z] >= 0.5, "red")):
-        if mask.any() and not mask.all():
-            axes[0].contour(mask.astype(float), levels=[0.5], colors=colour, linewidths=1)
-    axes[1].imshow(prob[z], cmap="magma", vmin=0, vmax=1)
-    axes[0].set_title(f"{title}: expert (green), model (red)", fontsize=8)
-    axes[1].set_title("tumour probability", fontsize=8)
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    return fig

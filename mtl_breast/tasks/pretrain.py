@@ -16,11 +16,11 @@ from typing import Any
 import lightning as L
 import torch
 
-from mtl_breast.figures import save_png
-from mtl_breast.models.layers import to_3tuple
+from mtl_breast.figures import reconstruction_figure, save_png
 from mtl_breast.models.registry import create_model
+from mtl_breast.sizes import to_3tuple
 from mtl_breast.tasks.export import model_spec
-from mtl_breast.tasks.loggers import close_figure, log_figure, training_summary, validation_metrics
+from mtl_breast.tasks.loggers import log_figure, training_summary, validation_metrics
 from mtl_breast.tasks.optim import build_optimizer, build_scheduler, effective_batch_size
 from mtl_breast.tasks.rng import KEY as RNG_KEY
 from mtl_breast.tasks.rng import checkpoint_rng_state, restore_rng_on_train_start
@@ -110,7 +110,6 @@ class MAEPretrainModule(L.LightningModule):
         fig = reconstruction_figure(ex["image"][0], masked[0], recon[0], ex["phase_mask"][0])
         save_png(fig, path, dpi=80)
         log_figure(self, "val/reconstruction", fig)
-        close_figure(fig)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Feature extraction must preprocess new cases exactly as the encoder saw them; the rest goes into the
@@ -139,28 +138,3 @@ class MAEPretrainModule(L.LightningModule):
         sched = build_scheduler(opt, warmup_steps=int(self.hparams.warmup_fraction * total), total_steps=total,
                                 min_lr_ratio=self.hparams.min_lr_ratio)
         return {"optimizer": opt, "lr_scheduler": sched}
-
-
-def reconstruction_figure(image: torch.Tensor, masked: torch.Tensor, recon: torch.Tensor, phase_mask: torch.Tensor):
-    """Central axial slice of each real phase: input | masked input | reconstruction. Tensors [T, D, H, W]."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    phases = [t for t in range(image.shape[0]) if bool(phase_mask[t])]
-    z = image.shape[1] // 2
-    fig, axes = plt.subplots(len(phases), 3, figsize=(6, 2 * len(phases)), squeeze=False)
-    lo, hi = float(image.min()), float(image.max())
-    for row, t in enumerate(phases):
-        for col, (vol, title) in enumerate([(image, "input"), (masked, "masked"), (recon, "reconstruction")]):
-            ax = axes[row][col]
-            ax.imshow(vol[t, z].detach().cpu().float().numpy(), cmap="gray", vmin=lo, vmax=hi)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(title, fontsize=9)
-            if col == 0:
-                ax.set_ylabel(f"phase {t}", fontsize=9)
-    fig.tight_layout()
-    return fig
