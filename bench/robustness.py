@@ -14,6 +14,8 @@ every use is appended to bench/sealed_uses.json and a second use of a design nam
     python bench/robustness.py score --run RUN --set sealed --design NAME ...   # once per design
     # the table: AUC with 95% bootstrap intervals overall and per slice, paired differences, leave-one-site-out
     python bench/robustness.py table /work/runs/robustness/RUN_dev.json --out /work/runs/robustness/dev.md
+    # another design against the reference run on the same set: AUCs and paired differences
+    python bench/robustness.py compare /work/runs/robustness/RUN_dev.json /work/runs/robustness/OTHER_dev.json
 
 Slices (from each case's truth file, `phantoms.collection.read_truth`):
 
@@ -52,7 +54,7 @@ from bench_common import run_meta
 from mtl_breast.acquisition import DEFAULT_FIELD_T, field_values
 from mtl_breast.baselines import LogisticBaseline
 from mtl_breast.files import write_text
-from mtl_breast.metrics.classification import roc_auc
+from mtl_breast.metrics.classification import auc_with_interval, paired_auc_difference, roc_auc
 from mtl_breast.metrics.intervals import RESAMPLES, bootstrap_interval
 from mtl_breast.models.kinetics import FEATURE_SETS
 from mtl_breast.phantoms.collection import MANIFEST, generate_dataset, read_truth
@@ -508,6 +510,47 @@ def cmd_table(args: argparse.Namespace) -> dict:
             "seconds": result["seconds"]}
 
 
+def compare(reference: Mapping, other: Mapping, seed: int = 0) -> dict:
+    """Another design's model against a reference run's, on the same cases of the same set: each model's AUC (as
+    acquired and with the washout removed) and paired differences (one case resampling for both AUCs) of the other
+    model against its own washout-removed input, the reference's model and the reference's expert-mask baselines."""
+    if (reference["set"], reference["seed"]) != (other["set"], other["seed"]):
+        raise SystemExit(f"{other['run']} was scored on {other['set']} (seed {other['seed']}), {reference['run']} on "
+                         f"{reference['set']} (seed {reference['seed']}): compare score files of one set")
+    ref, oth = reference["scored"], other["scored"]
+    if ref["ids"] != oth["ids"]:
+        raise SystemExit(f"{reference['run']} and {other['run']} scored different cases; rescore both with `score`")
+    y = np.array([np.nan if v is None else v for v in ref["y"]], dtype=float)
+    known = ~np.isnan(y)
+
+    def col(scored: Mapping, name: str) -> np.ndarray:
+        return np.array([np.nan if v is None else v for v in scored["scores"][name]], dtype=float)[known]
+
+    y = y[known]
+    model = col(oth, MODEL)
+    against = {"its washout-removed input": col(oth, WASHOUT), "the reference model": col(ref, MODEL),
+               **{f"{name} baseline, expert mask": col(ref, f"{name} baseline, expert mask")
+                  for name in ("size", "kinetic", "rim")}}
+    return {"reference": reference["run"], "other": other["run"], "set": reference["set"], "cases": int(known.sum()),
+            "positives": int(y.sum()),
+            "auc": {"other model": auc_with_interval(y, model, seed=seed),
+                    "other model, washout removed": auc_with_interval(y, col(oth, WASHOUT), seed=seed),
+                    "reference model": auc_with_interval(y, col(ref, MODEL), seed=seed)},
+            "other model minus": {name: paired_auc_difference(y, model, score, seed=seed)
+                                  for name, score in against.items()},
+            "dice": {"other model": float(np.nanmean(np.array(oth["dice"], dtype=float))),
+                     "reference model": float(np.nanmean(np.array(ref["dice"], dtype=float)))}}
+
+
+def cmd_compare(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    files = [json.loads(Path(p).read_text()) for p in (args.reference, args.other)]
+    result = {"experiment": "robustness compare", **compare(*files), **run_meta(sys.argv, started)}
+    if args.out:
+        write_text(Path(args.out), json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -527,8 +570,12 @@ def main(argv: list[str] | None = None) -> int:
     table.add_argument("files", nargs="+")
     table.add_argument("--out", required=True, help="X.md (X.json written beside it) or X.json (and X.md)")
     table.add_argument("--samples", type=int, default=RESAMPLES, help="bootstrap resamples")
+    comp = sub.add_parser("compare", help="another design's model against a reference run's, paired on one set")
+    comp.add_argument("reference", help="score file of the reference run (e.g. the demo's design)")
+    comp.add_argument("other", help="score file of the other design's run on the same set")
+    comp.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
-    result = {"sets": cmd_sets, "score": cmd_score, "table": cmd_table}[args.command](args)
+    result = {"sets": cmd_sets, "score": cmd_score, "table": cmd_table, "compare": cmd_compare}[args.command](args)
     if args.command == "sets":
         Path(args.out).mkdir(parents=True, exist_ok=True)
         write_text(Path(args.out) / "sets.json", json.dumps(result, indent=2) + "\n")

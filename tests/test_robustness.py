@@ -190,3 +190,25 @@ def test_table_of_a_fake_score_file(rb, tmp_path):
     assert r["loso"]["ISPY2"]["leave-site-out"][rb.MODEL]["value"] == r["table"]["site ISPY2"][rb.MODEL]["value"]
     assert r["loso"]["NACT"]["leave-site-out"][rb.MODEL] == "not run"
     assert "| DUKE (100) | 33 (6) | too few |" in md
+
+
+def test_compare_pairs_two_designs_on_the_same_cases(rb, tmp_path):
+    reference, other = _fake_score_file(rb, seed=0), _fake_score_file(rb, seed=0)
+    y = np.array(other["scored"]["y"])
+    other["run"] = "/runs/other"
+    other["scored"]["scores"][rb.MODEL] = y.tolist()  # a perfect model
+    other["scored"]["scores"][rb.WASHOUT] = np.random.default_rng(1).random(len(y)).tolist()
+    paths = [tmp_path / "ref.json", tmp_path / "other.json"]
+    for path, f in zip(paths, (reference, other), strict=True):
+        path.write_text(json.dumps(f))
+    rb.main(["compare", str(paths[0]), str(paths[1]), "--out", str(tmp_path / "cmp.json")])
+    r = json.loads((tmp_path / "cmp.json").read_text())
+    assert r["auc"]["other model"]["auc"] == 1.0
+    expected = 1.0 - rb.roc_auc(y, np.array(reference["scored"]["scores"][rb.MODEL]))
+    assert r["other model minus"]["the reference model"]["difference"] == pytest.approx(expected)
+    assert r["other model minus"]["its washout-removed input"]["difference"] > 0.3
+    assert set(r["other model minus"]) >= {"size baseline, expert mask", "rim baseline, expert mask"}
+    other["scored"]["ids"] = other["scored"]["ids"][::-1]
+    paths[1].write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="scored different cases"):
+        rb.main(["compare", str(paths[0]), str(paths[1])])
