@@ -520,26 +520,25 @@ def compare(reference: Mapping, other: Mapping, seed: int = 0) -> dict:
     ref, oth = reference["scored"], other["scored"]
     if ref["ids"] != oth["ids"]:
         raise SystemExit(f"{reference['run']} and {other['run']} scored different cases; rescore both with `score`")
-    y = np.array([np.nan if v is None else v for v in ref["y"]], dtype=float)
+    y = np.array(ref["y"], dtype=np.float64)  # None (pCR unknown) reads as NaN
     known = ~np.isnan(y)
 
     def col(scored: Mapping, name: str) -> np.ndarray:
-        return np.array([np.nan if v is None else v for v in scored["scores"][name]], dtype=float)[known]
+        return np.array(scored["scores"][name], dtype=np.float64)[known]
 
-    y = y[known]
-    model = col(oth, MODEL)
-    against = {"its washout-removed input": col(oth, WASHOUT), "the reference model": col(ref, MODEL),
+    y, model, washout, reference_model = y[known], col(oth, MODEL), col(oth, WASHOUT), col(ref, MODEL)
+    against = {"its washout-removed input": washout, "the reference model": reference_model,
                **{f"{name} baseline, expert mask": col(ref, f"{name} baseline, expert mask")
                   for name in ("size", "kinetic", "rim")}}
     return {"reference": reference["run"], "other": other["run"], "set": reference["set"], "cases": int(known.sum()),
             "positives": int(y.sum()),
             "auc": {"other model": auc_with_interval(y, model, seed=seed),
-                    "other model, washout removed": auc_with_interval(y, col(oth, WASHOUT), seed=seed),
-                    "reference model": auc_with_interval(y, col(ref, MODEL), seed=seed)},
+                    "other model, washout removed": auc_with_interval(y, washout, seed=seed),
+                    "reference model": auc_with_interval(y, reference_model, seed=seed)},
             "other model minus": {name: paired_auc_difference(y, model, score, seed=seed)
                                   for name, score in against.items()},
-            "dice": {"other model": float(np.nanmean(np.array(oth["dice"], dtype=float))),
-                     "reference model": float(np.nanmean(np.array(ref["dice"], dtype=float)))}}
+            "dice": {"other model": float(np.nanmean(np.array(oth["dice"], dtype=np.float64))),
+                     "reference model": float(np.nanmean(np.array(ref["dice"], dtype=np.float64)))}}
 
 
 def cmd_compare(args: argparse.Namespace) -> dict:
